@@ -1,0 +1,215 @@
+"""Where the activation statistics are gathered: forward hooks that keep per-input sums for FPS.
+
+For a Linear layer the statistic of input feature ``j`` is taken over every token of every sample the layer
+sees. For a convolution it is taken per (input channel, kernel position) over the unfolded input patches,
+zero padding included, without ever materialising the unfolded tensor: the sum of ``|x|`` that kernel tap
+``(ki, kj)`` sees is a strided window sum over the padded input, which one small convolution of the
+batch-summed input with an all-ones "output grid" kernel computes for every tap at once.
+
+Only these per-input vectors are kept during the pass, never a per-weight tensor, so the memory of a
+statistics pass is that of inference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .constants import NORMS
+
+
+@dataclass
+class InputStats:
+    """Running input statistics of one layer.
+
+    Attributes:
+        abs_sum: sum of ``|x|`` per input position, fp32. ``[in]`` for Linear, ``[in, *kernel]`` for Conv
+            (all input channels, not per group).
+        sq_sum: sum of ``x**2`` per input position, fp32, same shape.
+        count: how many values each position was summed over (tokens for Linear, output positions for Conv).
+    """
+
+    abs_sum: Tensor
+    sq_sum: Tensor
+    count: int
+
+    def statistic(self, norm: str) -> Tensor:
+        """The per-input statistic ``a``: mean of ``|x|`` (``l1``) or root mean square (``l2``)."""
+        if self.count == 0:
+            return torch.zeros_like(self.abs_sum)
+        if norm == "l1":
+            return self.abs_sum / self.count
+        if norm == "l2":
+            return (self.sq_sum / self.count).sqrt()
+        raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+
+    def add(self, abs_sum: Tensor, sq_sum: Tensor, count: int) -> None:
+        self.abs_sum += abs_sum
+        self.sq_sum += sq_sum
+        self.count += count
+
+
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> int:
+    return max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+
+
+def _conv_padding(module: nn.Module, x: Tensor) -> list[int]:
+    """``F.pad`` amounts (last dim first) that the layer applies to its input."""
+    if getattr(module, "_fps_dynamic_same_pad", None) is None:
+        # timm's Conv2dSame / Conv2dSameExport pad "same" at run time and store padding 0.
+        module._fps_dynamic_same_pad = type(module).__name__.startswith("Conv2dSame")
+    if module._fps_dynamic_same_pad:
+        pads: list[int] = []
+        for size, k, s, d in reversed(
+            list(zip(x.shape[2:], module.kernel_size, module.stride, module.dilation, strict=True))
+        ):
+            total = _same_padding(size, k, s, d)
+            pads += [total // 2, total - total // 2]
+        return pads
+    return list(module._reversed_padding_repeated_twice)
+
+
+def linear_input_sums(x: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Sums of ``|x|`` and ``x**2`` over every token of a Linear layer's input ``[..., in]``."""
+    rows = x.reshape(-1, x.shape[-1])  # [tokens, in]
+    abs_sum = torch.linalg.vector_norm(rows, ord=1, dim=0, dtype=torch.float32)
+    sq_sum = torch.linalg.vector_norm(rows, ord=2, dim=0, dtype=torch.float32).square()
+    return abs_sum, sq_sum, rows.shape[0]
+
+
+def conv_input_sums(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Sums of ``|x|`` and ``x**2`` per (input channel, kernel tap) over a conv layer's unfolded input.
+
+    Args:
+        module: a ``Conv1d`` or ``Conv2d`` (any stride, padding, padding mode, dilation and groups).
+        x: its input, ``[batch, in, *spatial]`` (an unbatched input is treated as a batch of one).
+    """
+    spatial_dims = len(module.kernel_size)
+    if x.dim() == spatial_dims + 1:
+        x = x.unsqueeze(0)
+    pads = _conv_padding(module, x)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    conv = F.conv1d if spatial_dims == 1 else F.conv2d
+
+    outputs = []
+    count = 0
+    for values in (x.abs(), None):
+        # |pad(x)| == pad(|x|) for every padding mode, so pad the absolute values (and their squares).
+        v = values if values is not None else x.float().square()
+        v = F.pad(v, pads, mode=mode) if any(pads) else v
+        summed = v.sum(0, dtype=torch.float32)  # [in, *padded]
+        out_grid = [
+            (size - d * (k - 1) - 1) // s + 1
+            for size, k, s, d in zip(summed.shape[1:], module.kernel_size, module.stride, module.dilation, strict=True)
+        ]
+        count = x.shape[0] * math.prod(out_grid)
+        # A kernel spread over the output grid (dilation = stride) and stepped by the layer's dilation sums,
+        # for every tap, exactly the input values that tap multiplies.
+        ones = summed.new_ones(1, 1, *out_grid)
+        taps = conv(summed.unsqueeze(1), ones, stride=module.dilation, dilation=module.stride)  # [in, 1, *>=kernel]
+        index = (slice(None), 0) + tuple(slice(0, k) for k in module.kernel_size)
+        outputs.append(taps[index])  # [in, *kernel]
+    return outputs[0], outputs[1], count
+
+
+def input_sums(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Input sums for any candidate layer."""
+    if isinstance(module, nn.Linear):
+        return linear_input_sums(x)
+    return conv_input_sums(module, x)
+
+
+@contextlib.contextmanager
+def input_stats_hooks(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, InputStats]]:
+    """Register forward hooks that accumulate :class:`InputStats` for each module; always remove them.
+
+    Yields:
+        name -> statistics, filled in as the model runs. A module called several times per forward
+        accumulates every call.
+    """
+    stats: dict[str, InputStats] = {}
+    handles = []
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            abs_sum, sq_sum, count = input_sums(module, args[0])
+            if name in stats:
+                stats[name].add(abs_sum, sq_sum, count)
+            else:
+                stats[name] = InputStats(abs_sum, sq_sum, count)
+
+        return hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield stats
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def collect_input_stats(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    batches: Iterable[Tensor],
+    *,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, InputStats]:
+    """Run ``model`` over ``batches`` once, with no gradients, and return every module's input statistics.
+
+    Statistics stay on ``device`` in fp32; nothing synchronises with the host per batch.
+
+    Args:
+        model: the model, already on ``device``.
+        modules: name -> layer whose input statistics to gather.
+        batches: image batches ``[batch, 3, H, W]`` (moved to ``device`` here).
+        device: where the model runs.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast for the forward pass only).
+        on_batch: called with the batch size after each batch (progress reporting).
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with input_stats_hooks(modules) as stats, torch.inference_mode(), autocast(device, precision):
+            for images in batches:
+                model(images.to(device, non_blocking=True))
+                if on_batch is not None:
+                    on_batch(images.shape[0])
+    finally:
+        model.train(was_training)
+    # A layer the forward pass never reaches saw no input: its statistic is zero, so it is never selected.
+    for name, module in modules.items():
+        if name not in stats:
+            zeros = torch.zeros(stats_shape(module), device=module.weight.device)
+            stats[name] = InputStats(zeros, zeros.clone(), 0)
+    return stats
+
+
+def stats_shape(module: nn.Module) -> tuple[int, ...]:
+    """Shape of a layer's input statistic: ``[in]`` for Linear, ``[in, *kernel]`` for Conv."""
+    if isinstance(module, nn.Linear):
+        return (module.in_features,)
+    return (module.in_channels, *module.kernel_size)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for ``bf16`` / ``fp16``; a no-op for ``fp32``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

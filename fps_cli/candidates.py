@@ -1,0 +1,102 @@
+"""Which parameters are scored, which are fully trainable and which stay frozen (DESIGN.md section 2).
+
+Modules are classified by type, never by name: the weights of ``Linear`` and ``Conv1d`` / ``Conv2d`` layers in
+the backbone are candidates for selection; the task head is fully trainable; the biases of those layers are
+fully trainable unless ``train_bias=False``; everything else (normalisation layers, position embeddings,
+class / register tokens, other embeddings) is frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+CANDIDATE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class ParameterRoles:
+    """The role of every parameter of a model, in ``named_parameters()`` order.
+
+    Attributes:
+        candidates: weight parameter name -> the Linear / Conv module that owns it.
+        fully_trainable: names of parameters trained in full (head, and biases when enabled).
+        frozen: names of parameters that never change.
+        shapes: every parameter's shape.
+    """
+
+    candidates: dict[str, nn.Module]
+    fully_trainable: list[str]
+    frozen: list[str]
+    shapes: dict[str, tuple[int, ...]] = field(repr=False)
+
+    @property
+    def total_params(self) -> int:
+        return sum(_numel(s) for s in self.shapes.values())
+
+    @property
+    def fully_trainable_params(self) -> int:
+        return sum(_numel(self.shapes[n]) for n in self.fully_trainable)
+
+    @property
+    def candidate_params(self) -> int:
+        return sum(_numel(self.shapes[n]) for n in self.candidates)
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def find_head(model: nn.Module) -> list[nn.Module]:
+    """The task head module(s), found through the model's own API (timm's ``get_classifier``)."""
+    get_classifier = getattr(model, "get_classifier", None)
+    if get_classifier is None:
+        return []
+    head = get_classifier()
+    heads = list(head) if isinstance(head, (tuple, list)) else [head]
+    return [h for h in heads if isinstance(h, nn.Module) and any(True for _ in h.parameters())]
+
+
+def parameter_roles(
+    model: nn.Module,
+    *,
+    train_bias: bool = True,
+    head: Iterable[nn.Module] | None = None,
+) -> ParameterRoles:
+    """Classify every parameter of ``model``.
+
+    Args:
+        model: the model as built for the task (new head included).
+        train_bias: make the biases of Linear / Conv layers fully trainable.
+        head: the head modules; default: found with :func:`find_head`.
+    """
+    head_modules = list(find_head(model) if head is None else head)
+    head_params = {id(p) for h in head_modules for p in h.parameters()}
+
+    # Map each parameter to the module that owns it directly, so biases can be told from norm parameters.
+    owner: dict[int, nn.Module] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owner.setdefault(id(p), module)
+
+    candidates: dict[str, nn.Module] = {}
+    fully_trainable: list[str] = []
+    frozen: list[str] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, p in model.named_parameters():
+        shapes[name] = tuple(p.shape)
+        module = owner[id(p)]
+        if id(p) in head_params:
+            fully_trainable.append(name)
+        elif isinstance(module, CANDIDATE_TYPES) and p is module.weight:
+            candidates[name] = module
+        elif isinstance(module, CANDIDATE_TYPES) and p is module.bias and train_bias:
+            fully_trainable.append(name)
+        else:
+            frozen.append(name)
+    return ParameterRoles(candidates, fully_trainable, frozen, shapes)

@@ -1,0 +1,293 @@
+"""The ``fps`` command line: parses, validates and wires library calls; no tensor math, no batch loop.
+
+Results go to stdout (a human summary, or exactly one JSON object with ``--json``); logs and progress go to
+stderr, progress bars only when stderr is a terminal. Exit codes: 0 success, 1 a failure the user can fix
+(an :class:`~fps_cli.errors.FpsError`), 2 a usage error, 130 interrupted. Heavy imports (torch, timm) happen
+inside the commands so that ``fps --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+
+from . import __version__
+from .constants import DEFAULT_BUDGET, GRANULARITIES, METHODS, NORMS, PRECISIONS
+
+app = typer.Typer(
+    name="fps",
+    help="Select the few weights of a pretrained vision model worth fine-tuning, in one forward pass.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fps_cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """fps: Feedforward-based Parameter Selection for cheap fine-tuning of vision models."""
+
+
+class Reporter:
+    """Where a command's words go: logs and progress to stderr (unless quiet), the result to stdout."""
+
+    def __init__(self, *, quiet: bool, as_json: bool) -> None:
+        self.quiet, self.as_json = quiet, as_json
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            typer.echo(message, err=True)
+
+    def result(self, payload: dict[str, Any], human: str) -> None:
+        typer.echo(json.dumps(payload) if self.as_json else human)
+
+    @contextlib.contextmanager
+    def progress(self, description: str) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+        """Yields ``(on_start(total), on_advance(n))`` callbacks driving a rich bar on an interactive stderr."""
+        if self.quiet or not sys.stderr.isatty():
+            yield (lambda total: None), (lambda n: None)
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(description, total=None)
+            yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
+
+
+@contextlib.contextmanager
+def _exits() -> Iterator[None]:
+    """Turn the library's user-fixable errors into one line on stderr and exit code 1."""
+    from .errors import FpsError
+
+    try:
+        yield
+    except FpsError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+def _usage(message: str, param: str | None = None) -> typer.BadParameter:
+    """A usage error (exit code 2), naming the flag at fault."""
+    return typer.BadParameter(message, param_hint=param)
+
+
+# Options shared by the commands that load a model.
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="timm name (vit_base_patch16_224.augreg_in21k), hf-hub:org/name or local-dir:PATH.",
+        rich_help_panel="Model",
+    ),
+]
+PretrainedOpt = Annotated[
+    bool,
+    typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights.", rich_help_panel="Model"),
+]
+CheckpointOpt = Annotated[
+    Path | None,
+    typer.Option("--checkpoint", help="Local weights (safetensors or torch file).", rich_help_panel="Model"),
+]
+NumClassesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--num-classes", min=1, help="Size of the new head (default: number of class folders).", rich_help_panel="Model"
+    ),
+]
+ImgSizeOpt = Annotated[
+    int | None, typer.Option("--img-size", min=1, help="Input resolution override.", rich_help_panel="Model")
+]
+OfflineOpt = Annotated[
+    bool, typer.Option("--offline", help="Never touch the network (cached weights only).", rich_help_panel="Model")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, cuda or cuda:N.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object with the result to stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing outputs.")]
+
+
+@app.command("select")
+def select_cmd(
+    model: ModelOpt = None,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Image folder.", rich_help_panel="Data")] = None,
+    budget: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help=f"Fraction of all parameters trainable in total (selected + head + biases); default {DEFAULT_BUDGET}.",
+            rich_help_panel="Selection",
+        ),
+    ] = None,
+    topk_per_neuron: Annotated[
+        int | None,
+        typer.Option(
+            "--topk-per-neuron",
+            min=1,
+            help="Exactly K entries per output neuron, instead of --budget.",
+            rich_help_panel="Selection",
+        ),
+    ] = None,
+    method: Annotated[Literal[METHODS], typer.Option(rich_help_panel="Selection")] = "fps",
+    granularity: Annotated[Literal[GRANULARITIES], typer.Option(rich_help_panel="Selection")] = "neuron",
+    norm: Annotated[Literal[NORMS], typer.Option(help="Activation statistic.", rich_help_panel="Selection")] = "l1",
+    train_bias: Annotated[
+        bool, typer.Option("--train-bias/--no-train-bias", help="Biases fully trainable.", rich_help_panel="Selection")
+    ] = True,
+    from_scores: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-scores", help="Re-select from a saved score file, with no data pass.", rich_help_panel="Selection"
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Mask file to write.", rich_help_panel="Output")] = Path(
+        "mask.safetensors"
+    ),
+    scores: Annotated[Path, typer.Option("--scores", help="Score file to write.", rich_help_panel="Output")] = Path(
+        "scores.safetensors"
+    ),
+    no_scores: Annotated[
+        bool, typer.Option("--no-scores", help="Write no score file.", rich_help_panel="Output")
+    ] = False,
+    pretrained: PretrainedOpt = True,
+    checkpoint: CheckpointOpt = None,
+    num_classes: NumClassesOpt = None,
+    img_size: ImgSizeOpt = None,
+    offline: OfflineOpt = False,
+    batch_size: Annotated[int, typer.Option(min=1, rich_help_panel="Data")] = 32,
+    num_workers: Annotated[
+        int | None, typer.Option(min=0, help="DataLoader workers (default: by device).", rich_help_panel="Data")
+    ] = None,
+    max_samples: Annotated[
+        int | None, typer.Option(min=1, help="A seeded random subset of this many images.", rich_help_panel="Data")
+    ] = None,
+    skip_bad_images: Annotated[
+        bool, typer.Option("--skip-bad-images", help="Skip and count unreadable images.", rich_help_panel="Data")
+    ] = False,
+    device: DeviceOpt = "auto",
+    precision: Annotated[Literal[PRECISIONS], typer.Option(help="Autocast precision of the forward pass.")] = "fp32",
+    seed: Annotated[int, typer.Option(help="Seed of sampling, initialisation and random scores.")] = 0,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score every weight with one forward pass and write a mask (and a score file)."""
+    if from_scores is None and (model is None or data is None):
+        raise _usage("--model and --data are required (or re-select with --from-scores FILE)", "--model/--data")
+    if budget is not None and not 0 < budget < 1:
+        raise _usage(f"must be a fraction strictly between 0 and 1, got {budget:g}", "--budget")
+    if budget is not None and topk_per_neuron is not None:
+        raise _usage("give --budget or --topk-per-neuron, not both", "--topk-per-neuron")
+    if topk_per_neuron is not None and granularity != "neuron":
+        raise _usage("--topk-per-neuron selects per neuron; it cannot be used with --granularity", "--granularity")
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    report = Reporter(quiet=quiet, as_json=as_json)
+    with _exits():
+        from .formats import check_output, save_mask, save_scores
+        from .models import ModelSpec
+        from .selector import SelectOptions, reselect, resolve_device, run_select
+
+        write_scores = not no_scores and from_scores is None
+        check_output(out, force=force, inputs=[from_scores, checkpoint])
+        if write_scores:
+            check_output(scores, force=force, inputs=[from_scores, checkpoint])
+            if Path(scores).resolve() == Path(out).resolve():
+                raise _usage("--out and --scores name the same file", "--scores")
+        options = SelectOptions(
+            method=method,
+            norm=norm,
+            granularity=granularity,
+            budget=budget if budget is not None or topk_per_neuron is not None else DEFAULT_BUDGET,
+            topk_per_neuron=topk_per_neuron,
+            train_bias=train_bias,
+            seed=seed,
+        )
+        try:
+            dev = resolve_device(device)
+        except ValueError as e:
+            raise _usage(str(e), "--device") from None
+        spec = None
+        if model is not None:
+            spec = ModelSpec(model, pretrained, checkpoint, num_classes, img_size, offline)
+        if from_scores is not None:
+            result = reselect(from_scores, options, spec=spec, device=dev)
+        else:
+            report.log(f"fps select: {model} on {data} ({dev.type}, {precision})")
+            with report.progress("scoring") as (on_start, on_batch):
+                result = run_select(
+                    spec,
+                    data,
+                    options,
+                    device=dev,
+                    precision=precision,
+                    batch_size=batch_size,
+                    num_workers=num_workers,
+                    max_samples=max_samples,
+                    skip_bad_images=skip_bad_images,
+                    on_start=on_start,
+                    on_batch=on_batch,
+                )
+            if write_scores:
+                save_scores(scores, result.stats, result.score_provenance)
+        save_mask(out, result.mask)
+
+    mask = result.mask
+    prov = mask.provenance
+    payload = {
+        "mask": str(out),
+        "scores": str(scores) if write_scores else None,
+        "model": prov["model"],
+        "method": options.method,
+        "norm": options.norm,
+        "granularity": prov["granularity"],
+        "budget": prov["budget"],
+        "topk_per_neuron": options.topk_per_neuron,
+        "selected": mask.selected,
+        "fully_trainable": mask.trainable - mask.selected,
+        "trainable": mask.trainable,
+        "total_params": mask.total_params,
+        "trainable_fraction": mask.trainable / mask.total_params,
+        "layers": len(mask.indices),
+        "num_classes": prov["num_classes"],
+        "num_samples": prov["num_samples"],
+        "skipped_images": prov["skipped_images"],
+        "seconds": round(result.pass_seconds, 3),
+    }
+    human = (
+        f"selected {mask.selected:,} entries in {len(mask.indices)} layers; trainable {mask.trainable:,} of "
+        f"{mask.total_params:,} parameters ({payload['trainable_fraction']:.2%}) with head and biases\n"
+        f"wrote {out}" + (f" and {scores}" if write_scores else "")
+    )
+    if result.skipped_images:
+        report.log(f"skipped {len(result.skipped_images)} unreadable images")
+    report.result(payload, human)
+
+
+def main() -> None:
+    """Console entry point (``fps`` and ``python -m fps_cli``)."""
+    app(prog_name="fps")

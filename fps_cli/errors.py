@@ -1,0 +1,25 @@
+"""Domain errors. The library raises these; only ``cli.py`` turns them into a message and an exit code."""
+
+
+class FpsError(Exception):
+    """Base class for every failure a user can fix (exit code 1 on the command line)."""
+
+
+class DataError(FpsError):
+    """The data folder is missing, empty, or holds an unreadable image."""
+
+
+class ModelError(FpsError):
+    """The model name is unknown, or its weights cannot be loaded."""
+
+
+class BudgetError(FpsError):
+    """The budget cannot be met (out of range, or too small for the fully trainable parts)."""
+
+
+class FileFormatError(FpsError):
+    """A file is truncated, corrupt, not an fps file, or does not fit the model."""
+
+
+class OutputExistsError(FpsError):
+    """An output would replace an existing file without ``--force``, or overwrite an input."""

@@ -1,0 +1,284 @@
+"""Where the file formats live: ``mask`` and ``scores`` safetensors files, format version 1 (DESIGN.md section 4).
+
+Every file is a plain safetensors file. Its header metadata (string -> string) holds:
+
+- ``fps.format``: ``mask`` or ``scores``; ``fps.format_version``: ``1``; ``fps.created_by``: ``fps_cli X.Y.Z``;
+- every other ``fps.<key>`` is a JSON value: the provenance (model, data, method, budget, ...), the shapes of all
+  the model's parameters (``fps.param_shapes``) and, in a mask, the fully trainable parameters
+  (``fps.fully_trainable``).
+
+Tensors:
+
+- mask: one tensor per partially selected parameter, named after it, holding the sorted flat (row-major)
+  indices of its selected entries (int32, or int64 past 2**31 entries).
+- scores: per candidate layer ``<weight name>::abs_sum`` and ``<weight name>::sq_sum`` (fp32, shaped like the
+  layer's input statistic) and ``<weight name>::count`` (int64, one element).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import __version__
+from .activations import InputStats
+from .errors import FileFormatError, OutputExistsError
+
+FORMAT_VERSION = 1
+FORMATS = ("mask", "scores", "delta")
+_RESERVED = ("format", "format_version", "created_by")
+
+
+def check_output(path: str | os.PathLike, *, force: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Validate an output path before any work is done.
+
+    Raises:
+        OutputExistsError: the path is one of ``inputs``, or exists and ``force`` is false.
+        FileFormatError: the parent directory does not exist.
+    """
+    path = Path(path)
+    for other in inputs:
+        if other is not None and Path(other).exists() and path.exists() and path.resolve() == Path(other).resolve():
+            raise OutputExistsError(f"output {path} is also an input; choose another path with -o")
+    if path.is_dir():
+        raise OutputExistsError(f"output {path} is a directory; give a file name")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} already exists; pass --force to replace it")
+    if not path.parent.is_dir():
+        raise FileFormatError(f"cannot write {path}: directory {path.parent} does not exist")
+    return path
+
+
+def write_atomic(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file to a temporary name beside ``path``, then rename it over ``path``.
+
+    A reader never sees a half-written file, and a file memory-mapped from ``path`` is never written over.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the output should read like any other file
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def encode_metadata(kind: str, provenance: Mapping[str, Any]) -> dict[str, str]:
+    """Header metadata: the three reserved keys as plain strings, everything else as JSON."""
+    meta = {
+        "fps.format": kind,
+        "fps.format_version": str(FORMAT_VERSION),
+        "fps.created_by": f"fps_cli {__version__}",
+    }
+    for key, value in provenance.items():
+        if key in _RESERVED:
+            raise ValueError(f"provenance key {key!r} is reserved")
+        meta[f"fps.{key}"] = json.dumps(value)
+    return meta
+
+
+def read_fps_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, str]]:
+    """Read and check an fps file of the given kind.
+
+    Returns:
+        (tensors, provenance decoded from JSON, the raw header metadata).
+
+    Raises:
+        FileFormatError: missing, unreadable, truncated, not an fps file, another kind, or a newer version.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise FileFormatError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    found = raw.get("fps.format")
+    if found is None:
+        raise FileFormatError(f"{path} is a safetensors file but not an fps file (no fps.format in its header)")
+    if found != kind:
+        raise FileFormatError(f"{path} is an fps {found} file, but a {kind} file is needed here")
+    version = raw.get("fps.format_version", "")
+    if not version.isdigit() or int(version) > FORMAT_VERSION:
+        raise FileFormatError(
+            f"{path} has format version {version!r}; this fps_cli {__version__} reads version {FORMAT_VERSION}: "
+            "upgrade fps-cli"
+        )
+    provenance = {}
+    for key, value in raw.items():
+        if key.startswith("fps.") and key[4:] not in _RESERVED:
+            try:
+                provenance[key[4:]] = json.loads(value)
+            except json.JSONDecodeError:
+                raise FileFormatError(f"{path}: header entry {key} is not valid JSON") from None
+    return tensors, provenance, raw
+
+
+def weights_digest(named_tensors: Iterable[tuple[str, Tensor]]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes: identifies the exact weights a file was made from."""
+    h = hashlib.sha256()
+    for name, t in named_tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------- mask
+
+
+@dataclass
+class Mask:
+    """A selection: which entries of which parameters are trainable.
+
+    Attributes:
+        indices: parameter name -> sorted flat indices of its selected entries (int64).
+        fully_trainable: parameters trained in full.
+        shapes: every parameter's shape (the whole model).
+        provenance: how the mask was made (model, data, method, budget, ...).
+    """
+
+    indices: dict[str, Tensor]
+    fully_trainable: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def selected(self) -> int:
+        return sum(int(i.numel()) for i in self.indices.values())
+
+    @property
+    def trainable(self) -> int:
+        return self.selected + sum(_numel(self.shapes[n]) for n in self.fully_trainable)
+
+    @property
+    def total_params(self) -> int:
+        return sum(_numel(s) for s in self.shapes.values())
+
+    def dense(self) -> dict[str, Tensor]:
+        """Every parameter as a boolean tensor shaped like it, True where trainable."""
+        out = {}
+        for name, shape in self.shapes.items():
+            if name in self.fully_trainable:
+                out[name] = torch.ones(shape, dtype=torch.bool)
+                continue
+            m = torch.zeros(_numel(shape), dtype=torch.bool)
+            if name in self.indices:
+                m[self.indices[name]] = True
+            out[name] = m.reshape(shape)
+        return out
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def save_mask(path: str | os.PathLike, mask: Mask) -> None:
+    """Write ``mask`` to ``path`` atomically (check the path with :func:`check_output` first)."""
+    tensors = {}
+    for name, idx in mask.indices.items():
+        dtype = torch.int32 if _numel(mask.shapes[name]) <= 2**31 - 1 else torch.int64
+        tensors[name] = idx.to(dtype)
+    provenance = {
+        **mask.provenance,
+        "param_shapes": {k: list(v) for k, v in mask.shapes.items()},
+        "fully_trainable": list(mask.fully_trainable),
+        "selected": mask.selected,
+        "trainable": mask.trainable,
+        "total_params": mask.total_params,
+    }
+    write_atomic(path, tensors, encode_metadata("mask", provenance))
+
+
+def read_mask(path: str | os.PathLike) -> Mask:
+    """Read and validate a mask file."""
+    tensors, prov, _ = read_fps_file(path, "mask")
+    try:
+        shapes = {k: tuple(int(d) for d in v) for k, v in prov.pop("param_shapes").items()}
+        fully = list(prov.pop("fully_trainable"))
+    except (KeyError, AttributeError, TypeError, ValueError):
+        raise FileFormatError(f"{path}: mask header lacks valid fps.param_shapes / fps.fully_trainable") from None
+    for key in ("selected", "trainable", "total_params"):
+        prov.pop(key, None)
+    problems = [f"fully trainable parameter {n!r} is not in the model" for n in fully if n not in shapes]
+    indices = {}
+    for name, idx in tensors.items():
+        if name not in shapes:
+            problems.append(f"tensor {name!r} is not a parameter of the model")
+            continue
+        if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
+            problems.append(f"tensor {name!r} must be 1-D int32/int64 indices, got {idx.dtype} {list(idx.shape)}")
+            continue
+        idx = idx.long()
+        n = _numel(shapes[name])
+        if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= n or not bool((idx[1:] > idx[:-1]).all())):
+            problems.append(f"indices of {name!r} must be sorted, unique and within [0, {n})")
+            continue
+        indices[name] = idx
+    if problems:
+        raise FileFormatError(f"{path} is not a valid mask:\n  " + "\n  ".join(problems))
+    return Mask(indices, fully, shapes, prov)
+
+
+def load_mask(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Load a mask file as dense boolean tensors, one per model parameter, True where trainable.
+
+    Example:
+        >>> mask = load_mask("mask.safetensors")
+        >>> mask["blocks.0.attn.qkv.weight"].sum()
+    """
+    return read_mask(path).dense()
+
+
+# --------------------------------------------------------------------------------------------------- scores
+
+
+def save_scores(path: str | os.PathLike, stats: Mapping[str, InputStats], provenance: Mapping[str, Any]) -> None:
+    """Write per-layer input statistics (the score file of activation-based methods) atomically."""
+    tensors = {}
+    for name, s in stats.items():
+        tensors[f"{name}::abs_sum"] = s.abs_sum.float()
+        tensors[f"{name}::sq_sum"] = s.sq_sum.float()
+        tensors[f"{name}::count"] = torch.tensor([s.count], dtype=torch.int64)
+    write_atomic(path, tensors, encode_metadata("scores", {**provenance, "statistic": "input"}))
+
+
+def read_scores(path: str | os.PathLike) -> tuple[dict[str, InputStats], dict[str, Any]]:
+    """Read a score file written by :func:`save_scores`."""
+    tensors, prov, _ = read_fps_file(path, "scores")
+    if prov.get("statistic") != "input":
+        raise FileFormatError(f"{path}: score statistic {prov.get('statistic')!r} is not supported by this version")
+    stats = {}
+    names = {k.rsplit("::", 1)[0] for k in tensors}
+    for name in sorted(names):
+        try:
+            abs_sum, sq_sum = tensors[f"{name}::abs_sum"], tensors[f"{name}::sq_sum"]
+            count = int(tensors[f"{name}::count"].reshape(-1)[0])
+        except (KeyError, IndexError):
+            raise FileFormatError(f"{path}: incomplete statistics for {name!r}") from None
+        stats[name] = InputStats(abs_sum, sq_sum, count)
+    return stats, prov

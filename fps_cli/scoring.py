@@ -1,0 +1,118 @@
+"""Scorers: one score per candidate weight entry, as a ``[rows, cols]`` matrix (rows = output neurons).
+
+A conv weight ``[out, in/groups, *kernel]`` is ``out`` rows of ``in/groups * prod(kernel)`` inputs; its row-major
+flattening is the weight's own, so flat indices into the matrix are flat indices into the parameter.
+
+Every method shares the same candidates, budget and selection code; only the score differs
+(DESIGN.md section 2):
+
+- ``fps``: ``|W[i, j]| * a[j]``, ``a`` the mean ``|x_j|`` (``l1``) or its root mean square (``l2``).
+- ``weight``: ``|W[i, j]|``.
+- ``activation``: ``a[j]`` broadcast over rows.
+- ``random``: seeded uniform scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .activations import InputStats
+from .constants import METHODS as ACTIVATION_METHODS
+
+
+def as_rows(weight: Tensor) -> Tensor:
+    """View a Linear / Conv weight as ``[out, fan_in]``."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def row_statistic(module: nn.Module, stats: InputStats, norm: str) -> Tensor:
+    """The per-input statistic laid out like the weight's rows: ``[groups, 1, fan_in]`` for broadcasting.
+
+    For a grouped conv, output neurons of group ``g`` see only the input channels of group ``g``.
+    """
+    a = stats.statistic(norm).float()  # [in] or [in, *kernel]
+    groups = getattr(module, "groups", 1)
+    return a.reshape(groups, 1, -1)
+
+
+def fps_scores(module: nn.Module, weight: Tensor, stats: InputStats, norm: str) -> Tensor:
+    """FPS scores ``|W| * a`` of one layer, ``[rows, fan_in]`` fp32."""
+    a = row_statistic(module, stats, norm)  # [groups, 1, fan_in]
+    w = as_rows(weight).detach().float().abs()
+    return (w.reshape(a.shape[0], -1, a.shape[-1]) * a).reshape(w.shape)
+
+
+def activation_scores(module: nn.Module, weight: Tensor, stats: InputStats, norm: str) -> Tensor:
+    """Activation-only scores ``a[j]`` broadcast over the rows, ``[rows, fan_in]`` fp32."""
+    a = row_statistic(module, stats, norm)
+    rows = as_rows(weight)
+    return a.expand(a.shape[0], rows.shape[0] // a.shape[0], a.shape[-1]).reshape(rows.shape).to(rows.device)
+
+
+def weight_scores(weight: Tensor) -> Tensor:
+    """Magnitude scores ``|W|``, ``[rows, fan_in]`` fp32."""
+    return as_rows(weight).detach().float().abs()
+
+
+def random_scores(weight: Tensor, seed: int, index: int) -> Tensor:
+    """Seeded uniform scores; the same for a given (seed, layer index) on every device and every call."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    return torch.rand(as_rows(weight).shape, generator=generator).to(weight.device)
+
+
+class ScoreSource(Protocol):
+    """What selection needs: candidate names in model order and each one's score matrix on demand."""
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, name: str) -> Tensor: ...
+
+
+class ActivationScores(Mapping[str, Tensor]):
+    """Lazily computed scores of an activation-based method; scores are made one layer at a time.
+
+    Args:
+        method: one of :data:`ACTIVATION_METHODS`.
+        modules: candidate weight name -> layer, in model order.
+        stats: candidate weight name -> input statistics (unused by ``weight`` and ``random``).
+        norm: ``l1`` or ``l2``.
+        seed: seed of the ``random`` method.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        modules: Mapping[str, nn.Module],
+        stats: Mapping[str, InputStats] | None,
+        norm: str = "l1",
+        seed: int = 0,
+    ) -> None:
+        if method not in ACTIVATION_METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {ACTIVATION_METHODS}")
+        if method in ("fps", "activation") and stats is None:
+            raise ValueError(f"method {method!r} needs activation statistics")
+        self.method, self.modules, self.stats, self.norm, self.seed = method, modules, stats, norm, seed
+        self._index = {name: i for i, name in enumerate(modules)}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def __getitem__(self, name: str) -> Tensor:
+        module = self.modules[name]
+        weight = module.weight
+        if self.method == "fps":
+            return fps_scores(module, weight, self.stats[name], self.norm)
+        if self.method == "activation":
+            return activation_scores(module, weight, self.stats[name], self.norm)
+        if self.method == "weight":
+            return weight_scores(weight)
+        return random_scores(weight, self.seed, self._index[name])

@@ -1,0 +1,323 @@
+"""``fps select`` as a library call: model + data -> input statistics -> scores -> a budgeted mask.
+
+The pieces are the ones a reader would look for by name: :mod:`.candidates` says what may be selected,
+:mod:`.activations` gathers the statistics, :mod:`.scoring` turns them into scores, :mod:`.selection` takes the
+top-k, :mod:`.formats` writes the files. This module wires them and keeps the budget arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .activations import InputStats, collect_input_stats
+from .candidates import ParameterRoles, find_head, parameter_roles
+from .constants import DEFAULT_BUDGET, GRANULARITIES, METHODS
+from .data import ImageStream, default_num_workers, discover, eval_transform, make_loader, subsample
+from .errors import BudgetError, DataError, FileFormatError
+from .formats import Mask, read_scores, weights_digest
+from .models import ModelSpec, create_model
+from .scoring import ActivationScores
+from .selection import select, select_topk_per_neuron
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    """How to turn scores into a mask.
+
+    Attributes:
+        method: ``fps``, ``weight``, ``activation`` or ``random``.
+        norm: ``l1`` or ``l2`` activation statistic.
+        granularity: ``neuron``, ``layer`` or ``global``.
+        budget: fraction of all parameters trainable in total (selected + fully trainable).
+        topk_per_neuron: instead of ``budget``, exactly this many entries per candidate row.
+        train_bias: biases of Linear / Conv layers fully trainable.
+        seed: seed of the ``random`` method (and of everything else in a run).
+    """
+
+    method: str = "fps"
+    norm: str = "l1"
+    granularity: str = "neuron"
+    budget: float | None = DEFAULT_BUDGET
+    topk_per_neuron: int | None = None
+    train_bias: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; expected one of {GRANULARITIES}")
+        if self.topk_per_neuron is None and self.budget is None:
+            raise ValueError("give a budget or topk_per_neuron")
+        if self.topk_per_neuron is not None and self.topk_per_neuron < 1:
+            raise BudgetError(f"--topk-per-neuron must be at least 1, got {self.topk_per_neuron}")
+        if self.topk_per_neuron is None and not 0 < self.budget < 1:
+            raise BudgetError(f"--budget must be a fraction strictly between 0 and 1, got {self.budget}")
+
+
+@dataclass
+class SelectResult:
+    """What a selection produced.
+
+    Attributes:
+        mask: the selection, with provenance.
+        stats: per-layer input statistics (the score file's content).
+        score_provenance: the provenance to write into the score file.
+        pass_seconds: wall time of the statistics pass (0 when re-selecting from scores).
+        skipped_images: unreadable images skipped with ``skip_bad``.
+    """
+
+    mask: Mask
+    stats: dict[str, InputStats] | None
+    score_provenance: dict[str, Any] = field(default_factory=dict)
+    pass_seconds: float = 0.0
+    skipped_images: list[Path] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (model initialisation, sampling, ties of the ``random`` method)."""
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` is CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        from .errors import FpsError
+
+        raise FpsError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return resolved
+
+
+def selection_count(roles: ParameterRoles, budget: float) -> int:
+    """How many candidate entries a budget selects: ``round(budget * total) - fully trainable``, exactly.
+
+    Raises:
+        BudgetError: the fully trainable parts alone exceed the budget, or the candidates cannot fill it.
+    """
+    total = roles.total_params
+    fixed = roles.fully_trainable_params
+    target = round(budget * total)
+    n = target - fixed
+    if n < 0:
+        minimum = math.ceil(fixed / total * 10_000) / 10_000
+        raise BudgetError(
+            f"budget {budget:g} leaves no room: the head and biases already take {fixed / total:.2%} of "
+            f"parameters ({fixed:,} of {total:,}); use --no-train-bias or a budget of at least {minimum:g}"
+        )
+    if n > roles.candidate_params:
+        maximum = (roles.candidate_params + fixed) / total
+        raise BudgetError(
+            f"budget {budget:g} asks for {n:,} selected entries but the candidate layers hold only "
+            f"{roles.candidate_params:,}; use a budget of at most {maximum:.4f}"
+        )
+    return n
+
+
+def build_mask(roles: ParameterRoles, scores: Mapping[str, Tensor], options: SelectOptions) -> Mask:
+    """Select from ``scores`` under ``options`` (pure: no I/O, no model run)."""
+    if options.topk_per_neuron is not None:
+        indices = select_topk_per_neuron(scores, options.topk_per_neuron)
+    else:
+        indices = select(scores, selection_count(roles, options.budget), options.granularity)
+    return Mask(indices, list(roles.fully_trainable), dict(roles.shapes))
+
+
+def base_digest(model: nn.Module) -> str:
+    """Digest of every parameter but the (new) head: identifies the pretrained weights a file was made from."""
+    head_ids = {id(p) for h in find_head(model) for p in h.parameters()}
+    return weights_digest((n, p) for n, p in model.named_parameters() if id(p) not in head_ids)
+
+
+def _model_provenance(
+    spec: ModelSpec, model: nn.Module, num_classes: int | None, img_size: int | None, init_seed: int
+) -> dict[str, Any]:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return {
+        "model": spec.name,
+        "pretrained": bool(spec.pretrained and spec.checkpoint is None),
+        "pretrained_tag": cfg.get("tag") if spec.pretrained and spec.checkpoint is None else None,
+        "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
+        "num_classes": num_classes,
+        "img_size": img_size,
+        "init_seed": init_seed,
+        "base_sha256": base_digest(model),
+    }
+
+
+def _selection_provenance(options: SelectOptions) -> dict[str, Any]:
+    return {
+        "method": options.method,
+        "norm": options.norm,
+        "granularity": options.granularity if options.topk_per_neuron is None else "neuron",
+        "budget": options.budget if options.topk_per_neuron is None else None,
+        "topk_per_neuron": options.topk_per_neuron,
+        "train_bias": options.train_bias,
+        "seed": options.seed,
+    }
+
+
+def run_select(
+    spec: ModelSpec,
+    data_dir: str | Path,
+    options: SelectOptions,
+    *,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    max_samples: int | None = None,
+    skip_bad_images: bool = False,
+    on_start: Callable[[int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> SelectResult:
+    """Select parameters of ``spec``'s model on the images in ``data_dir``.
+
+    Args:
+        spec: the model; ``num_classes`` defaults to the number of class folders.
+        data_dir: an image folder (class sub-folders, ``train/`` split, or flat).
+        options: method, budget, granularity, ...
+        device: where the model runs.
+        precision: autocast precision of the forward pass (statistics stay fp32).
+        batch_size: images per forward pass.
+        num_workers: DataLoader workers (default: :func:`default_num_workers`).
+        max_samples: a seeded random subset of at most this many images.
+        skip_bad_images: skip unreadable images instead of failing.
+        on_start: called with the number of images before the pass.
+        on_batch: called with each batch's size during the pass.
+    """
+    device = torch.device(device)
+    folder = discover(data_dir)
+    split = folder.train
+    num_classes = spec.num_classes if spec.num_classes is not None else (len(split.classes) or None)
+    if spec.num_classes is None and num_classes is not None:
+        spec = ModelSpec(**{**spec.__dict__, "num_classes": num_classes})
+    samples = subsample(split.samples, max_samples, options.seed)
+
+    seed_everything(options.seed)
+    model = create_model(spec)
+    num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
+    roles = parameter_roles(model, train_bias=options.train_bias)
+    if options.topk_per_neuron is None:
+        selection_count(roles, options.budget)  # fail on an impossible budget before the data pass
+
+    transform = eval_transform(model, spec.img_size)
+    workers = default_num_workers(device) if num_workers is None else num_workers
+    loader = make_loader(
+        samples,
+        transform,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        seed=options.seed,
+    )
+    stream = ImageStream(loader, skip_bad=skip_bad_images)
+    model.to(device)
+    if on_start is not None:
+        on_start(len(samples))
+    start = time.perf_counter()
+    stats = collect_input_stats(model, roles.candidates, stream, device=device, precision=precision, on_batch=on_batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    if stream.seen == 0:
+        raise DataError(f"no readable images in {split.root} ({len(stream.skipped)} skipped)")
+
+    data_provenance = {
+        "data": str(Path(data_dir).expanduser().resolve()),
+        "num_samples": stream.seen,
+        "skipped_images": len(stream.skipped),
+        "classes": split.classes,
+        "precision": precision,
+    }
+    score_provenance = {**_model_provenance(spec, model, num_classes, spec.img_size, options.seed), **data_provenance}
+    scores = ActivationScores(options.method, roles.candidates, stats, options.norm, options.seed)
+    mask = build_mask(roles, scores, options)
+    mask.provenance = {**score_provenance, **_selection_provenance(options)}
+    return SelectResult(mask, {k: _to_cpu(v) for k, v in stats.items()}, score_provenance, seconds, stream.skipped)
+
+
+def _to_cpu(s: InputStats) -> InputStats:
+    return InputStats(s.abs_sum.cpu(), s.sq_sum.cpu(), s.count)
+
+
+def reselect(
+    scores_path: str | Path,
+    options: SelectOptions,
+    *,
+    spec: ModelSpec | None = None,
+    device: torch.device | str = "cpu",
+) -> SelectResult:
+    """Re-select from a saved score file at new options, with no data pass.
+
+    The model is rebuilt as the score file records it (or as ``spec`` overrides), and must have the same
+    weights the statistics were gathered on.
+    """
+    stats, prov = read_scores(scores_path)
+    try:
+        recorded = ModelSpec(
+            name=prov["model"],
+            pretrained=bool(prov["pretrained"]),
+            checkpoint=Path(prov["checkpoint"]) if prov.get("checkpoint") else None,
+            num_classes=prov["num_classes"],
+            img_size=prov.get("img_size"),
+        )
+    except (KeyError, TypeError):
+        raise FileFormatError(f"{scores_path}: score header lacks the model provenance") from None
+    spec = spec or recorded
+    # A randomly initialised model is rebuilt from the seed it was built with, so its weights match.
+    init_seed = int(prov.get("init_seed", 0))
+    seed_everything(init_seed)
+    model = create_model(spec).to(device)
+    roles = parameter_roles(model, train_bias=options.train_bias)
+
+    digest = base_digest(model)
+    if prov.get("base_sha256") and digest != prov["base_sha256"]:
+        raise FileFormatError(
+            f"{scores_path} was computed on other weights than {spec.name} as loaded now "
+            f"(base checksum {prov['base_sha256'][:12]}… vs {digest[:12]}…); pass the same --model / --checkpoint"
+        )
+    problems = [f"no statistics for layer {n}" for n in roles.candidates if n not in stats]
+    problems += [
+        f"{n}: statistics {list(stats[n].abs_sum.shape)} do not fit the layer"
+        for n in roles.candidates
+        if n in stats and stats[n].abs_sum.numel() != _stat_numel(roles.candidates[n])
+    ]
+    if problems:
+        raise FileFormatError(f"{scores_path} does not fit {spec.name}:\n  " + "\n  ".join(problems))
+
+    stats = {n: InputStats(s.abs_sum.to(device), s.sq_sum.to(device), s.count) for n, s in stats.items()}
+    scores = ActivationScores(options.method, roles.candidates, stats, options.norm, options.seed)
+    mask = build_mask(roles, scores, options)
+    score_keys = ("data", "num_samples", "skipped_images", "classes", "precision")
+    mask.provenance = {
+        **_model_provenance(spec, model, recorded.num_classes, spec.img_size, init_seed),
+        **{k: prov.get(k) for k in score_keys},
+        **_selection_provenance(options),
+        "from_scores": str(Path(scores_path).resolve()),
+    }
+    return SelectResult(mask, None, prov)
+
+
+def _stat_numel(module: nn.Module) -> int:
+    from .activations import stats_shape
+
+    return math.prod(stats_shape(module))
