@@ -113,7 +113,7 @@ def conv_input_sums(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, int]:
         # for every tap, exactly the input values that tap multiplies.
         ones = summed.new_ones(1, 1, *out_grid)
         taps = conv(summed.unsqueeze(1), ones, stride=module.dilation, dilation=module.stride)  # [in, 1, *>=kernel]
-        index = (slice(None), 0) + tuple(slice(0, k) for k in module.kernel_size)
+        index = (slice(None), 0, *(slice(0, k) for k in module.kernel_size))
         outputs.append(taps[index])  # [in, *kernel]
     return outputs[0], outputs[1], count
 

@@ -30,7 +30,7 @@ def rowwise_top(scores: Tensor, k: Tensor) -> Tensor:
         scores: ``[rows, cols]``.
         k: ``[rows]`` integer counts, ``0 <= k[r] <= cols``.
     """
-    rows, cols = scores.shape
+    rows = scores.shape[0]
     k = k.to(device=scores.device, dtype=torch.long)
     kmax = int(k.max()) if rows else 0
     if kmax == 0:
