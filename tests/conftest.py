@@ -73,9 +73,10 @@ def image_folder(tmp_path: Path) -> Callable[..., Path]:
             return root
         train_root = root / "train" if val_per_class else root
         for c in range(classes):
-            write_images(train_root / f"class_{c}", per_class, CLASS_COLORS[c % len(CLASS_COLORS)], seed=c)
+            color = CLASS_COLORS[c % len(CLASS_COLORS)]
+            write_images(train_root / f"class_{c}", per_class, color, seed=c)
             if val_per_class:
-                write_images(root / "val" / f"class_{c}", val_per_class, CLASS_COLORS[c % len(CLASS_COLORS)], seed=100 + c)
+                write_images(root / "val" / f"class_{c}", val_per_class, color, seed=100 + c)
         return root
 
     return make
