@@ -2,9 +2,8 @@
 
 For a Linear layer the statistic of input feature ``j`` is taken over every token of every sample the layer
 sees. For a convolution it is taken per (input channel, kernel position) over the unfolded input patches,
-zero padding included, without ever materialising the unfolded tensor: the sum of ``|x|`` that kernel tap
-``(ki, kj)`` sees is a strided window sum over the padded input, which one small convolution of the
-batch-summed input with an all-ones "output grid" kernel computes for every tap at once.
+zero padding included, without materialising the unfolded input: the input is summed over the batch first
+(sums commute), and the kernel windows of that one-sample-sized sum are a strided view that is reduced in place.
 
 Only these per-input vectors are kept during the pass, never a per-weight tensor, so the memory of a
 statistics pass is that of inference.
@@ -90,32 +89,27 @@ def conv_input_sums(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, int]:
         module: a ``Conv1d`` or ``Conv2d`` (any stride, padding, padding mode, dilation and groups).
         x: its input, ``[batch, in, *spatial]`` (an unbatched input is treated as a batch of one).
     """
-    spatial_dims = len(module.kernel_size)
-    if x.dim() == spatial_dims + 1:
+    dims = len(module.kernel_size)
+    if x.dim() == dims + 1:
         x = x.unsqueeze(0)
     pads = _conv_padding(module, x)
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    conv = F.conv1d if spatial_dims == 1 else F.conv2d
+    taps = list(zip(module.kernel_size, module.stride, module.dilation, strict=True))
 
-    outputs = []
+    sums = []
     count = 0
     for values in (x.abs(), None):
-        # |pad(x)| == pad(|x|) for every padding mode, so pad the absolute values (and their squares).
+        # |pad(x)| == pad(|x|) for every padding mode, so pad the absolute values (and the squares).
         v = values if values is not None else x.float().square()
         v = F.pad(v, pads, mode=mode) if any(pads) else v
-        summed = v.sum(0, dtype=torch.float32)  # [in, *padded]
-        out_grid = [
-            (size - d * (k - 1) - 1) // s + 1
-            for size, k, s, d in zip(summed.shape[1:], module.kernel_size, module.stride, module.dilation, strict=True)
-        ]
-        count = x.shape[0] * math.prod(out_grid)
-        # A kernel spread over the output grid (dilation = stride) and stepped by the layer's dilation sums,
-        # for every tap, exactly the input values that tap multiplies.
-        ones = summed.new_ones(1, 1, *out_grid)
-        taps = conv(summed.unsqueeze(1), ones, stride=module.dilation, dilation=module.stride)  # [in, 1, *>=kernel]
-        index = (slice(None), 0, *(slice(0, k) for k in module.kernel_size))
-        outputs.append(taps[index])  # [in, *kernel]
-    return outputs[0], outputs[1], count
+        windows = v.sum(0, dtype=torch.float32)  # [in, *padded]: sums commute, so reduce the batch first
+        for i, (k, s, d) in enumerate(taps):
+            windows = windows.unfold(1 + i, d * (k - 1) + 1, s)  # a view: [in, *out_grid, *spans]
+        windows = windows[(..., *(slice(None, None, d) for d in module.dilation))]  # [in, *out_grid, *kernel]
+        grid = tuple(range(1, 1 + dims))
+        count = x.shape[0] * math.prod(windows.shape[1 : 1 + dims])
+        sums.append(windows.sum(grid))  # [in, *kernel]
+    return sums[0], sums[1], count
 
 
 def input_sums(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, int]:
