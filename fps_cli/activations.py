@@ -27,10 +27,13 @@ from .constants import NORMS
 class InputStats:
     """Running input statistics of one layer.
 
+    Each batch's sums are taken in fp32 and added to fp64 accumulators, so that the result does not depend on
+    the order in which batches arrive (one process, or several ranks reduced at the end).
+
     Attributes:
-        abs_sum: sum of ``|x|`` per input position, fp32. ``[in]`` for Linear, ``[in, *kernel]`` for Conv
+        abs_sum: sum of ``|x|`` per input position, fp64. ``[in]`` for Linear, ``[in, *kernel]`` for Conv
             (all input channels, not per group).
-        sq_sum: sum of ``x**2`` per input position, fp32, same shape.
+        sq_sum: sum of ``x**2`` per input position, fp64, same shape.
         count: how many values each position was summed over (tokens for Linear, output positions for Conv).
     """
 
@@ -74,49 +77,76 @@ def _conv_padding(module: nn.Module, x: Tensor) -> list[int]:
     return list(module._reversed_padding_repeated_twice)
 
 
-def linear_input_sums(x: Tensor) -> tuple[Tensor, Tensor, int]:
+class Scratch:
+    """One reusable buffer for the element-wise temporaries of the statistics (``|x|``, ``x**2``).
+
+    A fresh temporary the size of a layer's input per call costs page faults on the CPU (three times the
+    reduction itself for a ViT-B MLP input) and raises peak memory; one buffer, grown to the largest input, does
+    not. Hooks run one at a time, so one buffer serves them all.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: Tensor | None = None
+
+    def like(self, x: Tensor) -> Tensor:
+        b = self._buffer
+        if b is None or b.numel() < x.numel() or b.dtype != x.dtype or b.device != x.device:
+            b = self._buffer = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+        return b[: x.numel()].view(x.shape)
+
+
+def _abs_and_square_sums(x: Tensor, dim: int, scratch: Scratch | None) -> tuple[Tensor, Tensor]:
+    """fp32 sums of ``|x|`` and ``x**2`` over ``dim``; squares of low-precision inputs are taken in fp32."""
+    tmp = scratch.like(x) if scratch is not None else torch.empty_like(x)
+    abs_sum = torch.abs(x, out=tmp).sum(dim, dtype=torch.float32)  # |x| is exact in any dtype
+    if x.dtype == torch.float32:
+        sq_sum = torch.mul(x, x, out=tmp).sum(dim)
+    else:
+        sq_sum = torch.linalg.vector_norm(x, 2, dim=dim, dtype=torch.float32).square()
+    return abs_sum, sq_sum
+
+
+def linear_input_sums(x: Tensor, scratch: Scratch | None = None) -> tuple[Tensor, Tensor, int]:
     """Sums of ``|x|`` and ``x**2`` over every token of a Linear layer's input ``[..., in]``."""
     rows = x.reshape(-1, x.shape[-1])  # [tokens, in]
-    abs_sum = torch.linalg.vector_norm(rows, ord=1, dim=0, dtype=torch.float32)
-    sq_sum = torch.linalg.vector_norm(rows, ord=2, dim=0, dtype=torch.float32).square()
+    abs_sum, sq_sum = _abs_and_square_sums(rows, 0, scratch)
     return abs_sum, sq_sum, rows.shape[0]
 
 
-def conv_input_sums(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, int]:
+def conv_input_sums(module: nn.Module, x: Tensor, scratch: Scratch | None = None) -> tuple[Tensor, Tensor, int]:
     """Sums of ``|x|`` and ``x**2`` per (input channel, kernel tap) over a conv layer's unfolded input.
 
     Args:
         module: a ``Conv1d`` or ``Conv2d`` (any stride, padding, padding mode, dilation and groups).
         x: its input, ``[batch, in, *spatial]`` (an unbatched input is treated as a batch of one).
+        scratch: a reusable buffer for the element-wise temporaries.
     """
     dims = len(module.kernel_size)
     if x.dim() == dims + 1:
         x = x.unsqueeze(0)
+    # Sums commute, so reduce the batch first: [in, *spatial]. Padding the batch sums equals summing the padded
+    # batch for every padding mode, and |pad(x)| == pad(|x|).
+    planes = _abs_and_square_sums(x, 0, scratch)
     pads = _conv_padding(module, x)
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    taps = list(zip(module.kernel_size, module.stride, module.dilation, strict=True))
 
     sums = []
     count = 0
-    for values in (x.abs(), None):
-        # |pad(x)| == pad(|x|) for every padding mode, so pad the absolute values (and the squares).
-        v = values if values is not None else x.float().square()
-        v = F.pad(v, pads, mode=mode) if any(pads) else v
-        windows = v.sum(0, dtype=torch.float32)  # [in, *padded]: sums commute, so reduce the batch first
-        for i, (k, s, d) in enumerate(taps):
+    for plane in planes:
+        windows = F.pad(plane.unsqueeze(0), pads, mode=mode).squeeze(0) if any(pads) else plane  # [in, *padded]
+        for i, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation, strict=True)):
             windows = windows.unfold(1 + i, d * (k - 1) + 1, s)  # a view: [in, *out_grid, *spans]
         windows = windows[(..., *(slice(None, None, d) for d in module.dilation))]  # [in, *out_grid, *kernel]
-        grid = tuple(range(1, 1 + dims))
         count = x.shape[0] * math.prod(windows.shape[1 : 1 + dims])
-        sums.append(windows.sum(grid))  # [in, *kernel]
+        sums.append(windows.sum(tuple(range(1, 1 + dims))))  # [in, *kernel]
     return sums[0], sums[1], count
 
 
-def input_sums(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, int]:
+def input_sums(module: nn.Module, x: Tensor, scratch: Scratch | None = None) -> tuple[Tensor, Tensor, int]:
     """Input sums for any candidate layer."""
     if isinstance(module, nn.Linear):
-        return linear_input_sums(x)
-    return conv_input_sums(module, x)
+        return linear_input_sums(x, scratch)
+    return conv_input_sums(module, x, scratch)
 
 
 @contextlib.contextmanager
@@ -129,14 +159,15 @@ def input_stats_hooks(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, In
     """
     stats: dict[str, InputStats] = {}
     handles = []
+    scratch = Scratch()
 
     def make_hook(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            abs_sum, sq_sum, count = input_sums(module, args[0])
+            abs_sum, sq_sum, count = input_sums(module, args[0], scratch)
             if name in stats:
                 stats[name].add(abs_sum, sq_sum, count)
             else:
-                stats[name] = InputStats(abs_sum, sq_sum, count)
+                stats[name] = InputStats(abs_sum.double(), sq_sum.double(), count)
 
         return hook
 
@@ -184,7 +215,7 @@ def collect_input_stats(
     # A layer the forward pass never reaches saw no input: its statistic is zero, so it is never selected.
     for name, module in modules.items():
         if name not in stats:
-            zeros = torch.zeros(stats_shape(module), device=module.weight.device)
+            zeros = torch.zeros(stats_shape(module), dtype=torch.float64, device=module.weight.device)
             stats[name] = InputStats(zeros, zeros.clone(), 0)
     return stats
 

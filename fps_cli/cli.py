@@ -76,17 +76,27 @@ class Reporter:
 
 @contextlib.contextmanager
 def _exits() -> Iterator[None]:
-    """Turn the library's user-fixable errors into one line on stderr and exit code 1."""
+    """Turn the library's user-fixable errors into one line on stderr and exit code 1.
+
+    Under torchrun the line names the rank; torchrun then stops the other ranks, so a failure never hangs.
+    """
     from .errors import FpsError
 
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    prefix = f"rank {rank}: " if rank is not None else ""
     try:
         yield
     except FpsError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"{prefix}error: {e}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo(f"{prefix}interrupted", err=True)
         raise typer.Exit(130) from None
+    finally:
+        if prefix:
+            from .distributed import shutdown
+
+            shutdown()
 
 
 def _usage(message: str, param: str | None = None) -> typer.BadParameter:
@@ -206,15 +216,18 @@ def select_cmd(
         raise _usage("--topk-per-neuron selects per neuron; it cannot be used with --granularity", "--granularity")
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    report = Reporter(quiet=quiet, as_json=as_json)
     with _exits():
+        from .distributed import from_env, init
         from .formats import check_output, save_mask, save_scores
         from .models import ModelSpec
         from .selector import SelectOptions, reselect, resolve_device, run_select
 
+        dist = from_env()  # under torchrun only rank 0 checks and writes outputs, and prints
+        report = Reporter(quiet=quiet or not dist.is_main, as_json=as_json)
         write_scores = not no_scores and from_scores is None
-        check_output(out, force=force, inputs=[from_scores, checkpoint])
-        if write_scores:
+        if dist.is_main:
+            check_output(out, force=force, inputs=[from_scores, checkpoint])
+        if write_scores and dist.is_main:
             check_output(scores, force=force, inputs=[from_scores, checkpoint])
             if Path(scores).resolve() == Path(out).resolve():
                 raise _usage("--out and --scores name the same file", "--scores")
@@ -231,6 +244,7 @@ def select_cmd(
             dev = resolve_device(device)
         except ValueError as e:
             raise _usage(str(e), "--device") from None
+        dev = init(dist, dev)
         spec = None
         if model is not None:
             spec = ModelSpec(model, pretrained, checkpoint, num_classes, img_size, offline)
@@ -251,10 +265,14 @@ def select_cmd(
                     skip_bad_images=skip_bad_images,
                     on_start=on_start,
                     on_batch=on_batch,
+                    dist=dist,
                 )
-            if write_scores:
+            if write_scores and dist.is_main:
                 save_scores(scores, result.stats, result.score_provenance)
-        save_mask(out, result.mask)
+        if dist.is_main:
+            save_mask(out, result.mask)
+        if not dist.is_main:
+            return
 
     mask = result.mask
     prov = mask.provenance
@@ -283,6 +301,8 @@ def select_cmd(
         f"{mask.total_params:,} parameters ({payload['trainable_fraction']:.2%}) with head and biases\n"
         f"wrote {out}" + (f" and {scores}" if write_scores else "")
     )
+    if dist.enabled:
+        report.log(f"{dist.world_size} processes, {prov['num_samples']} images in all")
     if result.skipped_images:
         report.log(f"skipped {len(result.skipped_images)} unreadable images")
     report.result(payload, human)

@@ -168,20 +168,26 @@ def make_loader(
     shuffle: bool = False,
     seed: int = 0,
     drop_last: bool = False,
+    batches: list[list[int]] | None = None,
 ) -> DataLoader:
-    """A DataLoader over ``samples`` that yields ``(images, labels, bad)`` (see :func:`collate`)."""
+    """A DataLoader over ``samples`` that yields ``(images, labels, bad)`` (see :func:`collate`).
+
+    Args:
+        batches: explicit batches of sample indices (a rank's shard); replaces ``batch_size`` / ``shuffle``.
+    """
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
+    dataset = ImageDataset(samples, transform)
+    common = dict(num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory, persistent_workers=False)
+    if batches is not None:
+        return DataLoader(dataset, batch_sampler=batches, **common)
     return DataLoader(
-        ImageDataset(samples, transform),
+        dataset,
         batch_size=batch_size,
         shuffle=shuffle,
-        num_workers=num_workers,
-        collate_fn=collate,
-        pin_memory=pin_memory,
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,
+        **common,
     )
 
 

@@ -11,7 +11,7 @@ Tensors:
 
 - mask: one tensor per partially selected parameter, named after it, holding the sorted flat (row-major)
   indices of its selected entries (int32, or int64 past 2**31 entries).
-- scores: per candidate layer ``<weight name>::abs_sum`` and ``<weight name>::sq_sum`` (fp32, shaped like the
+- scores: per candidate layer ``<weight name>::abs_sum`` and ``<weight name>::sq_sum`` (fp64, shaped like the
   layer's input statistic) and ``<weight name>::count`` (int64, one element).
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -73,10 +74,27 @@ def write_atomic(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadat
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the output should read like any other file
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+        _canonical_header(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _canonical_header(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors header in place with sorted keys, so equal inputs give byte-identical files.
+
+    safetensors serialises the header from a hash map, so its key order (and the file's bytes) changes from one
+    process to the next. The sorted header has the same length, so the tensor data does not move.
+    """
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) > size:  # cannot happen for a header safetensors wrote itself; keep the file as it is
+            return
+        f.seek(8)
+        f.write(canonical + b" " * (size - len(canonical)))
 
 
 def encode_metadata(kind: str, provenance: Mapping[str, Any]) -> dict[str, str]:
@@ -261,8 +279,8 @@ def save_scores(path: str | os.PathLike, stats: Mapping[str, InputStats], proven
     """Write per-layer input statistics (the score file of activation-based methods) atomically."""
     tensors = {}
     for name, s in stats.items():
-        tensors[f"{name}::abs_sum"] = s.abs_sum.float()
-        tensors[f"{name}::sq_sum"] = s.sq_sum.float()
+        tensors[f"{name}::abs_sum"] = s.abs_sum.double()
+        tensors[f"{name}::sq_sum"] = s.sq_sum.double()
         tensors[f"{name}::count"] = torch.tensor([s.count], dtype=torch.int64)
     write_atomic(path, tensors, encode_metadata("scores", {**provenance, "statistic": "input"}))
 

@@ -22,6 +22,7 @@ from .activations import InputStats, collect_input_stats
 from .candidates import ParameterRoles, find_head, parameter_roles
 from .constants import DEFAULT_BUDGET, GRANULARITIES, METHODS
 from .data import ImageStream, default_num_workers, discover, eval_transform, make_loader, subsample
+from .distributed import Dist, batch_shard, reduce_input_stats, sum_over_ranks
 from .errors import BudgetError, DataError, FileFormatError
 from .formats import Mask, read_scores, weights_digest
 from .models import ModelSpec, create_model
@@ -188,6 +189,7 @@ def run_select(
     skip_bad_images: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    dist: Dist | None = None,
 ) -> SelectResult:
     """Select parameters of ``spec``'s model on the images in ``data_dir``.
 
@@ -203,7 +205,10 @@ def run_select(
         skip_bad_images: skip unreadable images instead of failing.
         on_start: called with the number of images before the pass.
         on_batch: called with each batch's size during the pass.
+        dist: this process's rank under torchrun: it reads every ``world_size``-th batch, and the statistics
+            are summed over ranks before selection (default: a single process).
     """
+    dist = dist or Dist()
     device = torch.device(device)
     folder = discover(data_dir)
     split = folder.train
@@ -227,7 +232,7 @@ def run_select(
         batch_size=batch_size,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        seed=options.seed,
+        batches=batch_shard(len(samples), batch_size, dist),
     )
     stream = ImageStream(loader, skip_bad=skip_bad_images)
     model.to(device)
@@ -238,13 +243,17 @@ def run_select(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    if stream.seen == 0:
-        raise DataError(f"no readable images in {split.root} ({len(stream.skipped)} skipped)")
+    seen, skipped = stream.seen, len(stream.skipped)
+    if dist.enabled:
+        reduce_input_stats(stats, device)
+        seen, skipped = sum_over_ranks([seen, skipped], device)
+    if seen == 0:
+        raise DataError(f"no readable images in {split.root} ({skipped} skipped)")
 
     data_provenance = {
         "data": str(Path(data_dir).expanduser().resolve()),
-        "num_samples": stream.seen,
-        "skipped_images": len(stream.skipped),
+        "num_samples": seen,
+        "skipped_images": skipped,
         "classes": split.classes,
         "precision": precision,
     }

@@ -122,8 +122,9 @@ def test_streamed_equals_one_batch(tiny_mlp):
     streamed = collect_input_stats(tiny_mlp, roles.candidates, [x[:5], x[5:6], x[6:]])
     for name in whole:
         assert whole[name].count == streamed[name].count == 17
-        torch.testing.assert_close(whole[name].abs_sum, streamed[name].abs_sum)
-        torch.testing.assert_close(whole[name].sq_sum, streamed[name].sq_sum)
+        # Equal up to fp32 rounding of each batch's sum (the definition's "fp32 or better").
+        torch.testing.assert_close(whole[name].abs_sum.float(), streamed[name].abs_sum.float())
+        torch.testing.assert_close(whole[name].sq_sum.float(), streamed[name].sq_sum.float())
 
 
 def test_module_called_twice_accumulates_every_call():
@@ -174,11 +175,11 @@ def test_no_hook_left_after_success_or_exception(tiny_mlp):
     assert _hooks(tiny_mlp) == 0
 
 
-def test_statistics_are_fp32_under_bf16_autocast(tiny_mlp):
+def test_statistics_accumulate_in_fp64_under_bf16_autocast(tiny_mlp):
     x = torch.randn(8, 6)
     candidates = parameter_roles(tiny_mlp).candidates
     stats = collect_input_stats(tiny_mlp, candidates, [x], precision="bf16")
-    assert stats["fc1.weight"].abs_sum.dtype == torch.float32
+    assert stats["fc1.weight"].abs_sum.dtype == torch.float64
     torch.testing.assert_close(
         stats["fc1.weight"].statistic("l1").double(), reference_linear_stat(x, "l1"), rtol=1e-2, atol=1e-2
     )
