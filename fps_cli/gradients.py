@@ -127,6 +127,10 @@ def pre_logits(model: nn.Module, images: Tensor) -> Tensor:
     return model.forward_head(model.forward_features(images), pre_logits=True)
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def gps_loss(model: nn.Module, views: Tensor, labels: Tensor, loss: str = "supcon") -> Tensor:
     """The GPS loss of one batch of two-view images.
 
@@ -140,11 +144,11 @@ def gps_loss(model: nn.Module, views: Tensor, labels: Tensor, loss: str = "supco
     images = views.transpose(0, 1).reshape(batch * n_views, *views.shape[2:])  # [views*batch, 3, H, W], view-major
     if loss == "supcon":
         features = pre_logits(model, images)  # [views*batch, dim]
-        features = features.float().reshape(n_views, batch, -1).transpose(0, 1)  # [batch, views, dim]
+        features = _at_least_fp32(features).reshape(n_views, batch, -1).transpose(0, 1)  # [batch, views, dim]
         with torch.autocast(images.device.type, enabled=False):  # the loss itself in fp32
             return supcon_loss(features, labels)
     if loss == "ce":
-        logits = model(images).float()  # [views*batch, classes]
+        logits = _at_least_fp32(model(images))  # [views*batch, classes]
         return F.cross_entropy(logits, labels.repeat(n_views))
     raise ValueError(f"unknown GPS loss {loss!r}; expected one of {GPS_LOSSES}")
 
@@ -159,7 +163,7 @@ def collect_gradients(
     precision: str = "fp32",
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Tensor]:
-    """Backpropagate the GPS loss of every batch once and return each weight's summed gradient (fp32).
+    """Backpropagate the GPS loss of every batch once and return each weight's summed gradient (fp32 or better).
 
     No optimizer step is taken and the model is left as it was: its ``requires_grad`` flags, ``.grad`` and
     train / eval mode are restored, also after an exception.
@@ -186,9 +190,10 @@ def collect_gradients(
         for p in params:
             p.grad = None
             p.requires_grad_(id(p) in wanted)
+        dtype = next(iter(weights.values())).dtype if weights else torch.float32
         with torch.enable_grad():
             for views, labels in batches:
-                views = views.to(device, non_blocking=True)
+                views = views.to(device, dtype=dtype, non_blocking=True)  # the model's dtype (fp32 unless cast)
                 labels = labels.to(device, non_blocking=True)
                 with autocast(device, precision):
                     value = gps_loss(model, views, labels, loss)
@@ -196,7 +201,7 @@ def collect_gradients(
                 if on_batch is not None:
                     on_batch(views.shape[0])
         for name, w in weights.items():
-            summed[name] = w.grad.float() if w.grad is not None else torch.zeros_like(w, dtype=torch.float32)
+            summed[name] = _at_least_fp32(w.grad if w.grad is not None else torch.zeros_like(w))
     finally:
         for p, requires_grad, grad in saved:
             p.requires_grad_(requires_grad)
