@@ -240,7 +240,7 @@ def select_cmd(
         raise _usage("give --budget or --topk-per-neuron, not both", "--topk-per-neuron")
     if topk_per_neuron is not None and granularity != "neuron":
         raise _usage("--topk-per-neuron selects per neuron; it cannot be used with --granularity", "--granularity")
-    if method is not None and method != "gps" and (gps_loss is not None or no_augment):
+    if method != "gps" and from_scores is None and (gps_loss is not None or no_augment):
         flag = "--gps-loss" if gps_loss is not None else "--no-augment"
         raise _usage(f"{flag} only applies to --method gps", flag)
     if anchor is not None and method not in (None, "fps", "activation"):
@@ -259,7 +259,7 @@ def select_cmd(
 
         if method is None:
             gradient_file = from_scores is not None and score_statistic(from_scores) == "gradient"
-            method = "gps" if gradient_file or gps_loss is not None or no_augment else "fps"
+            method = "gps" if gradient_file else "fps"
         if anchor is not None and method not in ("fps", "activation"):
             raise _usage(f"--anchor scales the activation statistic of fps and activation, not of {method}", "--anchor")
 

@@ -211,3 +211,10 @@ def test_gps_budget_count_is_exact(image_folder):
     result = _gps(image_folder(classes=2, per_class=2))
     assert result.mask.trainable == round(0.05 * result.mask.total_params)
     assert math.isclose(result.mask.trainable / result.mask.total_params, 0.05, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("flag", [["--no-augment"], ["--gps-loss", "ce"]])
+def test_gps_flags_without_gps_are_usage_errors(image_folder, flag):
+    result = CliRunner().invoke(app, ["select", *TINY_VIT, "--data", str(image_folder()), *flag])
+    assert result.exit_code == 2
+    assert "only applies to --method gps" in result.output
