@@ -16,6 +16,7 @@ _EXPORTS = {
     "read_mask": ".formats",
     "save_mask": ".formats",
     "read_scores": ".formats",
+    "read_gradient_scores": ".formats",
     "Mask": ".formats",
     "ModelSpec": ".models",
     "create_model": ".models",
@@ -26,6 +27,10 @@ _EXPORTS = {
     "parameter_roles": ".candidates",
     "collect_input_stats": ".activations",
     "select": ".selection",
+    "make_scores": ".scoring",
+    "collect_gradients": ".gradients",
+    "compare_masks": ".compare",
+    "MaskComparison": ".compare",
     "FpsError": ".errors",
 }
 

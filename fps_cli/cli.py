@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from . import __version__
-from .constants import DEFAULT_BUDGET, GRANULARITIES, METHODS, NORMS, PRECISIONS
+from .constants import DEFAULT_BUDGET, GPS_LOSSES, GRANULARITIES, METHODS, NORMS, PRECISIONS
 
 app = typer.Typer(
     name="fps",
@@ -162,7 +162,14 @@ def select_cmd(
             rich_help_panel="Selection",
         ),
     ] = None,
-    method: Annotated[Literal[METHODS], typer.Option(rich_help_panel="Selection")] = "fps",
+    method: Annotated[
+        Literal[METHODS] | None,
+        typer.Option(
+            help="Scoring method: fps, or a baseline (gps, weight, activation, random). Default: fps; with "
+            "--from-scores, gps for a gradient score file.",
+            rich_help_panel="Selection",
+        ),
+    ] = None,
     granularity: Annotated[Literal[GRANULARITIES], typer.Option(rich_help_panel="Selection")] = "neuron",
     norm: Annotated[Literal[NORMS], typer.Option(help="Activation statistic.", rich_help_panel="Selection")] = "l1",
     train_bias: Annotated[
@@ -172,6 +179,32 @@ def select_cmd(
         Path | None,
         typer.Option(
             "--from-scores", help="Re-select from a saved score file, with no data pass.", rich_help_panel="Selection"
+        ),
+    ] = None,
+    gps_loss: Annotated[
+        Literal[GPS_LOSSES] | None,
+        typer.Option(
+            "--gps-loss",
+            help="GPS loss: supcon (supervised contrastive on the pre-logits feature, as GPS) or ce (cross-entropy "
+            "on the head). Default: supcon.",
+            rich_help_panel="Selection",
+        ),
+    ] = None,
+    no_augment: Annotated[
+        bool,
+        typer.Option(
+            "--no-augment",
+            help="GPS: both views are the deterministic eval transform (exactly reproducible mask).",
+            rich_help_panel="Selection",
+        ),
+    ] = False,
+    anchor: Annotated[
+        Path | None,
+        typer.Option(
+            "--anchor",
+            help="Experimental: an fps score file of the same model on other data; scale each activation statistic "
+            "by its growth a_task / (a_anchor + eps).",
+            rich_help_panel="Selection",
         ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Mask file to write.", rich_help_panel="Output")] = Path(
@@ -205,7 +238,10 @@ def select_cmd(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Score every weight with one forward pass and write a mask (and a score file)."""
+    """Score every weight with one forward pass and write a mask (and a score file).
+
+    --method gps is the GPS baseline (a backward pass, needs class folders); --anchor is experimental.
+    """
     if from_scores is None and (model is None or data is None):
         raise _usage("--model and --data are required (or re-select with --from-scores FILE)", "--model/--data")
     if budget is not None and not 0 < budget < 1:
@@ -214,21 +250,36 @@ def select_cmd(
         raise _usage("give --budget or --topk-per-neuron, not both", "--topk-per-neuron")
     if topk_per_neuron is not None and granularity != "neuron":
         raise _usage("--topk-per-neuron selects per neuron; it cannot be used with --granularity", "--granularity")
+    if method != "gps" and from_scores is None and (gps_loss is not None or no_augment):
+        flag = "--gps-loss" if gps_loss is not None else "--no-augment"
+        raise _usage(f"{flag} only applies to --method gps", flag)
+    if anchor is not None and method not in (None, "fps", "activation"):
+        raise _usage(f"--anchor scales the activation statistic of fps and activation, not of {method}", "--anchor")
+    if from_scores is not None and (gps_loss is not None or no_augment):
+        flag = "--gps-loss" if gps_loss is not None else "--no-augment"
+        raise _usage(f"{flag} shapes a new GPS pass; a score file keeps the settings it was made with", flag)
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     with _exits():
         from .distributed import from_env, init
-        from .formats import check_output, save_mask, save_scores
+        from .formats import check_output, save_mask, score_statistic
         from .models import ModelSpec
         from .selector import SelectOptions, reselect, resolve_device, run_select
+        from .selector import write_scores as write_score_file
+
+        if method is None:
+            gradient_file = from_scores is not None and score_statistic(from_scores) == "gradient"
+            method = "gps" if gradient_file else "fps"
+        if anchor is not None and method not in ("fps", "activation"):
+            raise _usage(f"--anchor scales the activation statistic of fps and activation, not of {method}", "--anchor")
 
         dist = from_env()  # under torchrun only rank 0 checks and writes outputs, and prints
         report = Reporter(quiet=quiet or not dist.is_main, as_json=as_json)
         write_scores = not no_scores and from_scores is None
         if dist.is_main:
-            check_output(out, force=force, inputs=[from_scores, checkpoint])
+            check_output(out, force=force, inputs=[from_scores, checkpoint, anchor])
         if write_scores and dist.is_main:
-            check_output(scores, force=force, inputs=[from_scores, checkpoint])
+            check_output(scores, force=force, inputs=[from_scores, checkpoint, anchor])
             if Path(scores).resolve() == Path(out).resolve():
                 raise _usage("--out and --scores name the same file", "--scores")
         options = SelectOptions(
@@ -239,6 +290,8 @@ def select_cmd(
             topk_per_neuron=topk_per_neuron,
             train_bias=train_bias,
             seed=seed,
+            gps_loss=gps_loss or "supcon",
+            augment=not no_augment,
         )
         try:
             dev = resolve_device(device)
@@ -249,7 +302,7 @@ def select_cmd(
         if model is not None:
             spec = ModelSpec(model, pretrained, checkpoint, num_classes, img_size, offline)
         if from_scores is not None:
-            result = reselect(from_scores, options, spec=spec, device=dev)
+            result = reselect(from_scores, options, spec=spec, device=dev, anchor=anchor)
         else:
             report.log(f"fps select: {model} on {data} ({dev.type}, {precision})")
             with report.progress("scoring") as (on_start, on_batch):
@@ -263,12 +316,13 @@ def select_cmd(
                     num_workers=num_workers,
                     max_samples=max_samples,
                     skip_bad_images=skip_bad_images,
+                    anchor=anchor,
                     on_start=on_start,
                     on_batch=on_batch,
                     dist=dist,
                 )
             if write_scores and dist.is_main:
-                save_scores(scores, result.stats, result.score_provenance)
+                write_score_file(scores, result)
         if dist.is_main:
             save_mask(out, result.mask)
         if not dist.is_main:
@@ -282,6 +336,9 @@ def select_cmd(
         "model": prov["model"],
         "method": options.method,
         "norm": options.norm,
+        "gps_loss": prov.get("gps_loss"),
+        "augment": prov.get("augment"),
+        "anchor": prov.get("anchor"),
         "granularity": prov["granularity"],
         "budget": prov["budget"],
         "topk_per_neuron": options.topk_per_neuron,

@@ -74,7 +74,8 @@ def batch_shard(num_samples: int, batch_size: int, dist: Dist) -> list[list[int]
     return batches[dist.rank :: dist.world_size]
 
 
-def _all_reduce(tensors: list[torch.Tensor]) -> None:
+def all_reduce(tensors: list[torch.Tensor]) -> None:
+    """Sum tensors across ranks in place (a no-op in a single process)."""
     import torch.distributed as td
 
     if not (td.is_available() and td.is_initialized()):
@@ -88,13 +89,13 @@ def _all_reduce(tensors: list[torch.Tensor]) -> None:
 def sum_over_ranks(values: list[int], device: torch.device) -> list[int]:
     """Integers summed over all ranks (exact below 2**53)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    _all_reduce([t])
+    all_reduce([t])
     return [int(v) for v in t.tolist()]
 
 
 def reduce_input_stats(stats: Mapping[str, InputStats], device: torch.device) -> None:
     """Sum every layer's input statistics over all ranks, in place."""
-    _all_reduce([t for s in stats.values() for t in (s.abs_sum, s.sq_sum)])
+    all_reduce([t for s in stats.values() for t in (s.abs_sum, s.sq_sum)])
     counts = sum_over_ranks([s.count for s in stats.values()], device)
     for s, count in zip(stats.values(), counts, strict=True):
         s.count = count

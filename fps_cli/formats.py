@@ -11,8 +11,11 @@ Tensors:
 
 - mask: one tensor per partially selected parameter, named after it, holding the sorted flat (row-major)
   indices of its selected entries (int32, or int64 past 2**31 entries).
-- scores: per candidate layer ``<weight name>::abs_sum`` and ``<weight name>::sq_sum`` (fp64, shaped like the
-  layer's input statistic) and ``<weight name>::count`` (int64, one element).
+- scores, ``fps.statistic = "input"`` (fps, weight, activation, random): per candidate layer
+  ``<weight name>::abs_sum`` and ``<weight name>::sq_sum`` (fp64, shaped like the layer's input statistic) and
+  ``<weight name>::count`` (int64, one element).
+- scores, ``fps.statistic = "gradient"`` (gps): per candidate layer ``<weight name>::grad_sum``, the dense summed
+  gradient (fp32, shaped like the weight).
 """
 
 from __future__ import annotations
@@ -275,6 +278,9 @@ def load_mask(path: str | os.PathLike) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------------------------------- scores
 
 
+SCORE_STATISTICS = ("input", "gradient")
+
+
 def save_scores(path: str | os.PathLike, stats: Mapping[str, InputStats], provenance: Mapping[str, Any]) -> None:
     """Write per-layer input statistics (the score file of activation-based methods) atomically."""
     tensors = {}
@@ -285,11 +291,74 @@ def save_scores(path: str | os.PathLike, stats: Mapping[str, InputStats], proven
     write_atomic(path, tensors, encode_metadata("scores", {**provenance, "statistic": "input"}))
 
 
-def read_scores(path: str | os.PathLike) -> tuple[dict[str, InputStats], dict[str, Any]]:
-    """Read a score file written by :func:`save_scores`."""
+def save_gradient_scores(
+    path: str | os.PathLike, gradients: Mapping[str, Tensor], provenance: Mapping[str, Any]
+) -> None:
+    """Write per-layer summed gradients (the score file of ``gps``) atomically, dense fp32."""
+    tensors = {f"{name}::grad_sum": g.float() for name, g in gradients.items()}
+    write_atomic(path, tensors, encode_metadata("scores", {**provenance, "statistic": "gradient"}))
+
+
+def score_statistic(path: str | os.PathLike) -> str:
+    """What a score file holds, from its header alone: ``input`` statistics or summed gradients (``gradient``).
+
+    Raises:
+        FileFormatError: not a readable fps score file, or a statistic this version does not know.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise FileFormatError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if raw.get("fps.format") != "scores":
+        found = raw.get("fps.format")
+        raise FileFormatError(f"{path} is not an fps score file (fps.format is {found!r})")
+    try:
+        statistic = json.loads(raw.get("fps.statistic", "null"))
+    except json.JSONDecodeError:
+        statistic = None
+    if statistic not in SCORE_STATISTICS:
+        raise FileFormatError(f"{path}: score statistic {statistic!r} is not supported by this version")
+    return statistic
+
+
+def _read_score_file(path: str | os.PathLike, statistic: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     tensors, prov, _ = read_fps_file(path, "scores")
-    if prov.get("statistic") != "input":
-        raise FileFormatError(f"{path}: score statistic {prov.get('statistic')!r} is not supported by this version")
+    found = prov.get("statistic")
+    if found not in SCORE_STATISTICS:
+        raise FileFormatError(f"{path}: score statistic {found!r} is not supported by this version")
+    if found != statistic:
+        what = {"input": "input statistics (fps, weight, activation, random)", "gradient": "gradients (gps)"}
+        raise FileFormatError(f"{path} holds {what[found]}, but {what[statistic]} are needed here")
+    return tensors, prov
+
+
+def read_gradient_scores(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a score file of summed gradients written by :func:`save_gradient_scores`."""
+    tensors, prov = _read_score_file(path, "gradient")
+    gradients, problems = {}, []
+    for key, value in tensors.items():
+        name, _, kind = key.rpartition("::")
+        if kind != "grad_sum" or not name:
+            problems.append(f"unexpected tensor {key!r}")
+        elif not value.is_floating_point():
+            problems.append(f"{key}: gradients must be floating point, got {value.dtype}")
+        else:
+            gradients[name] = value.float()
+    if problems:
+        raise FileFormatError(f"{path} is not a valid gradient score file:\n  " + "\n  ".join(problems))
+    return gradients, prov
+
+
+def read_scores(path: str | os.PathLike) -> tuple[dict[str, InputStats], dict[str, Any]]:
+    """Read a score file of input statistics written by :func:`save_scores`."""
+    tensors, prov = _read_score_file(path, "input")
     stats = {}
     names = {k.rsplit("::", 1)[0] for k in tensors}
     for name in sorted(names):

@@ -1,8 +1,10 @@
 """``fps select`` as a library call: model + data -> input statistics -> scores -> a budgeted mask.
 
 The pieces are the ones a reader would look for by name: :mod:`.candidates` says what may be selected,
-:mod:`.activations` gathers the statistics, :mod:`.scoring` turns them into scores, :mod:`.selection` takes the
-top-k, :mod:`.formats` writes the files. This module wires them and keeps the budget arithmetic.
+:mod:`.activations` gathers the statistics (:mod:`.gradients` the summed gradients of the GPS baseline),
+:mod:`.scoring` turns them into scores, :mod:`.selection` takes the top-k, :mod:`.formats` writes the files. This
+module wires them and keeps the budget arithmetic. Every method, fresh or from a score file, goes through
+:func:`~fps_cli.scoring.make_scores` and :func:`build_mask`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +22,21 @@ from torch import Tensor, nn
 
 from .activations import InputStats, collect_input_stats
 from .candidates import ParameterRoles, find_head, parameter_roles
-from .constants import DEFAULT_BUDGET, GRANULARITIES, METHODS
+from .constants import DEFAULT_BUDGET, GPS_LOSSES, GRANULARITIES, METHODS
 from .data import ImageStream, default_num_workers, discover, eval_transform, make_loader, subsample
-from .distributed import Dist, batch_shard, reduce_input_stats, sum_over_ranks
+from .distributed import Dist, all_reduce, batch_shard, reduce_input_stats, sum_over_ranks
 from .errors import BudgetError, DataError, FileFormatError
-from .formats import Mask, read_scores, weights_digest
+from .formats import (
+    Mask,
+    read_gradient_scores,
+    read_scores,
+    save_gradient_scores,
+    save_scores,
+    score_statistic,
+    weights_digest,
+)
 from .models import ModelSpec, create_model
-from .scoring import ActivationScores
+from .scoring import make_scores
 from .selection import select, select_topk_per_neuron
 
 
@@ -35,13 +45,15 @@ class SelectOptions:
     """How to turn scores into a mask.
 
     Attributes:
-        method: ``fps``, ``weight``, ``activation`` or ``random``.
+        method: ``fps``, ``gps``, ``weight``, ``activation`` or ``random``.
         norm: ``l1`` or ``l2`` activation statistic.
         granularity: ``neuron``, ``layer`` or ``global``.
         budget: fraction of all parameters trainable in total (selected + fully trainable).
         topk_per_neuron: instead of ``budget``, exactly this many entries per candidate row.
         train_bias: biases of Linear / Conv layers fully trainable.
         seed: seed of the ``random`` method (and of everything else in a run).
+        gps_loss: ``supcon`` (GPS's supervised contrastive loss) or ``ce`` (cross-entropy on the head).
+        augment: GPS's random two-view augmentation; ``False`` uses the eval transform for both views.
     """
 
     method: str = "fps"
@@ -51,10 +63,14 @@ class SelectOptions:
     topk_per_neuron: int | None = None
     train_bias: bool = True
     seed: int = 0
+    gps_loss: str = "supcon"
+    augment: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.gps_loss not in GPS_LOSSES:
+            raise ValueError(f"unknown GPS loss {self.gps_loss!r}; expected one of {GPS_LOSSES}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {self.granularity!r}; expected one of {GRANULARITIES}")
         if self.topk_per_neuron is None and self.budget is None:
@@ -71,7 +87,8 @@ class SelectResult:
 
     Attributes:
         mask: the selection, with provenance.
-        stats: per-layer input statistics (the score file's content).
+        stats: per-layer input statistics (the score file's content for activation-based methods).
+        gradients: per-layer summed gradients (the score file's content for ``gps``).
         score_provenance: the provenance to write into the score file.
         pass_seconds: wall time of the statistics pass (0 when re-selecting from scores).
         skipped_images: unreadable images skipped with ``skip_bad``.
@@ -82,6 +99,17 @@ class SelectResult:
     score_provenance: dict[str, Any] = field(default_factory=dict)
     pass_seconds: float = 0.0
     skipped_images: list[Path] = field(default_factory=list)
+    gradients: dict[str, Tensor] | None = None
+
+
+def write_scores(path: str | Path, result: SelectResult) -> None:
+    """Write the score file of a fresh selection: input statistics, or summed gradients for ``gps``."""
+    if result.gradients is not None:
+        save_gradient_scores(path, result.gradients, result.score_provenance)
+    elif result.stats is not None:
+        save_scores(path, result.stats, result.score_provenance)
+    else:
+        raise ValueError("a re-selection has no new scores to write")
 
 
 def seed_everything(seed: int) -> None:
@@ -164,8 +192,14 @@ def _model_provenance(
     }
 
 
-def _selection_provenance(options: SelectOptions) -> dict[str, Any]:
+def _selection_provenance(options: SelectOptions, anchor: str | Path | None = None) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if options.method == "gps":
+        extra = {"gps_loss": options.gps_loss, "augment": options.augment}
+    if anchor is not None:
+        extra["anchor"] = str(Path(anchor).resolve())
     return {
+        **extra,
         "method": options.method,
         "norm": options.norm,
         "granularity": options.granularity if options.topk_per_neuron is None else "neuron",
@@ -187,6 +221,7 @@ def run_select(
     num_workers: int | None = None,
     max_samples: int | None = None,
     skip_bad_images: bool = False,
+    anchor: str | Path | None = None,
     on_start: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
     dist: Dist | None = None,
@@ -203,6 +238,8 @@ def run_select(
         num_workers: DataLoader workers (default: :func:`default_num_workers`).
         max_samples: a seeded random subset of at most this many images.
         skip_bad_images: skip unreadable images instead of failing.
+        anchor: a score file of input statistics of the same model on other data (experimental, ``fps`` and
+            ``activation``): the activation statistic becomes its growth ``a_task / (a_anchor + eps)``.
         on_start: called with the number of images before the pass.
         on_batch: called with each batch's size during the pass.
         dist: this process's rank under torchrun: it reads every ``world_size``-th batch, and the statistics
@@ -212,6 +249,11 @@ def run_select(
     device = torch.device(device)
     folder = discover(data_dir)
     split = folder.train
+    if options.method == "gps" and not split.labeled:
+        raise DataError(
+            f"--method gps needs labels, but {split.root} is a flat folder of unlabeled images; put the images in "
+            "class sub-folders (DIR/<class>/...), or use --method fps, which does not need labels"
+        )
     num_classes = spec.num_classes if spec.num_classes is not None else (len(split.classes) or None)
     if spec.num_classes is None and num_classes is not None:
         spec = ModelSpec(**{**spec.__dict__, "num_classes": num_classes})
@@ -223,8 +265,15 @@ def run_select(
     roles = parameter_roles(model, train_bias=options.train_bias)
     if options.topk_per_neuron is None:
         selection_count(roles, options.budget)  # fail on an impossible budget before the data pass
+    anchor_stats = load_anchor(anchor, roles, spec.name, options.method) if anchor is not None else None
 
-    transform = eval_transform(model, spec.img_size)
+    gps = options.method == "gps"
+    if gps:
+        from .gradients import gps_transform
+
+        transform = gps_transform(model, spec.img_size, augment=options.augment)
+    else:
+        transform = eval_transform(model, spec.img_size)
     workers = default_num_workers(device) if num_workers is None else num_workers
     loader = make_loader(
         samples,
@@ -234,18 +283,37 @@ def run_select(
         pin_memory=device.type == "cuda",
         batches=batch_shard(len(samples), batch_size, dist),
     )
-    stream = ImageStream(loader, skip_bad=skip_bad_images)
+    stream = ImageStream(loader, skip_bad=skip_bad_images, with_labels=gps)
     model.to(device)
     if on_start is not None:
         on_start(len(samples))
     start = time.perf_counter()
-    stats = collect_input_stats(model, roles.candidates, stream, device=device, precision=precision, on_batch=on_batch)
+    stats = gradients = None
+    if gps:
+        from .gradients import collect_gradients
+
+        weights = {name: module.weight for name, module in roles.candidates.items()}
+        gradients = collect_gradients(
+            model,
+            weights,
+            stream,
+            loss=options.gps_loss,
+            device=device,
+            precision=precision,
+            on_batch=on_batch,
+            reduce=all_reduce if dist.enabled else None,
+        )
+    else:
+        stats = collect_input_stats(
+            model, roles.candidates, stream, device=device, precision=precision, on_batch=on_batch
+        )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     seen, skipped = stream.seen, len(stream.skipped)
     if dist.enabled:
-        reduce_input_stats(stats, device)
+        if stats is not None:
+            reduce_input_stats(stats, device)
         seen, skipped = sum_over_ranks([seen, skipped], device)
     if seen == 0:
         raise DataError(f"no readable images in {split.root} ({skipped} skipped)")
@@ -257,15 +325,83 @@ def run_select(
         "classes": split.classes,
         "precision": precision,
     }
+    if gps:
+        data_provenance.update(gps_loss=options.gps_loss, augment=options.augment, batch_size=batch_size)
     score_provenance = {**_model_provenance(spec, model, num_classes, spec.img_size, options.seed), **data_provenance}
-    scores = ActivationScores(options.method, roles.candidates, stats, options.norm, options.seed)
+    scores = make_scores(
+        options.method,
+        roles.candidates,
+        stats=stats,
+        gradients=gradients,
+        norm=options.norm,
+        seed=options.seed,
+        anchor=anchor_stats,
+    )
     mask = build_mask(roles, scores, options)
-    mask.provenance = {**score_provenance, **_selection_provenance(options)}
-    return SelectResult(mask, {k: _to_cpu(v) for k, v in stats.items()}, score_provenance, seconds, stream.skipped)
+    mask.provenance = {**score_provenance, **_selection_provenance(options, anchor)}
+    return SelectResult(
+        mask,
+        {k: _to_cpu(v) for k, v in stats.items()} if stats is not None else None,
+        score_provenance,
+        seconds,
+        stream.skipped,
+        {k: v.cpu() for k, v in gradients.items()} if gradients is not None else None,
+    )
 
 
 def _to_cpu(s: InputStats) -> InputStats:
     return InputStats(s.abs_sum.cpu(), s.sq_sum.cpu(), s.count)
+
+
+def _stats_problems(stats: Mapping[str, InputStats], roles: ParameterRoles) -> list[str]:
+    """Every way a set of input statistics does not fit the candidate layers (missing, extra, mis-shaped)."""
+    problems = [f"no statistics for layer {n}" for n in roles.candidates if n not in stats]
+    problems += [
+        f"statistics for {n}, which is not a candidate layer of the model" for n in stats if n not in roles.candidates
+    ]
+    problems += [
+        f"{n}: statistics {list(stats[n].abs_sum.shape)} do not fit the layer"
+        for n in roles.candidates
+        if n in stats and stats[n].abs_sum.numel() != _stat_numel(roles.candidates[n])
+    ]
+    return problems
+
+
+def _gradient_problems(gradients: Mapping[str, Tensor], roles: ParameterRoles) -> list[str]:
+    """Every way a set of summed gradients does not fit the candidate weights."""
+    problems = [f"no gradient for weight {n}" for n in roles.candidates if n not in gradients]
+    problems += [
+        f"gradient for {n}, which is not a candidate weight of the model"
+        for n in gradients
+        if n not in roles.candidates
+    ]
+    problems += [
+        f"{n}: gradient {list(gradients[n].shape)} vs weight {list(roles.shapes[n])}"
+        for n in roles.candidates
+        if n in gradients and tuple(gradients[n].shape) != tuple(roles.shapes[n])
+    ]
+    return problems
+
+
+def load_anchor(path: str | Path, roles: ParameterRoles, model_name: str, method: str = "fps") -> dict[str, InputStats]:
+    """Read an anchor score file (experimental ``--anchor``) and check that it fits the model's layers.
+
+    Raises:
+        FileFormatError: the file is not a score file of input statistics, or its layers or shapes differ.
+        ValueError: ``method`` has no activation statistic to anchor.
+    """
+    if method not in ("fps", "activation"):
+        raise ValueError(f"--anchor scales the activation statistic of fps and activation, not of {method}")
+    if score_statistic(path) != "input":
+        raise FileFormatError(
+            f"anchor {path} holds gradients (a gps score file); --anchor needs the input statistics of an fps "
+            "score file"
+        )
+    stats, _ = read_scores(path)
+    problems = _stats_problems(stats, roles)
+    if problems:
+        raise FileFormatError(f"anchor {path} does not fit {model_name}:\n  " + "\n  ".join(problems))
+    return stats
 
 
 def reselect(
@@ -274,13 +410,38 @@ def reselect(
     *,
     spec: ModelSpec | None = None,
     device: torch.device | str = "cpu",
+    anchor: str | Path | None = None,
 ) -> SelectResult:
     """Re-select from a saved score file at new options, with no data pass.
 
     The model is rebuilt as the score file records it (or as ``spec`` overrides), and must have the same
-    weights the statistics were gathered on.
+    weights the scores were gathered on. A file of input statistics serves ``fps``, ``activation``, ``weight``
+    and ``random``; a file of summed gradients serves ``gps`` (and ``weight`` / ``random``, which need no data).
+
+    Args:
+        scores_path: the score file.
+        options: method, budget, granularity, ...
+        spec: overrides the model the file records.
+        device: where the scores are computed.
+        anchor: an anchor score file (experimental; see :func:`run_select`).
     """
-    stats, prov = read_scores(scores_path)
+    statistic = score_statistic(scores_path)
+    if statistic == "gradient" and options.method in ("fps", "activation"):
+        raise FileFormatError(
+            f"{scores_path} holds GPS gradients, not the input statistics --method {options.method} needs; "
+            "re-select it with --method gps, or run a new selection"
+        )
+    if statistic == "input" and options.method == "gps":
+        raise FileFormatError(
+            f"{scores_path} holds input statistics, not the gradients --method gps needs; run "
+            "fps select --method gps to make a gps score file"
+        )
+    stats: dict[str, InputStats] | None = None
+    gradients: dict[str, Tensor] | None = None
+    if statistic == "gradient":
+        gradients, prov = read_gradient_scores(scores_path)
+    else:
+        stats, prov = read_scores(scores_path)
     try:
         recorded = ModelSpec(
             name=prov["model"],
@@ -304,23 +465,34 @@ def reselect(
             f"{scores_path} was computed on other weights than {spec.name} as loaded now "
             f"(base checksum {prov['base_sha256'][:12]}… vs {digest[:12]}…); pass the same --model / --checkpoint"
         )
-    problems = [f"no statistics for layer {n}" for n in roles.candidates if n not in stats]
-    problems += [
-        f"{n}: statistics {list(stats[n].abs_sum.shape)} do not fit the layer"
-        for n in roles.candidates
-        if n in stats and stats[n].abs_sum.numel() != _stat_numel(roles.candidates[n])
-    ]
+    problems = _gradient_problems(gradients, roles) if gradients is not None else _stats_problems(stats, roles)
     if problems:
         raise FileFormatError(f"{scores_path} does not fit {spec.name}:\n  " + "\n  ".join(problems))
+    anchor_stats = load_anchor(anchor, roles, spec.name, options.method) if anchor is not None else None
 
-    stats = {n: InputStats(s.abs_sum.to(device), s.sq_sum.to(device), s.count) for n, s in stats.items()}
-    scores = ActivationScores(options.method, roles.candidates, stats, options.norm, options.seed)
+    if stats is not None:
+        stats = {n: InputStats(s.abs_sum.to(device), s.sq_sum.to(device), s.count) for n, s in stats.items()}
+    if gradients is not None:
+        gradients = {n: g.to(device) for n, g in gradients.items()}
+        # The GPS settings a gradient file was made with are part of its scores; a new mask keeps them.
+        options = replace(
+            options, gps_loss=prov.get("gps_loss", options.gps_loss), augment=prov.get("augment", options.augment)
+        )
+    scores = make_scores(
+        options.method,
+        roles.candidates,
+        stats=stats,
+        gradients=gradients,
+        norm=options.norm,
+        seed=options.seed,
+        anchor=anchor_stats,
+    )
     mask = build_mask(roles, scores, options)
     score_keys = ("data", "num_samples", "skipped_images", "classes", "precision")
     mask.provenance = {
         **_model_provenance(spec, model, recorded.num_classes, spec.img_size, init_seed),
         **{k: prov.get(k) for k in score_keys},
-        **_selection_provenance(options),
+        **_selection_provenance(options, anchor),
         "from_scores": str(Path(scores_path).resolve()),
     }
     return SelectResult(mask, None, prov)
