@@ -114,17 +114,17 @@ def encode_metadata(kind: str, provenance: Mapping[str, Any]) -> dict[str, str]:
     return meta
 
 
-def read_fps_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, str]]:
-    """Read and check an fps file of the given kind.
+def read_header(path: str | os.PathLike, kind: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Read and check the header of an fps file of the given kind, without loading its tensors.
 
     Returns:
-        (tensors, provenance decoded from JSON, the raw header metadata).
+        (provenance decoded from JSON, the raw header metadata).
 
     Raises:
         FileFormatError: missing, unreadable, truncated, not an fps file, another kind, or a newer version.
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    from safetensors.torch import safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -132,7 +132,6 @@ def read_fps_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, Tensor]
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
-        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise FileFormatError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     found = raw.get("fps.format")
@@ -153,6 +152,23 @@ def read_fps_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, Tensor]
                 provenance[key[4:]] = json.loads(value)
             except json.JSONDecodeError:
                 raise FileFormatError(f"{path}: header entry {key} is not valid JSON") from None
+    return provenance, raw
+
+
+def read_fps_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, str]]:
+    """Read and check an fps file of the given kind (see :func:`read_header`).
+
+    Returns:
+        (tensors, provenance decoded from JSON, the raw header metadata).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    provenance, raw = read_header(path, kind)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise FileFormatError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     return tensors, provenance, raw
 
 
@@ -305,24 +321,8 @@ def score_statistic(path: str | os.PathLike) -> str:
     Raises:
         FileFormatError: not a readable fps score file, or a statistic this version does not know.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileFormatError(f"{path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise FileFormatError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
-    if raw.get("fps.format") != "scores":
-        found = raw.get("fps.format")
-        raise FileFormatError(f"{path} is not an fps score file (fps.format is {found!r})")
-    try:
-        statistic = json.loads(raw.get("fps.statistic", "null"))
-    except json.JSONDecodeError:
-        statistic = None
+    provenance, _ = read_header(path, "scores")
+    statistic = provenance.get("statistic")
     if statistic not in SCORE_STATISTICS:
         raise FileFormatError(f"{path}: score statistic {statistic!r} is not supported by this version")
     return statistic
