@@ -494,6 +494,7 @@ def train_cmd(
         "epochs": epochs,
         "resumed_from": result.resumed_from,
         "trained": delta.trained,
+        "optimizer_state_elements": result.optimizer_state[0],
         "total_params": sum(math.prod(s) for s in delta.shapes.values()),
         "metrics": result.metrics,
         "seconds": round(result.seconds, 3),

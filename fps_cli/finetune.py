@@ -110,6 +110,8 @@ class TrainResult:
         history: one record per epoch.
         resumed_from: the epoch the run resumed after (0 for a fresh run).
         seconds: wall time of this process's training.
+        model: the fine-tuned model, deltas attached (see :mod:`.sparse`), on the training device.
+        optimizer_state: (elements of per-element optimizer state, scalar entries such as step counters).
     """
 
     delta: Delta
@@ -117,6 +119,8 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int = 0
     seconds: float = 0.0
+    model: nn.Module | None = None
+    optimizer_state: tuple[int, int] = (0, 0)
 
 
 # --------------------------------------------------------------------------------------------- the schedule
@@ -640,7 +644,8 @@ def run_train(
         "metrics": final,
     }
     delta = Delta(indices, values, full, dict(mask.shapes), provenance)
-    return TrainResult(delta, final, history, start_epoch, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return TrainResult(delta, final, history, start_epoch, seconds, model, optimizer_state_numel(optimizer))
 
 
 def _nan_message(
