@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -363,6 +364,288 @@ def select_cmd(
     if result.skipped_images:
         report.log(f"skipped {len(result.skipped_images)} unreadable images")
     report.result(payload, human)
+
+
+# The training commands default every model option to what the mask (or delta) records: None means "as recorded".
+PretrainedOrRecordedOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--pretrained/--no-pretrained",
+        help="Load pretrained weights (default: as the file records).",
+        rich_help_panel="Model",
+        show_default=False,
+    ),
+]
+OPTIMIZER_NAMES = ("adamw", "sgd")
+SPLITS = ("val", "train")
+
+
+def _describe(event: dict[str, Any]) -> str:
+    """One progress line for a training event."""
+    kind = event["event"]
+    if kind == "step":
+        rate = f", {event['images_per_s']:.1f} img/s" if event.get("images_per_s") else ""
+        return (
+            f"epoch {event['epoch']} step {event['step']}/{event['total_steps']}: loss {event['loss']:.4f}, "
+            f"lr {event['lr']:.2e}{rate}"
+        )
+    if kind == "epoch":
+        val = ""
+        if "val_top1" in event:
+            top5 = f", top-5 {event['val_top5']:.2f}%" if "val_top5" in event else ""
+            val = f"; val top-1 {event['val_top1']:.2f}%{top5}, loss {event['val_loss']:.4f}"
+        return (
+            f"epoch {event['epoch']} done: train loss {event['train_loss']:.4f}, top-1 {event['train_top1']:.2f}%"
+            f"{val} ({event['seconds']:.1f} s)"
+        )
+    if kind == "start":
+        resumed = f", resuming after epoch {event['resumed_from']}" if event["resumed_from"] else ""
+        return (
+            f"training {event['trainable']:,} of {event['total_params']:,} parameters on {event['train_samples']} "
+            f"images ({event['val_samples']} validation), {event['epochs']} epochs x {event['steps_per_epoch']} "
+            f"steps{resumed}"
+        )
+    return f"warning: {event.get('message', event)}"
+
+
+@app.command("train")
+def train_cmd(
+    mask: Annotated[Path, typer.Option("--mask", help="Mask file from fps select.", rich_help_panel="Input")] = Path(
+        "mask.safetensors"
+    ),
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", "-d", help="Image folder (default: the one the mask records).", rich_help_panel="Data"),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Delta file to write; the checkpoint (.ckpt) and metrics log (.metrics.jsonl) go beside it.",
+            rich_help_panel="Output",
+        ),
+    ] = Path("delta.safetensors"),
+    epochs: Annotated[int, typer.Option(min=1, rich_help_panel="Training")] = 10,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate.", rich_help_panel="Training")] = 1e-3,
+    weight_decay: Annotated[
+        float,
+        typer.Option(
+            min=0.0, help="Decoupled weight decay (deltas and matrices, not biases).", rich_help_panel="Training"
+        ),
+    ] = 1e-4,
+    warmup_epochs: Annotated[
+        float, typer.Option(min=0.0, help="Linear warmup, then cosine decay (per step).", rich_help_panel="Training")
+    ] = 1.0,
+    optimizer: Annotated[Literal[OPTIMIZER_NAMES], typer.Option(rich_help_panel="Training")] = "adamw",
+    label_smoothing: Annotated[float, typer.Option(min=0.0, max=0.99, rich_help_panel="Training")] = 0.1,
+    grad_accum: Annotated[
+        int, typer.Option(min=1, help="Forward passes per optimizer step.", rich_help_panel="Training")
+    ] = 1,
+    clip_grad: Annotated[
+        float | None, typer.Option(min=0.0, help="Clip the gradient norm to this value.", rich_help_panel="Training")
+    ] = None,
+    no_augment: Annotated[
+        bool,
+        typer.Option("--no-augment", help="Eval transform instead of timm's train transform.", rich_help_panel="Data"),
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue an interrupted run from its checkpoint.", rich_help_panel="Output"),
+    ] = False,
+    log_every: Annotated[
+        int, typer.Option(min=1, help="Log every this many optimizer steps.", rich_help_panel="Output")
+    ] = 10,
+    model: ModelOpt = None,
+    pretrained: PretrainedOrRecordedOpt = None,
+    checkpoint: CheckpointOpt = None,
+    num_classes: NumClassesOpt = None,
+    img_size: ImgSizeOpt = None,
+    offline: OfflineOpt = False,
+    batch_size: Annotated[int, typer.Option(min=1, rich_help_panel="Data")] = 32,
+    num_workers: Annotated[
+        int | None, typer.Option(min=0, help="DataLoader workers (default: by device).", rich_help_panel="Data")
+    ] = None,
+    device: DeviceOpt = "auto",
+    precision: Annotated[
+        Literal[PRECISIONS], typer.Option(help="Autocast precision (fp16 adds a GradScaler).")
+    ] = "fp32",
+    seed: Annotated[int, typer.Option(help="Seed of shuffling and augmentation.")] = 0,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune only the weights a mask selects (plus head and biases) and write a delta file."""
+    if lr <= 0:
+        raise _usage(f"must be positive, got {lr:g}", "--lr")
+    if clip_grad is not None and clip_grad <= 0:
+        raise _usage(f"must be positive, got {clip_grad:g}", "--clip-grad")
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    report = Reporter(quiet=quiet, as_json=as_json)
+    ckpt = out.with_suffix(".ckpt")
+    metrics_path = out.with_suffix(".metrics.jsonl")
+    with _exits():
+        from .errors import OutputExistsError
+        from .finetune import MetricsLog, TrainConfig, run_train, spec_from_provenance
+        from .formats import check_output, read_mask, save_delta
+        from .selector import resolve_device
+
+        check_output(out, force=force, inputs=[mask, checkpoint])
+        if not resume:
+            if ckpt.exists() and not force:
+                raise OutputExistsError(
+                    f"{ckpt} exists (an interrupted run?); pass --resume to continue it or --force to start over"
+                )
+            check_output(metrics_path, force=force, inputs=[mask])
+        try:
+            dev = resolve_device(device)
+        except ValueError as e:
+            raise _usage(str(e), "--device") from None
+        the_mask = read_mask(mask)
+        spec = spec_from_provenance(
+            the_mask.provenance,
+            model=model,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            num_classes=num_classes,
+            img_size=img_size,
+            offline=offline,
+        )
+        config = TrainConfig(
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            optimizer=optimizer,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            label_smoothing=label_smoothing,
+            clip_grad=clip_grad,
+            augment=not no_augment,
+            precision=precision,
+            seed=seed,
+        )
+        log: list[MetricsLog] = []
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event["event"] == "start":
+                # Validation is over: only now are the log (re)started and a stale checkpoint dropped.
+                if not resume:
+                    ckpt.unlink(missing_ok=True)
+                log.append(MetricsLog(metrics_path, resume_after=event["resumed_from"] if resume else None))
+            if log:
+                log[0](event)
+            if event["event"] != "step" or not quiet:
+                report.log(_describe(event))
+
+        report.log(f"fps train: {spec.name} with {mask} ({dev.type}, {precision})")
+        try:
+            result = run_train(
+                the_mask,
+                config,
+                spec=spec,
+                data_dir=data,
+                device=dev,
+                num_workers=num_workers,
+                checkpoint_path=ckpt,
+                resume=resume,
+                mask_path=mask,
+                log_every=log_every,
+                on_event=on_event,
+            )
+        except KeyboardInterrupt:
+            if ckpt.exists():
+                report.log(f"the last complete epoch is in {ckpt}; continue with the same command and --resume")
+            raise
+        save_delta(out, result.delta)
+        if log:
+            log[0]({"event": "end", "delta": str(out), **result.metrics})
+        ckpt.unlink(missing_ok=True)
+
+    delta = result.delta
+    payload = {
+        "delta": str(out),
+        "metrics_log": str(metrics_path),
+        "model": delta.provenance["model"],
+        "epochs": epochs,
+        "resumed_from": result.resumed_from,
+        "trained": delta.trained,
+        "optimizer_state_elements": result.optimizer_state[0],
+        "total_params": sum(math.prod(s) for s in delta.shapes.values()),
+        "metrics": result.metrics,
+        "seconds": round(result.seconds, 3),
+    }
+    final = result.metrics
+    score = f"val top-1 {final['val_top1']:.2f}%" if "val_top1" in final else "no validation split"
+    human = (
+        f"trained {delta.trained:,} of {payload['total_params']:,} parameters for {epochs} epochs "
+        f"(train loss {final['train_loss']:.4f}; {score})\nwrote {out} (log {metrics_path})"
+    )
+    report.result(payload, human)
+
+
+@app.command("eval")
+def eval_cmd(
+    delta: Annotated[Path, typer.Option("--delta", help="Delta file from fps train.", rich_help_panel="Input")] = Path(
+        "delta.safetensors"
+    ),
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", "-d", help="Image folder (default: the one the delta records).", rich_help_panel="Data"),
+    ] = None,
+    split: Annotated[Literal[SPLITS], typer.Option(help="Which split to evaluate.", rich_help_panel="Data")] = "val",
+    model: ModelOpt = None,
+    pretrained: PretrainedOrRecordedOpt = None,
+    checkpoint: CheckpointOpt = None,
+    img_size: ImgSizeOpt = None,
+    offline: OfflineOpt = False,
+    batch_size: Annotated[int, typer.Option(min=1, rich_help_panel="Data")] = 32,
+    num_workers: Annotated[
+        int | None, typer.Option(min=0, help="DataLoader workers (default: by device).", rich_help_panel="Data")
+    ] = None,
+    device: DeviceOpt = "auto",
+    precision: Annotated[Literal[PRECISIONS], typer.Option(help="Autocast precision.")] = "fp32",
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Evaluate a base model with a trained delta attached: top-1 / top-5 accuracy and loss."""
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    report = Reporter(quiet=quiet, as_json=as_json)
+    with _exits():
+        from .finetune import run_eval, spec_from_provenance
+        from .formats import read_delta
+        from .selector import resolve_device
+
+        try:
+            dev = resolve_device(device)
+        except ValueError as e:
+            raise _usage(str(e), "--device") from None
+        the_delta = read_delta(delta)
+        spec = spec_from_provenance(
+            the_delta.provenance,
+            model=model,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            img_size=img_size,
+            offline=offline,
+        )
+        report.log(f"fps eval: {spec.name} with {delta} on the {split} split ({dev.type}, {precision})")
+        metrics = run_eval(
+            the_delta,
+            spec=spec,
+            data_dir=data,
+            split=split,
+            device=dev,
+            precision=precision,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            delta_path=delta,
+        )
+    top5 = f", top-5 {metrics['top5']:.2f}%" if "top5" in metrics else ""
+    human = f"{split}: top-1 {metrics['top1']:.2f}%{top5}, loss {metrics['loss']:.4f} on {metrics['samples']} images"
+    report.result({"delta": str(delta), **metrics}, human)
 
 
 def main() -> None:

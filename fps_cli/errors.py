@@ -23,3 +23,7 @@ class FileFormatError(FpsError):
 
 class OutputExistsError(FpsError):
     """An output would replace an existing file without ``--force``, or overwrite an input."""
+
+
+class TrainingError(FpsError):
+    """Training cannot go on: a non-finite loss, or a checkpoint that does not belong to this run."""

@@ -369,3 +369,90 @@ def read_scores(path: str | os.PathLike) -> tuple[dict[str, InputStats], dict[st
             raise FileFormatError(f"{path}: incomplete statistics for {name!r}") from None
         stats[name] = InputStats(abs_sum, sq_sum, count)
     return stats, prov
+
+
+# ---------------------------------------------------------------------------------------------------- delta
+
+
+@dataclass
+class Delta:
+    """A fine-tuned change to a base model (format ``delta``, DESIGN.md section 4).
+
+    Attributes:
+        indices: partially trained parameter name -> sorted flat indices of its trained entries (int64).
+        values: partially trained parameter name -> the change at those entries (fp32, same length).
+        full: fully trained parameter name -> its new value.
+        shapes: every parameter's shape (the whole model).
+        provenance: base model identity, base checksums, training configuration and final metrics.
+
+    On disk: ``<name>::indices`` (int32, or int64 past 2**31 entries) and ``<name>::values`` (fp32) per
+    partially trained parameter, ``<name>`` per fully trained parameter.
+    """
+
+    indices: dict[str, Tensor]
+    values: dict[str, Tensor]
+    full: dict[str, Tensor]
+    shapes: dict[str, tuple[int, ...]]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trained(self) -> int:
+        return sum(int(v.numel()) for v in self.values.values()) + sum(int(t.numel()) for t in self.full.values())
+
+
+def save_delta(path: str | os.PathLike, delta: Delta) -> None:
+    """Write ``delta`` to ``path`` atomically (check the path with :func:`check_output` first)."""
+    tensors = {}
+    for name, idx in delta.indices.items():
+        dtype = torch.int32 if _numel(delta.shapes[name]) <= 2**31 - 1 else torch.int64
+        tensors[f"{name}::indices"] = idx.to(dtype)
+        tensors[f"{name}::values"] = delta.values[name].float()
+    tensors.update(delta.full)
+    provenance = {
+        **delta.provenance,
+        "param_shapes": {k: list(v) for k, v in delta.shapes.items()},
+        "fully_trained": list(delta.full),
+        "trained": delta.trained,
+    }
+    write_atomic(path, tensors, encode_metadata("delta", provenance))
+
+
+def read_delta(path: str | os.PathLike) -> Delta:
+    """Read and validate a delta file (every problem reported at once)."""
+    tensors, prov, _ = read_fps_file(path, "delta")
+    try:
+        shapes = {k: tuple(int(d) for d in v) for k, v in prov.pop("param_shapes").items()}
+        fully = list(prov.pop("fully_trained"))
+    except (KeyError, AttributeError, TypeError, ValueError):
+        raise FileFormatError(f"{path}: delta header lacks valid fps.param_shapes / fps.fully_trained") from None
+    prov.pop("trained", None)
+    problems, indices, values, full = [], {}, {}, {}
+    partial = sorted({k.rsplit("::", 1)[0] for k in tensors if "::" in k})
+    for name in partial:
+        idx, val = tensors.get(f"{name}::indices"), tensors.get(f"{name}::values")
+        if name not in shapes:
+            problems.append(f"{name!r} is not a parameter of the model")
+        elif idx is None or val is None:
+            problems.append(f"{name!r} needs both ::indices and ::values")
+        elif idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1 or val.dtype != torch.float32:
+            problems.append(f"{name!r}: ::indices must be 1-D int32/int64 and ::values fp32")
+        elif val.shape != idx.shape:
+            problems.append(f"{name!r}: {val.numel()} values for {idx.numel()} indices")
+        else:
+            idx, n = idx.long(), _numel(shapes[name])
+            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= n or not bool((idx[1:] > idx[:-1]).all())):
+                problems.append(f"indices of {name!r} must be sorted, unique and within [0, {n})")
+            indices[name], values[name] = idx, val
+    for name in fully:
+        value = tensors.get(name)
+        if value is None:
+            problems.append(f"fully trained parameter {name!r} has no tensor")
+        elif name not in shapes or tuple(value.shape) != shapes[name]:
+            problems.append(f"fully trained {name!r} {list(value.shape)} does not fit the recorded shapes")
+        else:
+            full[name] = value
+    stray = [k for k in tensors if "::" not in k and k not in fully]
+    problems += [f"tensor {k!r} is neither a delta nor listed in fps.fully_trained" for k in stray]
+    if problems:
+        raise FileFormatError(f"{path} is not a valid delta file: " + "; ".join(problems))
+    return Delta(indices, values, full, shapes, prov)

@@ -1,0 +1,763 @@
+"""``fps train`` and ``fps eval`` as library calls: sparse fine-tuning of a masked model, and its evaluation.
+
+The loop is the one a timm user knows: AdamW (or SGD with momentum) over the trainable values only, a per-step
+linear warmup then cosine schedule, label smoothing, timm's train transform, autocast (``bf16`` / ``fp16``, with
+a GradScaler for ``fp16``), gradient accumulation and clipping, top-1 / top-5 on the validation split after
+every epoch, and a resumable checkpoint at the end of every epoch. The sparse mechanism itself lives in
+:mod:`.sparse`; the file formats in :mod:`.formats`. This module never prints: progress is reported through an
+``on_event`` callback receiving plain dicts (the CLI turns them into stderr lines and a JSON-lines log).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .activations import autocast
+from .data import ImageStream, default_num_workers, discover, eval_transform, make_loader, transform_config
+from .errors import DataError, FileFormatError, TrainingError
+from .formats import Delta, Mask, weights_digest
+from .models import ModelSpec, create_model
+from .selector import base_digest, seed_everything
+from .sparse import SparseParams, attach, extract, recompute_sparse_weights
+
+OPTIMIZERS = ("adamw", "sgd")
+CHECKPOINT_VERSION = 1
+# Provenance keys that identify the base model a mask or delta belongs to.
+IDENTITY_KEYS = ("model", "pretrained", "pretrained_tag", "checkpoint", "init_seed", "num_classes", "img_size")
+
+Event = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to fine-tune. The defaults follow sparse-PEFT practice on VTAB-1k / FGVC (AdamW, lr 1e-3, weight
+    decay 1e-4, cosine schedule with warmup) at a length suited to small folders.
+
+    Attributes:
+        epochs: passes over the training split.
+        lr: peak learning rate (after warmup).
+        weight_decay: decoupled weight decay of the selected deltas (pulling them back to the pretrained values)
+            and of fully trained matrices; never of biases or other 1-D tensors, never of a frozen weight.
+        warmup_epochs: linear warmup length, in epochs (counted in optimizer steps).
+        optimizer: ``adamw`` (betas 0.9, 0.999) or ``sgd`` (momentum 0.9, Nesterov off).
+        batch_size: images per forward pass.
+        grad_accum: forward passes per optimizer step (effective batch ``batch_size * grad_accum``).
+        label_smoothing: cross-entropy label smoothing.
+        clip_grad: clip the global gradient norm of the trainable values to this value; ``None``: no clipping.
+        augment: timm's train transform (random resized crop, flip, colour jitter); off: the eval transform.
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast (weights, deltas and optimizer state stay fp32).
+        seed: seed of shuffling, augmentation and everything random in the loop.
+    """
+
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    optimizer: str = "adamw"
+    batch_size: int = 32
+    grad_accum: int = 1
+    label_smoothing: float = 0.1
+    clip_grad: float | None = None
+    augment: bool = True
+    precision: str = "fp32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
+        checks = {
+            "--epochs": self.epochs >= 1,
+            "--lr": self.lr > 0,
+            "--weight-decay": self.weight_decay >= 0,
+            "--warmup-epochs": self.warmup_epochs >= 0,
+            "--batch-size": self.batch_size >= 1,
+            "--grad-accum": self.grad_accum >= 1,
+            "--label-smoothing": 0 <= self.label_smoothing < 1,
+            "--clip-grad": self.clip_grad is None or self.clip_grad > 0,
+        }
+        bad = [flag for flag, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"out of range: {', '.join(bad)}")
+
+
+# Options that may change when resuming: a run that hit a NaN loss can go on from its last good epoch with a
+# lower --lr or with --clip-grad. Any other difference makes the checkpoint belong to another run.
+RESUME_MAY_CHANGE = ("lr", "clip_grad")
+
+
+@dataclass
+class TrainResult:
+    """What training produced.
+
+    Attributes:
+        delta: the trained change with its provenance (base identity, checksums, configuration, final metrics).
+        metrics: final metrics (validation top-1 / top-5 / loss when there is a validation split).
+        history: one record per epoch.
+        resumed_from: the epoch the run resumed after (0 for a fresh run).
+        seconds: wall time of this process's training.
+        model: the fine-tuned model, deltas attached (see :mod:`.sparse`), on the training device.
+        optimizer_state: (elements of per-element optimizer state, scalar entries such as step counters).
+    """
+
+    delta: Delta
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int = 0
+    seconds: float = 0.0
+    model: nn.Module | None = None
+    optimizer_state: tuple[int, int] = (0, 0)
+
+
+# --------------------------------------------------------------------------------------------- the schedule
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier of optimizer step ``step``: linear warmup to 1, then cosine towards 0.
+
+    Step ``0`` of a warmup of ``W`` steps uses ``1 / W``, so no step is wasted at a zero learning rate.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / decay, 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(sparse: SparseParams, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable values only, with timm's weight-decay rule.
+
+    Weight decay applies to the selected deltas (entries of weight matrices) and to fully trained tensors of two
+    or more dimensions; biases and other 1-D fully trained tensors get none (timm's ``param_groups_weight_decay``).
+    """
+    decay = [d.delta for d in sparse.deltas.values()] + [p for p in sparse.full.values() if p.ndim > 1]
+    no_decay = [p for p in sparse.full.values() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def optimizer_state_numel(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """(elements in per-element state tensors, scalar entries such as AdamW's step counters)."""
+    elements, scalars = 0, 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, Tensor) and value.dim() > 0:
+                elements += value.numel()
+            else:
+                scalars += 1
+    return elements, scalars
+
+
+# --------------------------------------------------------------------------------------- model and its base
+
+
+def spec_from_provenance(
+    prov: Mapping[str, Any],
+    *,
+    model: str | None = None,
+    pretrained: bool | None = None,
+    checkpoint: Path | None = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    offline: bool = False,
+) -> ModelSpec:
+    """The model a mask or delta records, with any of its parts overridden."""
+    if "model" not in prov:
+        raise FileFormatError("the file's header lacks the model provenance (fps.model)")
+    recorded_ckpt = prov.get("checkpoint")
+    return ModelSpec(
+        name=model if model is not None else prov["model"],
+        pretrained=pretrained if pretrained is not None else bool(prov.get("pretrained", True)),
+        checkpoint=checkpoint if checkpoint is not None else (Path(recorded_ckpt) if recorded_ckpt else None),
+        num_classes=num_classes if num_classes is not None else prov.get("num_classes"),
+        img_size=img_size if img_size is not None else prov.get("img_size"),
+        offline=offline,
+    )
+
+
+def shape_problems(shapes: Mapping[str, tuple[int, ...]], model: nn.Module) -> list[str]:
+    """Every way the recorded parameter shapes differ from ``model``'s (names the file has that the model lacks,
+    parameters the file lacks, shape mismatches)."""
+    own = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    unknown = [n for n in shapes if n not in own]
+    missing = [n for n in own if n not in shapes]
+    mismatched = [f"{n} {list(shapes[n])} vs {list(own[n])}" for n in shapes if n in own and shapes[n] != own[n]]
+    problems = []
+    if unknown:
+        problems.append(f"{len(unknown)} parameters the model lacks: {', '.join(unknown)}")
+    if missing:
+        problems.append(f"{len(missing)} model parameters the file lacks: {', '.join(missing)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches (file vs model): {', '.join(mismatched)}")
+    return problems
+
+
+def build_base(
+    spec: ModelSpec,
+    shapes: Mapping[str, tuple[int, ...]],
+    prov: Mapping[str, Any],
+    source: str,
+) -> nn.Module:
+    """Rebuild the base model a mask or delta was made on, and check it is the same one.
+
+    A randomly initialised (``--no-pretrained``) base is rebuilt from the seed it was built with
+    (``init_seed``), so its weights, and a new head's initialisation, match.
+
+    Raises:
+        FileFormatError: the model's parameters do not fit the recorded shapes (every mismatch listed), or its
+            weights are not the ones recorded (base checksum).
+    """
+    seed_everything(int(prov.get("init_seed") or 0))
+    model = create_model(spec)
+    problems = shape_problems(shapes, model)
+    if problems:
+        built = f"{spec.name} (num_classes={_num_classes(model)}, img_size={spec.img_size or 'default'})"
+        raise FileFormatError(f"{source} does not fit {built}: " + "; ".join(problems))
+    recorded = prov.get("base_sha256")
+    if recorded:
+        digest = base_digest(model)
+        if digest != recorded:
+            raise FileFormatError(
+                f"{source} was made on other weights than {spec.name} as loaded now (base checksum "
+                f"{recorded[:12]}… vs {digest[:12]}…); pass the same --model / --checkpoint / --pretrained as "
+                "when it was made"
+            )
+    return model
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    return getattr(model, "num_classes", None)
+
+
+def _check_classes(classes: list[str], num_classes: int | None, root: Path, source: str) -> None:
+    if num_classes is not None and len(classes) != num_classes:
+        raise DataError(
+            f"{root} has {len(classes)} classes but {source} is for a {num_classes}-class head; pass --data with "
+            f"{num_classes} class folders, or select a new mask on this folder"
+        )
+
+
+def _data_split(data_dir: str | os.PathLike | None, prov: Mapping[str, Any], source: str):
+    if data_dir is None:
+        recorded = prov.get("data")
+        if not recorded:
+            raise DataError(f"{source} records no data folder; pass --data DIR")
+        if not Path(recorded).is_dir():
+            raise DataError(f"data folder {recorded} recorded in {source} does not exist; pass --data DIR")
+        data_dir = recorded
+    folder = discover(data_dir)
+    if not folder.train.labeled:
+        raise DataError(f"{folder.train.root} has no class sub-folders; fine-tuning needs DIR/<class>/<images>")
+    if len(folder.train.classes) < 2:
+        raise DataError(f"{folder.train.root} has only one class ({folder.train.classes[0]}); training needs two")
+    return Path(data_dir), folder
+
+
+def freeze_norm_statistics(model: nn.Module) -> None:
+    """Keep batch-norm running statistics as the base has them: the delta records weights, not buffers, so a
+    statistic updated in training would be lost on merge."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    num_classes: int,
+) -> dict[str, Any]:
+    """Top-1 (and top-5 with at least 5 classes) accuracy in percent, and mean cross-entropy, on ``batches``."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = seen = 0
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    k = min(5, num_classes)
+    try:
+        for images, labels in batches:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits = model(images)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+            top = logits.topk(k, dim=1).indices  # [B, k]
+            hits = top.eq(labels[:, None])
+            correct1 += int(hits[:, 0].sum())
+            correct5 += int(hits.any(dim=1).sum())
+            seen += labels.numel()
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        return {"samples": 0}
+    metrics = {"top1": 100.0 * correct1 / seen, "loss": float(loss_sum) / seen, "samples": seen}
+    if num_classes >= 5:
+        metrics["top5"] = 100.0 * correct5 / seen
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------- checkpoint
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+        "loader": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None:
+    import numpy as np
+
+    random.setstate(_as_tuple(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """``torch.save`` to a temporary name beside ``path``, then rename: an interrupted write leaves the previous
+    checkpoint intact."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(dict(state), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training checkpoint (``weights_only=True``: a checkpoint is data, never code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"no checkpoint {path} to resume from; run without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TrainingError(f"cannot read checkpoint {path}: {reason}; start over with --force") from None
+    if not isinstance(state, dict) or state.get("fps_checkpoint") != CHECKPOINT_VERSION:
+        raise TrainingError(f"{path} is not an fps training checkpoint; start over with --force")
+    return state
+
+
+def mask_digest(mask: Mask) -> str:
+    """Identifies a selection: its indices and its fully trainable parameters."""
+    import hashlib
+
+    indices = weights_digest(sorted(mask.indices.items()))
+    return hashlib.sha256(f"{indices}|{','.join(mask.fully_trainable)}".encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------- train
+
+
+class MetricsLog:
+    """A JSON-lines log of training events (``<out stem>.metrics.jsonl``), one object per line.
+
+    On resume, the records of the epochs after the checkpoint (from the interrupted run) are dropped, so the
+    log reads like the one of an uninterrupted run.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, resume_after: int | None = None) -> None:
+        self.path = Path(path)
+        kept = []
+        if resume_after is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    record = json.loads(line)
+                    if record.get("event") != "end" and record.get("epoch", 0) <= resume_after:
+                        kept.append(line)
+        self.path.write_text("".join(f"{line}\n" for line in kept))
+
+    def __call__(self, event: Event) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(event) + "\n")
+
+
+def run_train(
+    mask: Mask,
+    config: TrainConfig,
+    *,
+    spec: ModelSpec | None = None,
+    data_dir: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    num_workers: int | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    mask_path: str | os.PathLike | None = None,
+    log_every: int = 10,
+    on_event: Callable[[Event], None] | None = None,
+) -> TrainResult:
+    """Fine-tune the entries ``mask`` selects (and its fully trainable tensors) on the images in ``data_dir``.
+
+    Args:
+        mask: the selection; its provenance gives the defaults of ``spec`` and ``data_dir``.
+        config: the training options.
+        spec: the base model; default: as the mask records it (see :func:`spec_from_provenance`).
+        data_dir: image folder with class sub-folders (or ``train/`` and ``val/`` splits); default: the mask's.
+        device: where to train.
+        num_workers: DataLoader workers (default: :func:`default_num_workers`).
+        checkpoint_path: where to write a resumable checkpoint after every epoch (``None``: no checkpoints).
+        resume: continue from ``checkpoint_path``.
+        mask_path: recorded in the delta's provenance.
+        log_every: emit a ``step`` event every this many optimizer steps (and at the end of every epoch).
+        on_event: receives ``start``, ``step``, ``epoch`` and ``warning`` events (plain dicts).
+
+    Raises:
+        FileFormatError: the mask does not fit the model (every mismatch listed) or was made on other weights.
+        DataError: the data folder does not fit the mask's classes, or has an unreadable image.
+        TrainingError: the loss became NaN or infinite, or the checkpoint belongs to another run.
+    """
+    emit = on_event or (lambda event: None)
+    device = torch.device(device)
+    source = str(mask_path) if mask_path is not None else "the mask"
+    prov = mask.provenance
+    spec = spec or spec_from_provenance(prov)
+    data_dir, folder = _data_split(data_dir, prov, source)
+    classes = folder.train.classes
+    if spec.num_classes is not None:  # fail before the model is built
+        _check_classes(classes, spec.num_classes, folder.train.root, source)
+    recorded_classes = prov.get("classes")
+    if recorded_classes and len(recorded_classes) == len(classes) and list(recorded_classes) != classes:
+        emit({"event": "warning", "message": f"class names of {folder.train.root} differ from the mask's"})
+
+    model = build_base(spec, mask.shapes, prov, source)
+    num_classes = _num_classes(model) or len(classes)
+    _check_classes(classes, num_classes, folder.train.root, source)
+    base_params = dict(model.named_parameters())
+    touched_sha256 = weights_digest((n, base_params[n]) for n in mask.indices)
+
+    resume_state = None
+    if resume:
+        if checkpoint_path is None:
+            raise TrainingError("--resume needs a checkpoint path")
+        resume_state = load_checkpoint(checkpoint_path)
+        _check_resumable(resume_state, config, mask, checkpoint_path, emit)
+
+    # Data: timm's train transform (or the eval transform with augment off); validation with the eval transform.
+    img_size = spec.img_size
+    if config.augment:
+        from timm.data import create_transform
+
+        train_tf = create_transform(**transform_config(model, img_size), is_training=True)
+    else:
+        train_tf = eval_transform(model, img_size)
+    workers = default_num_workers(device) if num_workers is None else num_workers
+    pin = device.type == "cuda"
+    train_loader = make_loader(
+        folder.train.samples,
+        train_tf,
+        batch_size=config.batch_size,
+        num_workers=workers,
+        pin_memory=pin,
+        shuffle=True,
+        seed=config.seed,
+    )
+    val_loader = None
+    if folder.val is not None:
+        val_loader = make_loader(
+            folder.val.samples, eval_transform(model, img_size), batch_size=config.batch_size, num_workers=workers
+        )
+
+    model.to(device)
+    sparse = attach(model, mask.indices, mask.fully_trainable)
+    optimizer = make_optimizer(sparse, config)
+    steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    seed_everything(config.seed)
+
+    start_epoch, history = 0, []
+    if resume_state is not None:
+        start_epoch, history = _restore(resume_state, sparse, optimizer, scheduler, scaler, train_loader, config)
+
+    emit(
+        {
+            "event": "start",
+            "epochs": config.epochs,
+            "steps_per_epoch": steps_per_epoch,
+            "train_samples": len(folder.train.samples),
+            "val_samples": len(folder.val.samples) if folder.val is not None else 0,
+            "trainable": sparse.numel,
+            "total_params": mask.total_params,
+            "resumed_from": start_epoch,
+        }
+    )
+    started = time.perf_counter()
+    step = start_epoch * steps_per_epoch
+    params = sparse.parameters()
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        model.train()
+        freeze_norm_statistics(model)
+        epoch_start = time.perf_counter()
+        window_start, window_images = time.perf_counter(), 0
+        loss_sum, correct, seen = 0.0, 0, 0
+        stream = ImageStream(train_loader, with_labels=True)
+        micro = 0
+        for images, labels in stream:
+            images, labels = images.to(device, non_blocking=pin), labels.to(device, non_blocking=pin)
+            with recompute_sparse_weights(), autocast(device, config.precision):
+                logits = model(images)
+            loss = criterion(logits.float(), labels)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrainingError(_nan_message(value, epoch, step + 1, checkpoint_path, start_epoch, history))
+            scaler.scale(loss / config.grad_accum).backward()
+            loss_sum += value * labels.numel()
+            correct += int(logits.detach().argmax(dim=1).eq(labels).sum())
+            seen += labels.numel()
+            window_images += labels.numel()
+            micro += 1
+            if micro % config.grad_accum and micro != len(train_loader):
+                continue
+            if config.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            step += 1
+            if step % log_every == 0 or micro == len(train_loader):
+                elapsed = time.perf_counter() - window_start
+                emit(
+                    {
+                        "event": "step",
+                        "epoch": epoch,
+                        "step": step,
+                        "total_steps": total_steps,
+                        "loss": value,
+                        "lr": lr,
+                        "images_per_s": window_images / elapsed if elapsed > 0 else None,
+                    }
+                )
+                window_start, window_images = time.perf_counter(), 0
+        if seen == 0:
+            raise DataError(f"no readable images in {folder.train.root}")
+
+        record: dict[str, Any] = {
+            "event": "epoch",
+            "epoch": epoch,
+            "step": step,
+            "train_loss": loss_sum / seen,
+            "train_top1": 100.0 * correct / seen,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        if val_loader is not None:
+            val = evaluate(
+                model,
+                ImageStream(val_loader, with_labels=True),
+                device=device,
+                precision=config.precision,
+                num_classes=num_classes,
+            )
+            record.update({f"val_{k}": v for k, v in val.items()})
+        record["seconds"] = time.perf_counter() - epoch_start
+        history.append(record)
+        if checkpoint_path is not None:
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "fps_checkpoint": CHECKPOINT_VERSION,
+                    "epoch": epoch,
+                    "config": asdict(config),
+                    "mask": mask_digest(mask),
+                    "trainable": {n: p.detach().cpu() for n, p in sparse.named_parameters()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": _rng_state(train_loader.generator),
+                    "history": history,
+                },
+            )
+        emit(record)
+
+    final = {k: v for k, v in history[-1].items() if k not in ("event", "seconds")}
+    indices, values, full = extract(sparse)
+    provenance = {
+        **{k: prov.get(k) for k in IDENTITY_KEYS},
+        "model": spec.name,
+        "pretrained": bool(spec.pretrained and spec.checkpoint is None),
+        "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
+        "num_classes": num_classes,
+        "img_size": spec.img_size,
+        "base_sha256": prov.get("base_sha256"),
+        "touched_sha256": touched_sha256,
+        "mask": str(Path(mask_path).resolve()) if mask_path is not None else None,
+        "mask_sha256": mask_digest(mask),
+        "selection": {k: prov.get(k) for k in ("method", "norm", "granularity", "budget", "topk_per_neuron")},
+        "data": str(Path(data_dir).expanduser().resolve()),
+        "classes": classes,
+        "train_samples": len(folder.train.samples),
+        "val_samples": len(folder.val.samples) if folder.val is not None else 0,
+        "train_config": asdict(config),
+        "metrics": final,
+    }
+    delta = Delta(indices, values, full, dict(mask.shapes), provenance)
+    seconds = time.perf_counter() - started
+    return TrainResult(delta, final, history, start_epoch, seconds, model, optimizer_state_numel(optimizer))
+
+
+def _nan_message(
+    value: float, epoch: int, step: int, checkpoint_path: Any, start_epoch: int, history: list[dict[str, Any]]
+) -> str:
+    last = history[-1]["epoch"] if history else start_epoch
+    if checkpoint_path is not None and last > 0:
+        kept = f"the last good checkpoint {checkpoint_path} (epoch {last}) is kept: add --resume with a lower --lr"
+    else:
+        kept = "no epoch completed, so there is no checkpoint: rerun with a lower --lr"
+    return f"loss is {value} at epoch {epoch}, step {step}; training stopped. {kept}, or set --clip-grad"
+
+
+def _check_resumable(
+    state: Mapping[str, Any], config: TrainConfig, mask: Mask, path: Any, emit: Callable[[Event], None]
+) -> None:
+    if state.get("mask") != mask_digest(mask):
+        raise TrainingError(f"checkpoint {path} was made with another mask; start over with --force")
+    saved = state.get("config", {})
+    differ = [
+        f"--{f.name.replace('_', '-')} {saved.get(f.name)!r} -> {getattr(config, f.name)!r}"
+        for f in fields(TrainConfig)
+        if f.name not in RESUME_MAY_CHANGE and saved.get(f.name) != getattr(config, f.name)
+    ]
+    if differ:
+        raise TrainingError(
+            f"checkpoint {path} is from a run with other options ({'; '.join(differ)}); resume with the same "
+            "options, or start over with --force"
+        )
+    for name in RESUME_MAY_CHANGE:
+        if saved.get(name) != getattr(config, name):
+            emit({"event": "warning", "message": f"resuming with {name}={getattr(config, name)} (was {saved[name]})"})
+
+
+def _restore(
+    state: Mapping[str, Any],
+    sparse: SparseParams,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    loader: torch.utils.data.DataLoader,
+    config: TrainConfig,
+) -> tuple[int, list[dict[str, Any]]]:
+    trainable = state["trainable"]
+    with torch.no_grad():
+        for name, p in sparse.named_parameters():
+            if name not in trainable or trainable[name].shape != p.shape:
+                raise TrainingError(f"checkpoint lacks trainable tensor {name}; start over with --force")
+            p.copy_(trainable[name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state["config"]["lr"] != config.lr:  # a new peak lr, on the same schedule
+        scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+        for group in optimizer.param_groups:
+            group["initial_lr"], group["lr"] = config.lr, config.lr * factor
+    scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"], loader.generator)
+    return int(state["epoch"]), list(state["history"])
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def attach_delta(model: nn.Module, delta: Delta) -> SparseParams:
+    """Attach a trained delta to a base model (on its device): the model then computes the fine-tuned outputs."""
+    sparse = attach(model, delta.indices, list(delta.full), values=delta.values)
+    with torch.no_grad():
+        for name, value in delta.full.items():
+            sparse.full[name].copy_(value)
+    return sparse
+
+
+def run_eval(
+    delta: Delta,
+    *,
+    spec: ModelSpec | None = None,
+    data_dir: str | os.PathLike | None = None,
+    split: str = "val",
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    delta_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Evaluate a base model with ``delta`` attached on the ``val`` (or ``train``) split of ``data_dir``.
+
+    Raises:
+        FileFormatError: the delta does not fit the model, or was trained on other base weights.
+        DataError: the folder has no such split, or other classes.
+    """
+    device = torch.device(device)
+    source = str(delta_path) if delta_path is not None else "the delta"
+    prov = delta.provenance
+    spec = spec or spec_from_provenance(prov)
+    data_dir, folder = _data_split(data_dir, prov, source)
+    chosen = folder.val if split == "val" else folder.train
+    if chosen is None:
+        raise DataError(f"{data_dir} has no validation split (val/, validation/ or test/); pass --split train")
+    model = build_base(spec, delta.shapes, prov, source)
+    touched = weights_digest((n, dict(model.named_parameters())[n]) for n in delta.indices)
+    if prov.get("touched_sha256") and touched != prov["touched_sha256"]:
+        raise FileFormatError(f"{source} was trained on other base weights than {spec.name} as loaded now")
+    num_classes = _num_classes(model) or len(folder.train.classes)
+    _check_classes(folder.train.classes, num_classes, folder.train.root, source)
+    model.to(device)
+    attach_delta(model, delta)
+    workers = default_num_workers(device) if num_workers is None else num_workers
+    loader = make_loader(
+        chosen.samples, eval_transform(model, spec.img_size), batch_size=batch_size, num_workers=workers
+    )
+    metrics = evaluate(
+        model, ImageStream(loader, with_labels=True), device=device, precision=precision, num_classes=num_classes
+    )
+    return {"split": split, "data": str(Path(data_dir).resolve()), **metrics}
