@@ -400,10 +400,11 @@ def _describe(event: dict[str, Any]) -> str:
         )
     if kind == "start":
         resumed = f", resuming after epoch {event['resumed_from']}" if event["resumed_from"] else ""
+        ranks = f", {event['world_size']} processes" if event.get("world_size", 1) > 1 else ""
         return (
             f"training {event['trainable']:,} of {event['total_params']:,} parameters on {event['train_samples']} "
             f"images ({event['val_samples']} validation), {event['epochs']} epochs x {event['steps_per_epoch']} "
-            f"steps{resumed}"
+            f"steps{resumed}{ranks}"
         )
     return f"warning: {event.get('message', event)}"
 
@@ -482,17 +483,20 @@ def train_cmd(
         raise _usage(f"must be positive, got {clip_grad:g}", "--clip-grad")
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    report = Reporter(quiet=quiet, as_json=as_json)
     ckpt = out.with_suffix(".ckpt")
     metrics_path = out.with_suffix(".metrics.jsonl")
     with _exits():
+        from .distributed import from_env, init
         from .errors import OutputExistsError
         from .finetune import MetricsLog, TrainConfig, run_train, spec_from_provenance
         from .formats import check_output, read_mask, save_delta
         from .selector import resolve_device
 
-        check_output(out, force=force, inputs=[mask, checkpoint])
-        if not resume:
+        dist = from_env()  # under torchrun only rank 0 checks and writes outputs, logs and prints
+        report = Reporter(quiet=quiet or not dist.is_main, as_json=as_json)
+        if dist.is_main:
+            check_output(out, force=force, inputs=[mask, checkpoint])
+        if not resume and dist.is_main:
             if ckpt.exists() and not force:
                 raise OutputExistsError(
                     f"{ckpt} exists (an interrupted run?); pass --resume to continue it or --force to start over"
@@ -502,6 +506,7 @@ def train_cmd(
             dev = resolve_device(device)
         except ValueError as e:
             raise _usage(str(e), "--device") from None
+        dev = init(dist, dev)
         the_mask = read_mask(mask)
         spec = spec_from_provenance(
             the_mask.provenance,
@@ -529,6 +534,8 @@ def train_cmd(
         log: list[MetricsLog] = []
 
         def on_event(event: dict[str, Any]) -> None:
+            if not dist.is_main:
+                return
             if event["event"] == "start":
                 # Validation is over: only now are the log (re)started and a stale checkpoint dropped.
                 if not resume:
@@ -553,11 +560,14 @@ def train_cmd(
                 mask_path=mask,
                 log_every=log_every,
                 on_event=on_event,
+                dist=dist,
             )
         except KeyboardInterrupt:
             if ckpt.exists():
                 report.log(f"the last complete epoch is in {ckpt}; continue with the same command and --resume")
             raise
+        if not dist.is_main:
+            return
         save_delta(out, result.delta)
         if log:
             log[0]({"event": "end", "delta": str(out), **result.metrics})

@@ -169,11 +169,13 @@ def make_loader(
     seed: int = 0,
     drop_last: bool = False,
     batches: list[list[int]] | None = None,
+    sampler: torch.utils.data.Sampler | None = None,
 ) -> DataLoader:
     """A DataLoader over ``samples`` that yields ``(images, labels, bad)`` (see :func:`collate`).
 
     Args:
         batches: explicit batches of sample indices (a rank's shard); replaces ``batch_size`` / ``shuffle``.
+        sampler: the order of the samples (e.g. a rank's share of an epoch); replaces ``shuffle``.
     """
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
@@ -184,7 +186,8 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else None,
+        sampler=sampler,
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed),
         **common,

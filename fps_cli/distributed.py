@@ -99,3 +99,28 @@ def reduce_input_stats(stats: Mapping[str, InputStats], device: torch.device) ->
     counts = sum_over_ranks([s.count for s in stats.values()], device)
     for s, count in zip(stats.values(), counts, strict=True):
         s.count = count
+
+
+def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Average the gradients of ``params`` over ranks with one flat all-reduce.
+
+    Training is data-parallel over the trainable tensors only (deltas, head, biases: about 1% of a model), so one
+    flattened buffer costs less than DDP's per-bucket machinery and keeps the frozen base out of it entirely.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    all_reduce([flat])
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def sum_floats(values: list[float], device: torch.device) -> list[float]:
+    """Floats summed over all ranks, in fp64."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    all_reduce([t])
+    return t.tolist()

@@ -26,9 +26,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DistributedSampler
 
 from .activations import autocast
 from .data import ImageStream, default_num_workers, discover, eval_transform, make_loader, transform_config
+from .distributed import Dist, average_gradients, batch_shard, sum_floats
 from .errors import DataError, FileFormatError, TrainingError
 from .formats import Delta, Mask, weights_digest
 from .models import ModelSpec, create_model
@@ -292,8 +294,12 @@ def evaluate(
     device: torch.device,
     precision: str = "fp32",
     num_classes: int,
+    dist: Dist | None = None,
 ) -> dict[str, Any]:
-    """Top-1 (and top-5 with at least 5 classes) accuracy in percent, and mean cross-entropy, on ``batches``."""
+    """Top-1 (and top-5 with at least 5 classes) accuracy in percent, and mean cross-entropy, on ``batches``.
+
+    Under torchrun each rank evaluates its shard and the counts are summed over ranks.
+    """
     was_training = model.training
     model.eval()
     correct1 = correct5 = seen = 0
@@ -313,6 +319,10 @@ def evaluate(
             seen += labels.numel()
     finally:
         model.train(was_training)
+    if dist is not None and dist.enabled:
+        correct1, correct5, seen, total_loss = sum_floats([correct1, correct5, seen, float(loss_sum)], device)
+        correct1, correct5, seen = int(correct1), int(correct5), int(seen)
+        loss_sum = torch.tensor(total_loss, dtype=torch.float64)
     if seen == 0:
         return {"samples": 0}
     metrics = {"top1": 100.0 * correct1 / seen, "loss": float(loss_sum) / seen, "samples": seen}
@@ -431,8 +441,15 @@ def run_train(
     mask_path: str | os.PathLike | None = None,
     log_every: int = 10,
     on_event: Callable[[Event], None] | None = None,
+    dist: Dist | None = None,
 ) -> TrainResult:
     """Fine-tune the entries ``mask`` selects (and its fully trainable tensors) on the images in ``data_dir``.
+
+    Under torchrun (``dist``) every rank trains on its share of each epoch with ``config.batch_size`` images per
+    step, the gradients of the trainable tensors are averaged over ranks before each optimizer step, and
+    validation is gathered over ranks; only rank 0 writes the checkpoint. The epoch's order depends only on the
+    seed and the epoch, so one process with batch ``W * B`` steps through the same global batches as ``W`` ranks
+    with batch ``B``.
 
     Args:
         mask: the selection; its provenance gives the defaults of ``spec`` and ``data_dir``.
@@ -446,12 +463,14 @@ def run_train(
         mask_path: recorded in the delta's provenance.
         log_every: emit a ``step`` event every this many optimizer steps (and at the end of every epoch).
         on_event: receives ``start``, ``step``, ``epoch`` and ``warning`` events (plain dicts).
+        dist: this process's rank under torchrun (default: a single process).
 
     Raises:
         FileFormatError: the mask does not fit the model (every mismatch listed) or was made on other weights.
         DataError: the data folder does not fit the mask's classes, or has an unreadable image.
         TrainingError: the loss became NaN or infinite, or the checkpoint belongs to another run.
     """
+    dist = dist or Dist()
     emit = on_event or (lambda event: None)
     device = torch.device(device)
     source = str(mask_path) if mask_path is not None else "the mask"
@@ -488,19 +507,28 @@ def run_train(
         train_tf = eval_transform(model, img_size)
     workers = default_num_workers(device) if num_workers is None else num_workers
     pin = device.type == "cuda"
+    # Every world size, one included, takes an epoch's order from (seed, epoch): a resumed or a multi-process run
+    # sees the same global batches as a plain one.
+    sampler = DistributedSampler(
+        range(len(folder.train.samples)), num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=config.seed
+    )
     train_loader = make_loader(
         folder.train.samples,
         train_tf,
         batch_size=config.batch_size,
         num_workers=workers,
         pin_memory=pin,
-        shuffle=True,
+        sampler=sampler,
         seed=config.seed,
     )
     val_loader = None
     if folder.val is not None:
         val_loader = make_loader(
-            folder.val.samples, eval_transform(model, img_size), batch_size=config.batch_size, num_workers=workers
+            folder.val.samples,
+            eval_transform(model, img_size),
+            batch_size=config.batch_size,
+            num_workers=workers,
+            batches=batch_shard(len(folder.val.samples), config.batch_size, dist),
         )
 
     model.to(device)
@@ -514,7 +542,7 @@ def run_train(
     )
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    seed_everything(config.seed)
+    seed_everything(config.seed + dist.rank)  # each rank its own augmentation stream, as timm does
 
     start_epoch, history = 0, []
     if resume_state is not None:
@@ -530,12 +558,14 @@ def run_train(
             "trainable": sparse.numel,
             "total_params": mask.total_params,
             "resumed_from": start_epoch,
+            "world_size": dist.world_size,
         }
     )
     started = time.perf_counter()
     step = start_epoch * steps_per_epoch
     params = sparse.parameters()
     for epoch in range(start_epoch + 1, config.epochs + 1):
+        sampler.set_epoch(epoch)
         model.train()
         freeze_norm_statistics(model)
         epoch_start = time.perf_counter()
@@ -559,6 +589,8 @@ def run_train(
             micro += 1
             if micro % config.grad_accum and micro != len(train_loader):
                 continue
+            if dist.enabled:
+                average_gradients(params, dist.world_size)
             if config.clip_grad is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
@@ -582,6 +614,9 @@ def run_train(
                     }
                 )
                 window_start, window_images = time.perf_counter(), 0
+        if dist.enabled:
+            loss_sum, correct, seen = sum_floats([loss_sum, correct, seen], device)
+            correct, seen = int(correct), int(seen)
         if seen == 0:
             raise DataError(f"no readable images in {folder.train.root}")
 
@@ -600,11 +635,12 @@ def run_train(
                 device=device,
                 precision=config.precision,
                 num_classes=num_classes,
+                dist=dist,
             )
             record.update({f"val_{k}": v for k, v in val.items()})
         record["seconds"] = time.perf_counter() - epoch_start
         history.append(record)
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and dist.is_main:
             save_checkpoint(
                 checkpoint_path,
                 {
