@@ -570,7 +570,14 @@ def run_train(
         freeze_norm_statistics(model)
         epoch_start = time.perf_counter()
         window_start, window_images = time.perf_counter(), 0
-        loss_sum, correct, seen = 0.0, 0, 0
+        # Running sums stay on the device and a non-finite loss is only noted there (first step, value): the loop
+        # synchronises with the host at logging steps and at the end of the epoch, not at every step.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        first_bad = torch.zeros((), dtype=torch.long, device=device)  # optimizer step of the first bad loss; 0: none
+        bad_loss = torch.zeros((), dtype=torch.float32, device=device)
+        seen = 0
+
         stream = ImageStream(train_loader, with_labels=True)
         micro = 0
         for images, labels in stream:
@@ -578,12 +585,13 @@ def run_train(
             with recompute_sparse_weights(), autocast(device, config.precision):
                 logits = model(images)
             loss = criterion(logits.float(), labels)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise TrainingError(_nan_message(value, epoch, step + 1, checkpoint_path, start_epoch, history))
             scaler.scale(loss / config.grad_accum).backward()
-            loss_sum += value * labels.numel()
-            correct += int(logits.detach().argmax(dim=1).eq(labels).sum())
+            detached = loss.detach()
+            newly_bad = ~torch.isfinite(detached) & (first_bad == 0)
+            first_bad = torch.where(newly_bad, step + 1, first_bad)
+            bad_loss = torch.where(newly_bad, detached, bad_loss)
+            loss_sum += detached.double() * labels.numel()
+            correct += logits.detach().argmax(dim=1).eq(labels).sum()
             seen += labels.numel()
             window_images += labels.numel()
             micro += 1
@@ -601,6 +609,7 @@ def run_train(
             scheduler.step()
             step += 1
             if step % log_every == 0 or micro == len(train_loader):
+                _check_finite(first_bad, bad_loss, epoch, checkpoint_path, start_epoch, history)
                 elapsed = time.perf_counter() - window_start
                 emit(
                     {
@@ -608,12 +617,14 @@ def run_train(
                         "epoch": epoch,
                         "step": step,
                         "total_steps": total_steps,
-                        "loss": value,
+                        "loss": float(detached),
                         "lr": lr,
                         "images_per_s": window_images / elapsed if elapsed > 0 else None,
                     }
                 )
                 window_start, window_images = time.perf_counter(), 0
+        _check_finite(first_bad, bad_loss, epoch, checkpoint_path, start_epoch, history)
+        loss_sum, correct = float(loss_sum), int(correct)
         if dist.enabled:
             loss_sum, correct, seen = sum_floats([loss_sum, correct, seen], device)
             correct, seen = int(correct), int(seen)
@@ -682,6 +693,14 @@ def run_train(
     delta = Delta(indices, values, full, dict(mask.shapes), provenance)
     seconds = time.perf_counter() - started
     return TrainResult(delta, final, history, start_epoch, seconds, model, optimizer_state_numel(optimizer))
+
+
+def _check_finite(
+    first_bad: Tensor, bad_loss: Tensor, epoch: int, checkpoint_path: Any, start_epoch: int, history: list
+) -> None:
+    """Raise if a non-finite loss was noted (a host synchronisation: called at logging steps and epoch ends)."""
+    if int(first_bad):
+        raise TrainingError(_nan_message(float(bad_loss), epoch, int(first_bad), checkpoint_path, start_epoch, history))
 
 
 def _nan_message(
