@@ -33,6 +33,11 @@ from .constants import ACTIVATION_METHODS, METHODS
 ANCHOR_EPS = 1e-6
 
 
+def row_shapes(modules: Mapping[str, nn.Module]) -> dict[str, tuple[int, int]]:
+    """``name -> (rows, fan_in)`` of each candidate layer's weight."""
+    return {name: (m.weight.shape[0], m.weight[0].numel()) for name, m in modules.items()}
+
+
 def as_rows(weight: Tensor) -> Tensor:
     """View a Linear / Conv weight as ``[out, fan_in]``."""
     return weight.reshape(weight.shape[0], -1)
@@ -141,6 +146,11 @@ class ActivationScores(Mapping[str, Tensor]):
     def __len__(self) -> int:
         return len(self.modules)
 
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Each layer's ``[rows, fan_in]`` score shape, without computing a score."""
+        return row_shapes(self.modules)
+
     def __getitem__(self, name: str) -> Tensor:
         module = self.modules[name]
         weight = module.weight
@@ -176,6 +186,11 @@ class GradientScores(Mapping[str, Tensor]):
 
     def __getitem__(self, name: str) -> Tensor:
         return gradient_scores(self.gradients[name])
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Each layer's ``[rows, fan_in]`` score shape, without computing a score."""
+        return row_shapes(self.modules)
 
 
 def make_scores(

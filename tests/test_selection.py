@@ -159,3 +159,36 @@ def test_same_mask_on_cpu_and_cuda(granularity):
     assert cpu.keys() == cuda.keys()
     for k in cpu:
         assert torch.equal(cpu[k], cuda[k])
+
+
+def reference_neuron(scores: dict[str, torch.Tensor], n: int) -> dict[str, list[int]]:
+    """Neuron-level selection by stable sorts, row by row: slow and obviously right."""
+    rows = [(name, r) for name, s in scores.items() for r in range(s.shape[0])]
+    cols = {name: s.shape[1] for name, s in scores.items()}
+    k = 0
+    while sum(min(k + 1, cols[name]) for name, _ in rows) <= n:
+        k += 1
+        if all(k >= c for c in cols.values()):
+            break
+    counts = {(name, r): min(k, cols[name]) for name, r in rows}
+    left = n - sum(counts.values())
+    order = {}
+    for name, r in rows:
+        order[name, r] = torch.sort(scores[name][r], descending=True, stable=True).indices.tolist()
+    candidates = [(name, r) for name, r in rows if cols[name] > k]
+    next_best = torch.tensor([float(scores[name][r][order[name, r][k]]) for name, r in candidates])
+    for i in torch.sort(next_best, descending=True, stable=True).indices[:left].tolist():
+        counts[candidates[i]] += 1
+    out: dict[str, list[int]] = {}
+    for name, r in rows:
+        out.setdefault(name, []).extend(r * cols[name] + c for c in order[name, r][: counts[name, r]])
+    return {name: sorted(v) for name, v in out.items() if v}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_neuron_matches_a_stable_sort_reference_with_many_ties(seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = {f"l{i}": torch.randint(0, 4, shape, generator=g).float() for i, shape in enumerate(SHAPES)}
+    for n in (5, 30, 58, 77, 107):
+        got = {name: idx.tolist() for name, idx in select_neuron(scores, n).items()}
+        assert got == reference_neuron(scores, n), n
