@@ -249,3 +249,25 @@ def test_no_pretrained_is_seeded_and_gps_sees_the_cls_token(hf_vit):
     with torch.no_grad():
         cls_token = first.vit(images).last_hidden_state[:, 0]  # the feature ViTForImageClassification classifies
         torch.testing.assert_close(pre_logits(first, images), cls_token)
+
+
+def test_cached_hub_model_loads_without_network(hf_vit, tmp_path, monkeypatch):
+    """A hub id whose files are in the HF cache loads with the endpoint refusing connections (no retry loop)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--some-org--tiny-vit"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(hf_vit, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    start = time.perf_counter()
+    model = create_model(ModelSpec("hf:some-org/tiny-vit", num_classes=4))
+    assert time.perf_counter() - start < 10
+    reference = create_model(ModelSpec(f"hf:{hf_vit}", num_classes=4))
+    assert torch.equal(model.vit.layers[1].mlp.fc1.weight, reference.vit.layers[1].mlp.fc1.weight)
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32)  # the cached processor was used
+    assert constants.HF_HUB_OFFLINE is False  # restored after loading
