@@ -53,11 +53,20 @@ def _numel(shape: Iterable[int]) -> int:
 
 
 def find_head(model: nn.Module) -> list[nn.Module]:
-    """The task head module(s), found through the model's own API (timm's ``get_classifier``)."""
+    """The task head module(s), found through the model's own API.
+
+    timm: ``get_classifier()``. Hugging Face transformers: every child module outside the base model
+    (``getattr(model, model.base_model_prefix)``), e.g. ``classifier``, or both heads of a distilled DeiT.
+    """
     get_classifier = getattr(model, "get_classifier", None)
     if get_classifier is None:
-        return []
-    head = get_classifier()
+        prefix = getattr(model, "base_model_prefix", None)
+        base = getattr(model, prefix, None) if isinstance(prefix, str) and prefix else None
+        if not isinstance(base, nn.Module) or base is model:
+            return []
+        head = [child for child in model.children() if child is not base]
+    else:
+        head = get_classifier()
     heads = list(head) if isinstance(head, (tuple, list)) else [head]
     return [h for h in heads if isinstance(h, nn.Module) and any(True for _ in h.parameters())]
 

@@ -111,7 +111,8 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="timm name (vit_base_patch16_224.augreg_in21k), hf-hub:org/name or local-dir:PATH.",
+        help="timm name (vit_base_patch16_224.augreg_in21k), hf-hub:org/name, local-dir:PATH, or hf:ID_OR_PATH for a "
+        "Hugging Face transformers image-classification model.",
         rich_help_panel="Model",
     ),
 ]
@@ -134,6 +135,14 @@ ImgSizeOpt = Annotated[
 ]
 OfflineOpt = Annotated[
     bool, typer.Option("--offline", help="Never touch the network (cached weights only).", rich_help_panel="Model")
+]
+TrustRemoteCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Let an hf: model run code from its repository (off by default; only for repositories you trust).",
+        rich_help_panel="Model",
+    ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, cuda or cuda:N.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object with the result to stdout.")]
@@ -222,6 +231,7 @@ def select_cmd(
     num_classes: NumClassesOpt = None,
     img_size: ImgSizeOpt = None,
     offline: OfflineOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     batch_size: Annotated[int, typer.Option(min=1, rich_help_panel="Data")] = 32,
     num_workers: Annotated[
         int | None, typer.Option(min=0, help="DataLoader workers (default: by device).", rich_help_panel="Data")
@@ -301,9 +311,11 @@ def select_cmd(
         dev = init(dist, dev)
         spec = None
         if model is not None:
-            spec = ModelSpec(model, pretrained, checkpoint, num_classes, img_size, offline)
+            spec = ModelSpec(model, pretrained, checkpoint, num_classes, img_size, offline, trust_remote_code)
         if from_scores is not None:
-            result = reselect(from_scores, options, spec=spec, device=dev, anchor=anchor)
+            result = reselect(
+                from_scores, options, spec=spec, device=dev, anchor=anchor, trust_remote_code=trust_remote_code
+            )
         else:
             report.log(f"fps select: {model} on {data} ({dev.type}, {precision})")
             with report.progress("scoring") as (on_start, on_batch):
@@ -463,6 +475,7 @@ def train_cmd(
     num_classes: NumClassesOpt = None,
     img_size: ImgSizeOpt = None,
     offline: OfflineOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     batch_size: Annotated[int, typer.Option(min=1, rich_help_panel="Data")] = 32,
     num_workers: Annotated[
         int | None, typer.Option(min=0, help="DataLoader workers (default: by device).", rich_help_panel="Data")
@@ -516,6 +529,7 @@ def train_cmd(
             num_classes=num_classes,
             img_size=img_size,
             offline=offline,
+            trust_remote_code=trust_remote_code,
         )
         config = TrainConfig(
             epochs=epochs,
@@ -610,6 +624,7 @@ def eval_cmd(
     checkpoint: CheckpointOpt = None,
     img_size: ImgSizeOpt = None,
     offline: OfflineOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     batch_size: Annotated[int, typer.Option(min=1, rich_help_panel="Data")] = 32,
     num_workers: Annotated[
         int | None, typer.Option(min=0, help="DataLoader workers (default: by device).", rich_help_panel="Data")
@@ -640,6 +655,7 @@ def eval_cmd(
             checkpoint=checkpoint,
             img_size=img_size,
             offline=offline,
+            trust_remote_code=trust_remote_code,
         )
         report.log(f"fps eval: {spec.name} with {delta} on the {split} split ({dev.type}, {precision})")
         metrics = run_eval(

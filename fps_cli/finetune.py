@@ -33,7 +33,7 @@ from .data import ImageStream, default_num_workers, discover, eval_transform, ma
 from .distributed import Dist, average_gradients, batch_shard, sum_floats
 from .errors import DataError, FileFormatError, TrainingError
 from .formats import Delta, Mask, weights_digest
-from .models import ModelSpec, create_model
+from .models import ModelSpec, create_model, model_name, model_num_classes, output_logits
 from .selector import base_digest, seed_everything
 from .sparse import SparseParams, attach, extract, recompute_sparse_weights
 
@@ -182,8 +182,12 @@ def spec_from_provenance(
     num_classes: int | None = None,
     img_size: int | None = None,
     offline: bool = False,
+    trust_remote_code: bool = False,
 ) -> ModelSpec:
-    """The model a mask or delta records, with any of its parts overridden."""
+    """The model a mask or delta records, with any of its parts overridden.
+
+    ``trust_remote_code`` is never read from the file: only the user can allow a model's own code to run.
+    """
     if "model" not in prov:
         raise FileFormatError("the file's header lacks the model provenance (fps.model)")
     recorded_ckpt = prov.get("checkpoint")
@@ -194,6 +198,7 @@ def spec_from_provenance(
         num_classes=num_classes if num_classes is not None else prov.get("num_classes"),
         img_size=img_size if img_size is not None else prov.get("img_size"),
         offline=offline,
+        trust_remote_code=trust_remote_code,
     )
 
 
@@ -248,7 +253,7 @@ def build_base(
 
 
 def _num_classes(model: nn.Module) -> int | None:
-    return getattr(model, "num_classes", None)
+    return model_num_classes(model)
 
 
 def _check_classes(classes: list[str], num_classes: int | None, root: Path, source: str) -> None:
@@ -309,7 +314,7 @@ def evaluate(
         for images, labels in batches:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with autocast(device, precision):
-                logits = model(images)
+                logits = output_logits(model(images))
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             top = logits.topk(k, dim=1).indices  # [B, k]
@@ -583,7 +588,7 @@ def run_train(
         for images, labels in stream:
             images, labels = images.to(device, non_blocking=pin), labels.to(device, non_blocking=pin)
             with recompute_sparse_weights(), autocast(device, config.precision):
-                logits = model(images)
+                logits = output_logits(model(images))
             loss = criterion(logits.float(), labels)
             scaler.scale(loss / config.grad_accum).backward()
             detached = loss.detach()
@@ -673,7 +678,7 @@ def run_train(
     indices, values, full = extract(sparse)
     provenance = {
         **{k: prov.get(k) for k in IDENTITY_KEYS},
-        "model": spec.name,
+        "model": model_name(spec.name),
         "pretrained": bool(spec.pretrained and spec.checkpoint is None),
         "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
         "num_classes": num_classes,

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .activations import autocast
 from .constants import GPS_LOSSES
 from .errors import ModelError
+from .models import output_logits
 
 GPS_TEMPERATURE = 0.07
 GPS_BASE_TEMPERATURE = 0.07
@@ -118,13 +119,35 @@ def gps_transform(model: nn.Module, img_size: int | None = None, augment: bool =
 
 
 def pre_logits(model: nn.Module, images: Tensor) -> Tensor:
-    """The feature the head sees (timm's ``forward_head(forward_features(x), pre_logits=True)``), ``[batch, dim]``."""
-    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+    """The feature the head sees, ``[batch, dim]``.
+
+    timm: ``forward_head(forward_features(x), pre_logits=True)``. Other models (Hugging Face transformers): the
+    input of the single head module, caught by a forward pre-hook (e.g. the final CLS token of a ViT, the pooled
+    feature of a ConvNeXt), flattened.
+    """
+    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        return model.forward_head(model.forward_features(images), pre_logits=True)
+    from .candidates import find_head
+
+    heads = find_head(model)
+    if len(heads) != 1:
         raise ModelError(
-            f"{type(model).__name__} has no forward_features / forward_head, so --gps-loss supcon cannot reach its "
-            "pre-logits feature; use --gps-loss ce"
+            f"{type(model).__name__} has {len(heads)} head modules and no forward_features / forward_head, so "
+            "--gps-loss supcon cannot tell its pre-logits feature; use --gps-loss ce"
         )
-    return model.forward_head(model.forward_features(images), pre_logits=True)
+    seen: list[Tensor] = []
+
+    def keep_input(module: nn.Module, args: tuple) -> None:  # returns None: the head's input is left as it is
+        seen.append(args[0])
+
+    handle = heads[0].register_forward_pre_hook(keep_input)
+    try:
+        model(images)
+    finally:
+        handle.remove()
+    if not seen:
+        raise ModelError(f"the head of {type(model).__name__} was not called; use --gps-loss ce")
+    return seen[0].reshape(images.shape[0], -1)
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -148,7 +171,7 @@ def gps_loss(model: nn.Module, views: Tensor, labels: Tensor, loss: str = "supco
         with torch.autocast(images.device.type, enabled=False):  # the loss itself in fp32
             return supcon_loss(features, labels)
     if loss == "ce":
-        logits = _at_least_fp32(model(images))  # [views*batch, classes]
+        logits = _at_least_fp32(output_logits(model(images)))  # [views*batch, classes]
         return F.cross_entropy(logits, labels.repeat(n_views))
     raise ValueError(f"unknown GPS loss {loss!r}; expected one of {GPS_LOSSES}")
 

@@ -1,4 +1,5 @@
-"""Model loading: timm names (with pretrained tags), ``hf-hub:``, ``local-dir:`` and local checkpoints.
+"""Model loading: timm names (with pretrained tags), ``hf-hub:``, ``local-dir:``, local checkpoints, and Hugging Face
+transformers models (``hf:``, in :mod:`.hf`).
 
 Pretrained weights are checked before timm is asked for them: if they are not in the local cache and the hub
 cannot be reached (or ``offline`` is set), loading fails at once with one message naming the model and the
@@ -22,6 +23,8 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .hf import canonical_name, create_hf_model, is_hf_name
+from .hf import save_hf_pretrained as save_hf_pretrained  # re-exported: the merge command's writer for hf: models
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 NETWORK_PROBE_TIMEOUT_S = 3.0
@@ -32,12 +35,14 @@ class ModelSpec:
     """What to build.
 
     Attributes:
-        name: a timm name (``vit_base_patch16_224.augreg_in21k``), ``hf-hub:org/name`` or ``local-dir:PATH``.
+        name: a timm name (``vit_base_patch16_224.augreg_in21k``), ``hf-hub:org/name``, ``local-dir:PATH``, or
+            ``hf:ID_OR_PATH`` for a transformers image-classification model.
         pretrained: load pretrained weights (ignored when ``checkpoint`` is given).
         checkpoint: local weights (safetensors, or a torch file read with ``weights_only=True``).
         num_classes: size of the new head; ``None`` keeps the model's own.
         img_size: input resolution override (models that take ``img_size``).
         offline: never touch the network.
+        trust_remote_code: let an ``hf:`` model run code from its repository (never recorded in a file).
     """
 
     name: str
@@ -46,6 +51,7 @@ class ModelSpec:
     num_classes: int | None = None
     img_size: int | None = None
     offline: bool = False
+    trust_remote_code: bool = False
 
 
 def is_offline(spec_offline: bool = False) -> bool:
@@ -64,8 +70,6 @@ def _check_model_name(name: str) -> None:
 
     if name.startswith(("hf-hub:", "local-dir:")):
         return
-    if name.startswith("hf:"):
-        raise ModelError(f"{name}: Hugging Face transformers models (hf:) are not supported by this version yet")
     if not timm.is_model(name):
         arch = name.split(".", 1)[0]
         close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
@@ -134,21 +138,23 @@ def _quiet_hub() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _ensure_available(what: str, repo_or_url: str, cached: bool, offline: bool, name: str) -> bool:
+def _ensure_available(
+    what: str, repo_or_url: str, cached: bool, offline: bool, name: str, ways_out: str | None = None
+) -> bool:
     """Decide how to fetch ``what``: returns True to load from the cache only, or raises if it cannot be had."""
     if cached:
         return True
+    ways_out = ways_out or _ways_out(name)
     if offline:
         raise ModelError(
-            f"{what} for {name} are not in the local cache and offline mode (--offline / HF_HUB_OFFLINE) "
-            f"forbids downloading them. {_ways_out(name)}"
+            f"{what} for {name}: not in the local cache, and offline mode (--offline / HF_HUB_OFFLINE) "
+            f"forbids downloading. {ways_out}"
         )
     url = repo_or_url if "://" in repo_or_url else _hf_endpoint()
     reason = _reachable(url)
     if reason is not None:
-        raise ModelError(
-            f"cannot download {what} for {name}: {urlparse(url).hostname} is unreachable ({reason}). {_ways_out(name)}"
-        )
+        host = urlparse(url).hostname
+        raise ModelError(f"cannot download {what} for {name}: {host} is unreachable ({reason}). {ways_out}")
     return False
 
 
@@ -179,6 +185,8 @@ def create_model(spec: ModelSpec) -> nn.Module:
     Raises:
         ModelError: unknown name, unreachable or missing weights, a checkpoint that does not fit.
     """
+    if is_hf_name(spec.name):
+        return create_hf_model(spec)
     import timm
 
     _check_model_name(spec.name)
@@ -230,6 +238,25 @@ def create_model(spec: ModelSpec) -> nn.Module:
     if spec.checkpoint is not None:
         load_checkpoint(model, spec.checkpoint)
     return model.eval()
+
+
+def model_name(name: str) -> str:
+    """The model name to record in a file's provenance (a local ``hf:`` folder made absolute)."""
+    return canonical_name(name) if is_hf_name(name) else name
+
+
+def model_num_classes(model: nn.Module) -> int | None:
+    """The head's class count: timm's ``num_classes``, or transformers' ``config.num_labels``."""
+    n = getattr(model, "num_classes", None)
+    if n is None:
+        n = getattr(getattr(model, "config", None), "num_labels", None)
+    return n
+
+
+def output_logits(output: Any) -> torch.Tensor:
+    """The logits of a forward pass: the tensor itself (timm), or ``output.logits`` (transformers' output objects)."""
+    logits = getattr(output, "logits", None)
+    return output if logits is None else logits
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

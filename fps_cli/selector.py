@@ -35,7 +35,7 @@ from .formats import (
     score_statistic,
     weights_digest,
 )
-from .models import ModelSpec, create_model
+from .models import ModelSpec, create_model, model_name, model_num_classes
 from .scoring import make_scores
 from .selection import select, select_topk_per_neuron
 
@@ -181,7 +181,7 @@ def _model_provenance(
 ) -> dict[str, Any]:
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     return {
-        "model": spec.name,
+        "model": model_name(spec.name),
         "pretrained": bool(spec.pretrained and spec.checkpoint is None),
         "pretrained_tag": cfg.get("tag") if spec.pretrained and spec.checkpoint is None else None,
         "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
@@ -261,7 +261,7 @@ def run_select(
 
     seed_everything(options.seed)
     model = create_model(spec)
-    num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
+    num_classes = num_classes if num_classes is not None else model_num_classes(model)
     roles = parameter_roles(model, train_bias=options.train_bias)
     if options.topk_per_neuron is None:
         selection_count(roles, options.budget)  # fail on an impossible budget before the data pass
@@ -411,6 +411,7 @@ def reselect(
     spec: ModelSpec | None = None,
     device: torch.device | str = "cpu",
     anchor: str | Path | None = None,
+    trust_remote_code: bool = False,
 ) -> SelectResult:
     """Re-select from a saved score file at new options, with no data pass.
 
@@ -424,6 +425,7 @@ def reselect(
         spec: overrides the model the file records.
         device: where the scores are computed.
         anchor: an anchor score file (experimental; see :func:`run_select`).
+        trust_remote_code: let the recorded ``hf:`` model run code from its repository (never read from the file).
     """
     statistic = score_statistic(scores_path)
     if statistic == "gradient" and options.method in ("fps", "activation"):
@@ -449,6 +451,7 @@ def reselect(
             checkpoint=Path(prov["checkpoint"]) if prov.get("checkpoint") else None,
             num_classes=prov["num_classes"],
             img_size=prov.get("img_size"),
+            trust_remote_code=trust_remote_code,
         )
     except (KeyError, TypeError):
         raise FileFormatError(f"{scores_path}: score header lacks the model provenance") from None

@@ -99,11 +99,6 @@ def test_cached_pretrained_weights_load_without_network(tmp_path, monkeypatch):
     assert constants.HF_HUB_OFFLINE is False  # restored after loading
 
 
-def test_hf_transformers_models_are_not_yet_supported():
-    with pytest.raises(ModelError, match="hf:"):
-        create_model(ModelSpec("hf:google/vit-base-patch16-224-in21k"))
-
-
 def test_img_size_refused_by_a_model_without_it():
     with pytest.raises(ModelError, match="does not accept --img-size"):
         create_model(ModelSpec("resnet10t", pretrained=False, img_size=32))
