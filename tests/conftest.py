@@ -38,6 +38,9 @@ def _no_network(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache / "hub"))
     monkeypatch.setenv("TORCH_HOME", str(cache / "torch"))
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    # `--offline` sets HF_HUB_OFFLINE for the rest of a CLI process; in-process CLI tests must not inherit it.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
