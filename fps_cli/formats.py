@@ -74,10 +74,12 @@ def write_atomic(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadat
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the output should read like any other file
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
         _canonical_header(tmp)
+        # mkstemp creates 0600, and safetensors >= 0.8 writes a new 0600 file of its own: set the mode afterwards,
+        # so the output reads like any other file.
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
