@@ -661,6 +661,7 @@ def merge_cmd(
         typer.Option(
             "--out",
             "-o",
+            metavar="FILE|DIR/",
             help="Merged weight file, or a folder (a path ending in / or an existing directory) to write a timm "
             "local-dir: model (model.safetensors + config.json).",
             rich_help_panel="Output",

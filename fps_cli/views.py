@@ -255,6 +255,7 @@ def plot_mask(report: dict[str, Any], path: str | os.PathLike) -> None:
     fig.colorbar(image, ax=heat, shrink=0.8)
     if dist["rows"]:
         hist.bar([k for k, _ in dist["histogram"]], [n for _, n in dist["histogram"]], width=0.9, color="tab:blue")
+    hist.xaxis.get_major_locator().set_params(integer=True)
     hist.set_xlabel("selected entries per neuron (row)")
     hist.set_ylabel("rows")
     hist.set_title(f"per neuron: {dist['rows']:,} rows, mean {dist['mean']:.2f}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,9 @@ def test_single_file_loads_into_a_fresh_model_with_the_trained_logits(inputs, tm
     assert "fps merge: test_vit + delta.safetensors -> merged.safetensors (fp32)" in result.stderr
     expected = trained_model(images())
 
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "merged.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     state = load_file(tmp_path / "merged.safetensors")
     assert all(t.dtype == torch.float32 for t in state.values())
     model = fresh()
@@ -103,6 +107,9 @@ def test_local_dir_loads_with_no_other_argument(inputs, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stdout.endswith("wrote export/ (timm local-dir: model)\n")
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "export").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config["architecture"] == "test_vit"
     assert config["num_classes"] == NUM_CLASSES
