@@ -34,8 +34,9 @@ from .formats import (
 
 LAYER_TYPES = ("qkv", "proj", "fc1", "fc2", "conv", "other")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-# Module containers whose numbered children are blocks: timm's blocks / layers / stages, ResNet's layer1..4.
-_CONTAINER = re.compile(r"^(blocks|layers|stages|resblocks|features|layer\d+|stage\d+|block\d+)$")
+# Module containers whose numbered children are blocks: timm's blocks / layers / stages, ResNet's layer1..4,
+# Hugging Face's encoder.layer.
+_CONTAINER = re.compile(r"^(blocks|layers?|stages|resblocks|features|layer\d+|stage\d+|block\d+)$")
 _QKV = {"qkv", "q", "k", "v", "kv", "q_proj", "k_proj", "v_proj", "qkv_proj", "query", "key", "value", "in_proj"}
 _PROJ = {"proj", "out_proj", "o_proj", "c_proj"}
 _FC1 = {"fc1", "up_proj", "gate_proj", "w1", "w12", "intermediate"}

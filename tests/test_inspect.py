@@ -296,3 +296,46 @@ def test_masks_of_different_models(files, tmp_path):
     assert result.stderr == (
         "error: the masks are of different models:\n  pos_embed: [1, 5, 64] in a vs [1, 10, 64] in b\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "block", "kind"),
+    [
+        ("blocks.3.attn.qkv.weight", (192, 64), "blocks.3", "qkv"),
+        ("blocks.3.attn.proj.bias", (64,), "blocks.3", "proj"),
+        ("blocks.11.mlp.fc1.weight", (3072, 768), "blocks.11", "fc1"),
+        ("layers.1.blocks.0.mlp.fc2.weight", (96, 384), "layers.1.blocks.0", "fc2"),  # Swin
+        ("layers.1.downsample.reduction.weight", (192, 384), "layers.1", "other"),
+        ("layer2.1.conv1.weight", (128, 128, 3, 3), "layer2.1", "conv"),  # ResNet
+        ("layer2.0.downsample.0.weight", (128, 64, 1, 1), "layer2.0", "conv"),
+        ("stages.2.blocks.4.conv_dw.weight", (384, 1, 7, 7), "stages.2.blocks.4", "conv"),  # ConvNeXt
+        ("encoder.layer.5.attention.attention.query.weight", (768, 768), "encoder.layer.5", "qkv"),  # HF ViT
+        ("encoder.layer.5.attention.output.dense.weight", (768, 768), "encoder.layer.5", "proj"),
+        ("encoder.layer.5.intermediate.dense.weight", (3072, 768), "encoder.layer.5", "fc1"),
+        ("encoder.layer.5.output.dense.weight", (768, 3072), "encoder.layer.5", "fc2"),
+        ("pos_embed", (1, 197, 768), None, "other"),  # 3-D, but not a conv weight
+        ("patch_embed.proj.weight", (768, 3, 16, 16), None, "conv"),
+        ("head.weight", (10, 768), None, "other"),
+    ],
+)
+def test_block_and_layer_type_from_names(name, shape, block, kind):
+    from fps_cli.inspection import block_of, layer_type
+
+    assert block_of(name) == block
+    assert layer_type(name, shape) == kind
+
+
+def test_biases_take_their_layers_type():
+    from fps_cli.inspection import depth_keys, layer_types
+
+    shapes = {"cls_token": (1, 1, 8), "stem.proj.weight": (8, 3, 4, 4), "stem.proj.bias": (8,)}
+    shapes |= {"blocks.0.mlp.fc1.weight": (16, 8), "blocks.0.mlp.fc1.bias": (16,), "norm.weight": (8,)}
+    assert layer_types(shapes) == {
+        "cls_token": "other",
+        "stem.proj.weight": "conv",
+        "stem.proj.bias": "conv",
+        "blocks.0.mlp.fc1.weight": "fc1",
+        "blocks.0.mlp.fc1.bias": "fc1",
+        "norm.weight": "other",
+    }
+    assert list(depth_keys(shapes).values()) == ["stem", "stem", "stem", "0", "0", "top"]
