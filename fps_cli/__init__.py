@@ -31,6 +31,11 @@ _EXPORTS = {
     "collect_gradients": ".gradients",
     "compare_masks": ".compare",
     "MaskComparison": ".compare",
+    "read_delta": ".formats",
+    "load_merged": ".merge",
+    "merge_into": ".merge",
+    "run_merge": ".merge",
+    "inspect_files": ".inspection",
     "FpsError": ".errors",
 }
 

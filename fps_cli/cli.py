@@ -674,6 +674,135 @@ def eval_cmd(
     report.result({"delta": str(delta), **metrics}, human)
 
 
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+
+
+@app.command("merge")
+def merge_cmd(
+    delta: Annotated[Path, typer.Option("--delta", help="Delta file from fps train.", rich_help_panel="Input")] = Path(
+        "delta.safetensors"
+    ),
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="FILE|DIR/",
+            help="Merged weight file, or a folder (a path ending in / or an existing directory) to write a timm "
+            "local-dir: model (model.safetensors + config.json).",
+            rich_help_panel="Output",
+        ),
+    ] = "merged.safetensors",
+    dtype: Annotated[
+        Literal[DTYPE_NAMES], typer.Option(help="Data type of the written weights.", rich_help_panel="Output")
+    ] = "fp32",
+    model: ModelOpt = None,
+    pretrained: PretrainedOrRecordedOpt = None,
+    checkpoint: CheckpointOpt = None,
+    offline: OfflineOpt = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Add a trained delta to its base model and write the full fine-tuned weights."""
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    report = Reporter(quiet=quiet, as_json=as_json)
+    with _exits():
+        from .finetune import spec_from_provenance
+        from .formats import read_delta
+        from .merge import resolve_target, run_merge
+
+        local_dir = model[len("local-dir:") :] if model and model.startswith("local-dir:") else None
+        target = resolve_target(out, force=force, inputs=[delta, checkpoint, local_dir])
+        the_delta = read_delta(delta)
+        spec = spec_from_provenance(
+            the_delta.provenance, model=model, pretrained=pretrained, checkpoint=checkpoint, offline=offline
+        )
+        report.log(f"fps merge: {spec.name} + {delta} -> {target.path}{'/' if target.directory else ''} ({dtype})")
+        result = run_merge(the_delta, target, spec=spec, dtype=dtype, source=str(delta))
+
+    written = f"{target.path}/ (timm local-dir: model)" if target.directory else str(target.path)
+    payload = {
+        "merged": str(target.path),
+        "directory": target.directory,
+        "weights": str(target.weights),
+        "model": result.model,
+        "dtype": dtype,
+        "tensors": result.tensors,
+        "changed_tensors": result.changed_tensors,
+        "trained": result.trained,
+        "bytes": result.bytes,
+    }
+    human = (
+        f"merged {result.trained:,} trained entries in {result.changed_tensors} tensors into {result.model} "
+        f"({result.tensors} tensors, {dtype}, {result.bytes / 2**20:.1f} MiB)\nwrote {written}"
+    )
+    report.result(payload, human)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Mask, score or delta files (default: ./mask.safetensors); two masks are compared."),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Draw a mask: heatmap per block x layer type, histogram per neuron (.png/.svg)."),
+    ] = None,
+    export_dense: Annotated[
+        Path | None,
+        typer.Option("--export-dense", help="Write a mask as dense boolean tensors (safetensors, one per parameter)."),
+    ] = None,
+    norm: Annotated[
+        Literal[NORMS], typer.Option(help="Score files: show a as mean |x| (l1) or root mean square (l2).")
+    ] = "l1",
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Show what a mask, score or delta file holds (provenance, totals, per layer, per depth), or compare two masks."""
+    paths = files or [Path("mask.safetensors")]
+    if (plot is not None or export_dense is not None) and len(paths) != 1:
+        flag = "--plot" if plot is not None else "--export-dense"
+        raise _usage(f"draws or exports one mask; give one mask file, not {len(paths)} files", flag)
+    if plot is not None and plot.suffix.lower() not in (".png", ".svg"):
+        raise _usage(f"a plot is written as .png or .svg, not {plot.name!r}", "--plot")
+    report = Reporter(quiet=quiet, as_json=as_json)
+    with _exits():
+        from .formats import check_output
+        from .inspection import export_dense as write_dense
+        from .inspection import file_kind, inspect_files
+        from .views import plot_mask, render, render_comparison
+
+        for output in (plot, export_dense):
+            if output is not None:
+                check_output(output, force=force, inputs=paths)
+        if plot is not None and export_dense is not None and plot.resolve() == export_dense.resolve():
+            raise _usage("--plot and --export-dense name the same file", "--export-dense")
+        if (plot is not None or export_dense is not None) and file_kind(paths[0]) != "mask":
+            flag = "--plot" if plot is not None else "--export-dense"
+            raise _usage(f"{paths[0]} is a {file_kind(paths[0])} file, not a mask", flag)
+        reports, comparison, masks = inspect_files(paths, norm=norm)
+        if plot is not None:
+            plot_mask(reports[0], plot)
+        if export_dense is not None:
+            write_dense(masks[str(paths[0])], export_dense)
+
+    for output in (plot, export_dense):
+        if output is not None:
+            report.log(f"wrote {output}")
+    if len(reports) == 1:
+        payload: dict[str, Any] = reports[0]
+    else:
+        payload = {"files": reports, "comparison": comparison}
+    texts = [render(r) for r in reports]
+    if comparison is not None:
+        texts.append(render_comparison(comparison, str(paths[0]), str(paths[1])))
+    report.result(payload, "\n\n".join(texts))
+
+
 def main() -> None:
     """Console entry point (``fps`` and ``python -m fps_cli``)."""
     app(prog_name="fps")

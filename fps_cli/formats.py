@@ -74,10 +74,12 @@ def write_atomic(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadat
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the output should read like any other file
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
         _canonical_header(tmp)
+        # mkstemp creates 0600, and safetensors >= 0.8 writes a new 0600 file of its own: set the mode afterwards,
+        # so the output reads like any other file.
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -114,8 +116,12 @@ def encode_metadata(kind: str, provenance: Mapping[str, Any]) -> dict[str, str]:
     return meta
 
 
-def read_header(path: str | os.PathLike, kind: str) -> tuple[dict[str, Any], dict[str, str]]:
+def read_header(path: str | os.PathLike, kind: str | None) -> tuple[dict[str, Any], dict[str, str]]:
     """Read and check the header of an fps file of the given kind, without loading its tensors.
+
+    Args:
+        path: the file.
+        kind: ``mask``, ``scores`` or ``delta``; ``None`` accepts any of them (``raw["fps.format"]`` says which).
 
     Returns:
         (provenance decoded from JSON, the raw header metadata).
@@ -137,7 +143,9 @@ def read_header(path: str | os.PathLike, kind: str) -> tuple[dict[str, Any], dic
     found = raw.get("fps.format")
     if found is None:
         raise FileFormatError(f"{path} is a safetensors file but not an fps file (no fps.format in its header)")
-    if found != kind:
+    if kind is None and found not in FORMATS:
+        raise FileFormatError(f"{path} is an fps {found!r} file, which this fps_cli {__version__} does not read")
+    if kind is not None and found != kind:
         raise FileFormatError(f"{path} is an fps {found} file, but a {kind} file is needed here")
     version = raw.get("fps.format_version", "")
     if not version.isdigit() or int(version) > FORMAT_VERSION:

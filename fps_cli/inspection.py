@@ -1,0 +1,381 @@
+"""``fps inspect`` as library calls: what a mask, score or delta file holds, as JSON-ready numbers.
+
+Every function returns plain dicts and lists (numbers, strings), the same ones ``fps inspect --json`` prints;
+:mod:`.views` draws them as text or as a matplotlib figure. The kind of a file is read from its header
+(``fps.format``, and ``fps.statistic`` for a score file), never guessed from its name.
+
+The per-depth view groups parameters by block and layer type. Those come from parameter names and shapes
+(:func:`block_of`, :func:`layer_type`): this is a display, and name parsing is good enough for one (selection
+itself never looks at names).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .formats import (
+    Delta,
+    Mask,
+    read_delta,
+    read_gradient_scores,
+    read_header,
+    read_mask,
+    read_scores,
+    score_statistic,
+    write_atomic,
+)
+
+LAYER_TYPES = ("qkv", "proj", "fc1", "fc2", "conv", "other")
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+# Module containers whose numbered children are blocks: timm's blocks / layers / stages, ResNet's layer1..4,
+# Hugging Face's encoder.layer.
+_CONTAINER = re.compile(r"^(blocks|layers?|stages|resblocks|features|layer\d+|stage\d+|block\d+)$")
+_QKV = {"qkv", "q", "k", "v", "kv", "q_proj", "k_proj", "v_proj", "qkv_proj", "query", "key", "value", "in_proj"}
+_PROJ = {"proj", "out_proj", "o_proj", "c_proj"}
+_FC1 = {"fc1", "up_proj", "gate_proj", "w1", "w12", "intermediate"}
+_FC2 = {"fc2", "down_proj", "w2", "w3"}
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """``mask``, ``scores`` or ``delta``, from the file's header alone.
+
+    Raises:
+        FileFormatError: missing, unreadable, truncated, foreign or newer-version file.
+    """
+    _, raw = read_header(path, None)
+    return raw["fps.format"]
+
+
+# ------------------------------------------------------------------------------------ names -> depth, type
+
+
+def block_of(name: str) -> str | None:
+    """The block a parameter belongs to (``blocks.3``, ``layers.1.blocks.0``, ``layer2.1``), or None.
+
+    The block is the deepest numbered child of a block container (``blocks``, ``layers``, ``stages``,
+    ``layer1`` ...) on the parameter's path.
+    """
+    parts = name.split(".")
+    found = None
+    for i in range(1, len(parts) - 1):
+        if parts[i].isdigit() and _CONTAINER.match(parts[i - 1]):
+            found = i
+    return ".".join(parts[: found + 1]) if found is not None else None
+
+
+def layer_type(name: str, shape: Iterable[int]) -> str:
+    """``qkv``, ``proj`` (attention output), ``fc1``, ``fc2`` (MLP), ``conv`` or ``other``, from name and shape.
+
+    A ``weight`` of three or more dimensions is a convolution's (a 3-D position embedding is not).
+    """
+    parts = name.lower().split(".")
+    attr, parts = parts[-1], parts[:-1]  # the module path, without weight / bias
+    leaf = parts[-1] if parts else ""
+    if (attr == "weight" and len(tuple(shape)) >= 3) or "conv" in leaf:
+        return "conv"
+    if leaf in _QKV:
+        return "qkv"
+    in_attention = any("attn" in p or "attention" in p for p in parts)
+    if (leaf in _PROJ and in_attention) or (in_attention and leaf == "dense" and "output" in parts):
+        return "proj"
+    if leaf in _FC1 or (leaf == "dense" and "intermediate" in parts):
+        return "fc1"
+    if leaf in _FC2 or (leaf == "dense" and "output" in parts):
+        return "fc2"
+    return "other"
+
+
+def layer_types(shapes: Mapping[str, Iterable[int]]) -> dict[str, str]:
+    """:func:`layer_type` of every parameter; a bias is typed by its layer's weight (a conv's bias is ``conv``)."""
+    types = {}
+    for name, shape in shapes.items():
+        module, _, attr = name.rpartition(".")
+        sibling = f"{module}.weight" if module else "weight"
+        if attr == "bias" and sibling in shapes:
+            types[name] = layer_type(sibling, shapes[sibling])
+        else:
+            types[name] = layer_type(name, shape)
+    return types
+
+
+def natural_key(name: str) -> list[tuple[int, int | str]]:
+    """Sort key that puts ``blocks.2`` before ``blocks.10``."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in name.split(".")]
+
+
+def depth_keys(names: Iterable[str]) -> dict[str, str]:
+    """Every parameter's row in the per-depth view: ``"0"``, ``"1"`` ... for blocks in model order, ``stem``
+    for parameters before the first block, ``top`` for the others (final norm, head)."""
+    rows: dict[str, str] = {}
+    order: dict[str, int] = {}
+    for name in names:
+        block = block_of(name)
+        if block is None:
+            rows[name] = "top" if order else "stem"
+        else:
+            rows[name] = str(order.setdefault(block, len(order)))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ masks
+
+
+def _numel(shape: Iterable[int]) -> int:
+    return math.prod(shape)
+
+
+def _pct(part: float, whole: float) -> float:
+    return 100.0 * part / whole if whole else 0.0
+
+
+def mask_report(mask: Mask, path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Totals, one row per parameter (in model order), the per-depth view and the per-neuron distribution.
+
+    The rows add up to the totals: ``sum(selected) == totals.selected``, ``sum(trainable) == totals.trainable``,
+    ``sum(numel) == totals.total_params``.
+    """
+    fully = set(mask.fully_trainable)
+    depth = depth_keys(mask.shapes)
+    types = layer_types(mask.shapes)
+    layers = []
+    for name, shape in mask.shapes.items():
+        numel = _numel(shape)
+        selected = int(mask.indices[name].numel()) if name in mask.indices else 0
+        trainable = numel if name in fully else selected
+        role = "full" if name in fully else "selected" if name in mask.indices else "frozen"
+        layers.append(
+            {
+                "name": name,
+                "shape": list(shape),
+                "numel": numel,
+                "role": role,
+                "selected": selected,
+                "trainable": trainable,
+                "pct": _pct(trainable, numel),
+                "block": depth[name],
+                "type": types[name],
+            }
+        )
+    total = mask.total_params
+    selected, trainable = mask.selected, mask.trainable
+    totals = {
+        "selected": selected,
+        "fully_trainable": trainable - selected,
+        "fully_trainable_tensors": len(fully),
+        "trainable": trainable,
+        "frozen": total - trainable,
+        "total_params": total,
+        "selected_layers": len(mask.indices),
+        "selected_pct": _pct(selected, total),
+        "trainable_pct": _pct(trainable, total),
+    }
+    return {
+        "kind": "mask",
+        "file": str(path) if path is not None else None,
+        "provenance": dict(mask.provenance),
+        "totals": totals,
+        "layers": layers,
+        "depth": depth_view(layers),
+        "per_neuron": per_neuron(mask),
+    }
+
+
+def depth_view(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Selected entries per block (rows, model order) and layer type (columns), with the parameters there."""
+    rows: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        row = rows.setdefault(
+            layer["block"],
+            {"block": layer["block"], "selected": 0, "params": 0, "by_type": {t: [0, 0] for t in LAYER_TYPES}},
+        )
+        row["selected"] += layer["selected"]
+        row["params"] += layer["numel"]
+        cell = row["by_type"][layer["type"]]
+        cell[0] += layer["selected"]
+        cell[1] += layer["numel"]
+    ordered = [rows[k] for k in ("stem",) if k in rows]
+    ordered += [r for k, r in rows.items() if k not in ("stem", "top")]
+    ordered += [rows[k] for k in ("top",) if k in rows]
+    for row in ordered:
+        row["pct"] = _pct(row["selected"], row["params"])
+        row["by_type"] = {
+            t: {"selected": s, "params": p, "pct": _pct(s, p)} for t, (s, p) in row["by_type"].items() if p
+        }
+    return {"types": list(LAYER_TYPES), "rows": ordered}
+
+
+def per_neuron(mask: Mask) -> dict[str, Any]:
+    """How many entries each output neuron (row) of the partially selected parameters has selected."""
+    counts = []
+    for name, idx in mask.indices.items():
+        shape = mask.shapes[name]
+        rows = shape[0] if shape else 1
+        per_row = _numel(shape) // rows if rows else 1
+        counts.append(torch.bincount(idx.long() // per_row, minlength=rows))
+    if not counts:
+        return {"rows": 0, "min": 0, "max": 0, "mean": 0.0, "histogram": []}
+    c = torch.cat(counts)  # [rows of every partially selected parameter]
+    hist = torch.bincount(c)
+    return {
+        "rows": int(c.numel()),
+        "min": int(c.min()),
+        "max": int(c.max()),
+        "mean": float(c.double().mean()),
+        "histogram": [[k, int(n)] for k, n in enumerate(hist.tolist()) if n],
+    }
+
+
+def export_dense(mask: Mask, path: str | os.PathLike) -> None:
+    """Write ``mask`` as dense boolean tensors, one per parameter, True where trainable (atomically)."""
+    write_atomic(path, mask.dense(), {"format": "pt", "fps.dense_mask": "1"})
+
+
+def compare_report(a: Mask, b: Mask) -> dict[str, Any]:
+    """Per-layer and total overlap and Jaccard of two masks (:func:`.compare.compare_masks`)."""
+    from .compare import compare_masks
+
+    return compare_masks(a, b).to_dict()
+
+
+# ---------------------------------------------------------------------------------------------- scores
+
+
+def distribution(values: Tensor) -> dict[str, Any]:
+    """count, mean, min, max and the :data:`QUANTILES` of ``values`` (linear interpolation, any size)."""
+    v = values.detach().reshape(-1).double()
+    n = int(v.numel())
+    if n == 0:
+        return {"count": 0}
+    ordered = v.sort().values
+    out: dict[str, Any] = {"count": n, "mean": float(v.mean()), "min": float(ordered[0]), "max": float(ordered[-1])}
+    for q in QUANTILES:
+        pos = q * (n - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        out[f"q{round(q * 100):02d}"] = float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
+    return out
+
+
+def scores_report(path: str | os.PathLike, norm: str = "l1") -> dict[str, Any]:
+    """The distribution of each layer's statistic: ``a`` (``l1``: mean ``|x|``; ``l2``: root mean square) for an
+    input score file, ``|summed gradient|`` for a gradient one."""
+    statistic = score_statistic(path)
+    layers = []
+    if statistic == "gradient":
+        gradients, prov = read_gradient_scores(path)
+        for name, g in gradients.items():
+            layers.append({"name": name, "shape": list(g.shape), **distribution(g.abs())})
+        shown = "|grad|"
+    else:
+        stats, prov = read_scores(path)
+        for name, s in stats.items():
+            a = s.abs_sum / max(s.count, 1) if norm == "l1" else (s.sq_sum / max(s.count, 1)).sqrt()
+            layers.append({"name": name, "shape": list(a.shape), "samples": s.count, **distribution(a)})
+        shown = "a (mean |x|)" if norm == "l1" else "a (rms x)"
+    layers.sort(key=lambda r: natural_key(r["name"]))  # the file's order is alphabetical; blocks.10 after blocks.9
+    return {
+        "kind": "scores",
+        "file": str(path),
+        "statistic": prov.get("statistic"),
+        "shown": shown,
+        "norm": norm if statistic != "gradient" else None,
+        "provenance": prov,
+        "totals": {"layers": len(layers), "values": sum(r["count"] for r in layers)},
+        "layers": layers,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- deltas
+
+
+def delta_report(delta: Delta, path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Training configuration, final metrics and, per trained parameter, the size of its change.
+
+    A partially trained parameter reports its change (the delta values: L2 norm, max and mean ``|change|``);
+    a fully trained one reports its new value's L2 norm (the base is not loaded to subtract it).
+    """
+    prov = dict(delta.provenance)
+    layers = []
+    for name, shape in delta.shapes.items():
+        if name in delta.indices:
+            v = delta.values[name].double()
+            layers.append(
+                {
+                    "name": name,
+                    "shape": list(shape),
+                    "kind": "partial",
+                    "entries": int(v.numel()),
+                    "change_l2": float(v.norm()),
+                    "change_max_abs": float(v.abs().max()) if v.numel() else 0.0,
+                    "change_mean_abs": float(v.abs().mean()) if v.numel() else 0.0,
+                }
+            )
+        elif name in delta.full:
+            v = delta.full[name].double()
+            layers.append(
+                {
+                    "name": name,
+                    "shape": list(shape),
+                    "kind": "full",
+                    "entries": int(v.numel()),
+                    "value_l2": float(v.norm()),
+                }
+            )
+    partial = sum(r["entries"] for r in layers if r["kind"] == "partial")
+    full = sum(r["entries"] for r in layers if r["kind"] == "full")
+    return {
+        "kind": "delta",
+        "file": str(path) if path is not None else None,
+        "provenance": {k: v for k, v in prov.items() if k not in ("train_config", "metrics")},
+        "train_config": prov.get("train_config"),
+        "metrics": prov.get("metrics"),
+        "totals": {
+            "trained": partial + full,
+            "partial_entries": partial,
+            "full_entries": full,
+            "partial_tensors": len(delta.indices),
+            "full_tensors": len(delta.full),
+            "total_params": sum(_numel(s) for s in delta.shapes.values()),
+            "change_l2": math.sqrt(sum(r["change_l2"] ** 2 for r in layers if r["kind"] == "partial")),
+        },
+        "layers": layers,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- files
+
+
+def inspect_files(
+    paths: list[str | os.PathLike], *, norm: str = "l1"
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, Mask]]:
+    """Reports for every file, and the comparison when exactly two masks are given.
+
+    Returns:
+        (one report per file, in order; the comparison of two masks or None; the masks read, by path).
+
+    Raises:
+        FileFormatError: a file is missing, truncated, foreign, of a newer version, or two masks are of
+            different models.
+    """
+    reports, masks = [], {}
+    for path in paths:
+        kind = file_kind(path)
+        if kind == "mask":
+            mask = read_mask(path)
+            masks[str(path)] = mask
+            reports.append(mask_report(mask, path))
+        elif kind == "scores":
+            reports.append(scores_report(path, norm))
+        else:
+            reports.append(delta_report(read_delta(path), path))
+    comparison = None
+    if len(paths) == 2 and len(masks) == 2:
+        a, b = masks.values()
+        comparison = compare_report(a, b)
+    return reports, comparison, masks

@@ -1,0 +1,368 @@
+"""``fps merge`` as library calls: base weights + a sparse delta -> the full fine-tuned weights.
+
+The base is rebuilt as the delta records it (the model, its pretrained tag or checkpoint, the seed of a
+``--no-pretrained`` model, the head size and image size; :func:`.finetune.build_base`), checked against the
+checksums training recorded, and the delta is added with :func:`.sparse.apply_delta`, exactly as the attached
+model computed it, so the merged weights give the fine-tuned model's outputs bit for bit (in fp32).
+
+Two outputs (DESIGN.md section 4):
+
+- a single safetensors file: the model's full ``state_dict()`` (parameters and persistent buffers), which a
+  fresh model of the same architecture loads with ``load_state_dict`` (or timm's
+  ``pretrained_cfg_overlay=dict(file=..., num_classes=N)``);
+- a timm ``local-dir:`` folder: ``model.safetensors`` plus the ``config.json`` timm's own exporter writes
+  (``architecture``, ``num_classes``, ``model_args`` such as ``img_size``, and a ``pretrained_cfg`` whose
+  ``input_size`` is the one the model was trained at), so ``timm.create_model("local-dir:DIR", pretrained=True)``
+  needs no other argument.
+
+Memory: the merge replaces one tensor at a time in the model's own state dict, so its peak is the base model plus
+the one tensor being merged (safetensors writes straight from the tensors' memory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .errors import FileFormatError, OutputExistsError
+from .formats import Delta, check_output, read_delta, weights_digest, write_atomic
+from .models import ModelSpec
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+_WAY_OUT = "pass the same --model / --checkpoint / --pretrained as when it was trained"
+
+
+@dataclass(frozen=True)
+class MergeTarget:
+    """Where merged weights go.
+
+    Attributes:
+        path: the file, or the folder of a ``local-dir:`` export.
+        directory: write ``model.safetensors`` + ``config.json`` into ``path``.
+    """
+
+    path: Path
+    directory: bool = False
+
+    @property
+    def weights(self) -> Path:
+        return self.path / WEIGHTS_NAME if self.directory else self.path
+
+
+@dataclass
+class MergeResult:
+    """What a merge wrote.
+
+    Attributes:
+        target: where.
+        model: the base model's name.
+        dtype: ``fp32``, ``bf16`` or ``fp16``.
+        tensors: tensors written (parameters and persistent buffers).
+        changed_tensors: tensors the delta changed (partially or fully trained).
+        trained: trained entries in the delta.
+        bytes: size of the weight file.
+    """
+
+    target: MergeTarget
+    model: str
+    dtype: str
+    tensors: int
+    changed_tensors: int
+    trained: int
+    bytes: int
+
+
+def resolve_target(
+    out: str | os.PathLike, *, force: bool, inputs: Iterable[str | os.PathLike | None] = ()
+) -> MergeTarget:
+    """Decide and validate the output before any work: a file, or a folder when ``out`` ends with a path separator
+    or names an existing directory.
+
+    Raises:
+        OutputExistsError: the output is an input, or exists (a folder: holds model.safetensors or config.json)
+            and ``force`` is false.
+        FileFormatError: the parent directory does not exist, or a folder path names a file.
+    """
+    text = os.fspath(out)
+    path = Path(text)
+    as_dir = text.endswith(("/", os.sep)) or path.is_dir()
+    if not as_dir:
+        return MergeTarget(check_output(path, force=force, inputs=inputs))
+    if path.exists() and not path.is_dir():
+        raise FileFormatError(f"cannot write the folder {text}: {path} is a file")
+    for other in inputs:
+        if other is None:
+            continue
+        other = Path(other)
+        for mine in (path, path / WEIGHTS_NAME, path / CONFIG_NAME):
+            if mine.exists() and other.exists() and mine.resolve() == other.resolve():
+                raise OutputExistsError(f"output {text} is also an input; choose another path with -o")
+    if path.is_dir():
+        held = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if (path / name).exists()]
+        if held and not force:
+            raise OutputExistsError(f"{path} already holds {' and '.join(held)}; pass --force to replace them")
+    elif not path.parent.is_dir():
+        raise FileFormatError(f"cannot write {text}: directory {path.parent} does not exist")
+    return MergeTarget(path, directory=True)
+
+
+# ---------------------------------------------------------------------------------------------- the base
+
+
+def check_base(model: nn.Module, delta: Delta, source: str = "the delta", base: str | None = None) -> None:
+    """Check that ``model`` is the base ``delta`` was trained on: same parameter names and shapes, and the
+    checksums training recorded (of the tensors the delta changes, and of every parameter but the head).
+
+    Args:
+        model: the candidate base.
+        delta: the trained change.
+        source: how to name the delta in messages.
+        base: how to name the model in messages (default: its class name).
+
+    Raises:
+        FileFormatError: every shape mismatch at once, or the tensors whose checksum differs.
+    """
+    from .finetune import shape_problems
+    from .selector import base_digest
+
+    base = base or type(model).__name__
+    problems = shape_problems(delta.shapes, model)
+    if problems:
+        raise FileFormatError(f"{source} does not fit {base}: " + "; ".join(problems))
+    prov = delta.provenance
+    params = dict(model.named_parameters())
+    touched = prov.get("touched_sha256")
+    if touched and weights_digest((n, params[n]) for n in delta.indices) != touched:
+        names = list(delta.indices)
+        raise FileFormatError(
+            f"{source} was trained on other base weights than {base}: the checksum of the {len(names)} tensors it "
+            f"changes differs ({', '.join(names)}); {_WAY_OUT}"
+        )
+    recorded = prov.get("base_sha256")
+    if recorded and base_digest(model) != recorded:
+        changed = set(delta.indices) | set(delta.full)
+        others = [n for n in params if n not in changed]
+        raise FileFormatError(
+            f"{source} was trained on other base weights than {base}: the tensors it changes match, but the "
+            f"checksum of the other {len(others)} parameters (head excluded) differs; {_WAY_OUT}"
+        )
+
+
+def build_checked_base(delta: Delta, spec: ModelSpec | None = None, source: str = "the delta") -> nn.Module:
+    """Rebuild the base ``delta`` records (or ``spec``), on the CPU, and check it with :func:`check_base`.
+
+    Raises:
+        FileFormatError: the model does not fit the delta or is not its base.
+        ModelError: the model cannot be built or its weights loaded.
+    """
+    from .finetune import build_base, spec_from_provenance
+
+    spec = spec or spec_from_provenance(delta.provenance)
+    # build_base seeds and builds the model and lists shape problems; the checksums are checked here, so that a
+    # wrong base names the tensors at fault.
+    model = build_base(spec, delta.shapes, {**delta.provenance, "base_sha256": None}, source)
+    check_base(model, delta, source, f"{spec.name} as loaded now")
+    return model
+
+
+# -------------------------------------------------------------------------------------------- the merge
+
+
+def merge_state_dict(state: dict[str, Tensor], delta: Delta, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Add ``delta`` to ``state`` one tensor at a time, in place, casting floating tensors to ``dtype``.
+
+    Replacing each entry as it is merged lets the base tensor go as soon as nothing else holds it, so memory
+    stays at one model plus one tensor. Tensors sharing storage (tied weights) are written as separate copies,
+    which safetensors requires and ``load_state_dict`` accepts.
+
+    Returns:
+        ``state`` itself.
+
+    Raises:
+        FileFormatError: the delta names a tensor the state lacks, or the result holds NaN or infinite values
+            (every such tensor named).
+    """
+    from .sparse import apply_delta
+
+    missing = [n for n in [*delta.indices, *delta.full] if n not in state]
+    if missing:
+        raise FileFormatError(f"the delta changes tensors the model lacks: {', '.join(missing)}")
+    seen, bad = set(), []
+    for name in list(state):
+        if name in delta.indices:
+            one = apply_delta({name: state[name]}, {name: delta.indices[name]}, {name: delta.values[name]}, {})
+        elif name in delta.full:
+            one = apply_delta({name: state[name]}, {}, {}, {name: delta.full[name]})
+        else:
+            one = state
+        t = one[name]
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        pointer = t.untyped_storage().data_ptr() if t.numel() else None
+        if pointer in seen:
+            t = t.clone()
+        seen.add(pointer)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad.append(name)
+        state[name] = t
+    if bad:
+        raise FileFormatError(
+            f"the merged weights hold NaN or infinite values in {len(bad)} tensors ({', '.join(bad)})"
+            + ("; a float16 overflow? use --dtype bf16 or fp32" if dtype == torch.float16 else "")
+        )
+    return state
+
+
+def merge_into(model: nn.Module, delta: Delta | str | os.PathLike) -> nn.Module:
+    """Apply a delta to a model in place, after checking that it is the delta's base (shapes and checksums).
+
+    Example:
+        >>> model = merge_into(timm.create_model("vit_base_patch16_224.augreg_in21k", pretrained=True,
+        ...                                      num_classes=200), "delta.safetensors")
+
+    Returns:
+        ``model``, now the fine-tuned model.
+
+    Raises:
+        FileFormatError: the model is not the delta's base, or the result is not finite.
+    """
+    source = str(delta) if not isinstance(delta, Delta) else "the delta"
+    delta = delta if isinstance(delta, Delta) else read_delta(delta)
+    check_base(model, delta, source)
+    params = dict(model.named_parameters())
+    merged = merge_state_dict({n: params[n].detach() for n in [*delta.indices, *delta.full]}, delta)
+    with torch.no_grad():
+        for name, value in merged.items():
+            params[name].copy_(value)
+    return model
+
+
+def load_merged(delta: str | os.PathLike, spec: ModelSpec | None = None) -> nn.Module:
+    """The fine-tuned model a delta file describes: its recorded base (or ``spec``), rebuilt, checked and merged.
+
+    Example:
+        >>> model = load_merged("delta.safetensors")  # a plain timm model, in eval mode
+    """
+    the_delta = read_delta(delta)
+    model = build_checked_base(the_delta, spec, str(delta))
+    params = dict(model.named_parameters())
+    merged = merge_state_dict({n: params[n].detach() for n in [*the_delta.indices, *the_delta.full]}, the_delta)
+    with torch.no_grad():
+        for name, value in merged.items():
+            params[name].copy_(value)
+    return model.eval()
+
+
+def timm_config(model: nn.Module, img_size: int | None, label_names: list[str] | None = None) -> str:
+    """The ``config.json`` of a timm ``local-dir:`` folder for ``model``, as timm's exporter writes it, with the
+    data config (input size) the model was trained at."""
+    from timm.models._hub import save_config_for_hf
+
+    from .data import transform_config
+
+    if getattr(model, "pretrained_cfg", None) is None:
+        raise FileFormatError(f"{type(model).__name__} is not a timm model; write a single file instead")
+    model_config: dict[str, Any] = {"label_names": list(label_names)} if label_names else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CONFIG_NAME
+        save_config_for_hf(model, path, model_config=model_config, data_config=transform_config(model, img_size))
+        return path.read_text()
+
+
+def _metadata(delta: Delta, dtype: str) -> dict[str, str]:
+    prov = delta.provenance
+    identity = ("model", "pretrained_tag", "checkpoint", "num_classes", "img_size", "mask_sha256")
+    return {
+        "format": "pt",  # what transformers / timm expect of a PyTorch state dict in safetensors
+        "fps.created_by": f"fps_cli {__version__}",
+        "fps.merged_from": json.dumps({k: prov.get(k) for k in identity}),
+        "fps.dtype": json.dumps(dtype),
+    }
+
+
+def write_merged(target: MergeTarget, state: Mapping[str, Tensor], metadata: Mapping[str, str], config: str) -> None:
+    """Write the weights (and, for a folder, ``config.json``) so that no half-written output is ever seen."""
+    if not target.directory:
+        write_atomic(target.path, state, metadata)
+        return
+    if not target.path.exists():
+        # Build the whole folder under a temporary name beside it, then rename it into place.
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.path.name}.", suffix=".tmp", dir=target.path.parent))
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(staging, 0o777 & ~umask)
+            (staging / CONFIG_NAME).write_text(config)
+            write_atomic(staging / WEIGHTS_NAME, state, metadata)
+            os.replace(staging, target.path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=target.path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(config)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        write_atomic(target.path / WEIGHTS_NAME, state, metadata)
+        os.replace(tmp, target.path / CONFIG_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_merge(
+    delta: Delta,
+    target: MergeTarget,
+    *,
+    spec: ModelSpec | None = None,
+    dtype: str = "fp32",
+    source: str = "the delta",
+) -> MergeResult:
+    """Rebuild the delta's base, check it, merge, and write ``target`` (validate it with :func:`resolve_target`).
+
+    Args:
+        delta: the trained change (:func:`.formats.read_delta`).
+        target: a file or a ``local-dir:`` folder.
+        spec: the base model; default: the one the delta records.
+        dtype: ``fp32``, ``bf16`` or ``fp16`` for the written floating-point tensors.
+        source: how to name the delta in messages.
+
+    Raises:
+        FileFormatError: the base does not fit the delta or is not the one it was trained on (the tensors named),
+            or the merged weights are not finite. Nothing is written then.
+        ModelError: the base model cannot be built.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {tuple(DTYPES)}")
+    model = build_checked_base(delta, spec, source)
+    img_size = spec.img_size if spec is not None else delta.provenance.get("img_size")
+    config = timm_config(model, img_size, delta.provenance.get("classes")) if target.directory else ""
+    name = spec.name if spec is not None else delta.provenance["model"]
+    state = model.state_dict()
+    del model  # the state dict alone holds the base now, so each merged tensor frees the one it replaces
+    merge_state_dict(state, delta, DTYPES[dtype])
+    write_merged(target, state, _metadata(delta, dtype), config)
+    return MergeResult(
+        target=target,
+        model=name,
+        dtype=dtype,
+        tensors=len(state),
+        changed_tensors=len(delta.indices) + len(delta.full),
+        trained=delta.trained,
+        bytes=target.weights.stat().st_size,
+    )
