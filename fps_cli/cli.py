@@ -689,7 +689,7 @@ def merge_cmd(
             "-o",
             metavar="FILE|DIR/",
             help="Merged weight file, or a folder (a path ending in / or an existing directory) to write a timm "
-            "local-dir: model (model.safetensors + config.json).",
+            "local-dir: model (model.safetensors + config.json) or, for hf: models, a save_pretrained folder.",
             rich_help_panel="Output",
         ),
     ] = "merged.safetensors",
@@ -700,6 +700,7 @@ def merge_cmd(
     pretrained: PretrainedOrRecordedOpt = None,
     checkpoint: CheckpointOpt = None,
     offline: OfflineOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -717,12 +718,18 @@ def merge_cmd(
         target = resolve_target(out, force=force, inputs=[delta, checkpoint, local_dir])
         the_delta = read_delta(delta)
         spec = spec_from_provenance(
-            the_delta.provenance, model=model, pretrained=pretrained, checkpoint=checkpoint, offline=offline
+            the_delta.provenance,
+            model=model,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            offline=offline,
+            trust_remote_code=trust_remote_code,
         )
         report.log(f"fps merge: {spec.name} + {delta} -> {target.path}{'/' if target.directory else ''} ({dtype})")
         result = run_merge(the_delta, target, spec=spec, dtype=dtype, source=str(delta))
 
-    written = f"{target.path}/ (timm local-dir: model)" if target.directory else str(target.path)
+    kind = "transformers save_pretrained folder" if spec.name.startswith("hf:") else "timm local-dir: model"
+    written = f"{target.path}/ ({kind})" if target.directory else str(target.path)
     payload = {
         "merged": str(target.path),
         "directory": target.directory,

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from . import __version__
 from .errors import FileFormatError, OutputExistsError
 from .formats import Delta, check_output, read_delta, weights_digest, write_atomic
+from .hf import is_hf_model, save_hf_pretrained
 from .models import ModelSpec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -350,13 +351,19 @@ def run_merge(
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {tuple(DTYPES)}")
     model = build_checked_base(delta, spec, source)
-    img_size = spec.img_size if spec is not None else delta.provenance.get("img_size")
-    config = timm_config(model, img_size, delta.provenance.get("classes")) if target.directory else ""
     name = spec.name if spec is not None else delta.provenance["model"]
     state = model.state_dict()
-    del model  # the state dict alone holds the base now, so each merged tensor frees the one it replaces
-    merge_state_dict(state, delta, DTYPES[dtype])
-    write_merged(target, state, _metadata(delta, dtype), config)
+    if target.directory and is_hf_model(model):
+        # A transformers save_pretrained folder needs the model's config and image processor: keep the model,
+        # at the cost of one extra copy of the weights while merging.
+        merge_state_dict(state, delta, DTYPES[dtype])
+        save_hf_pretrained(model, target.path, state_dict=state, labels=delta.provenance.get("classes"), force=True)
+    else:
+        img_size = spec.img_size if spec is not None else delta.provenance.get("img_size")
+        config = timm_config(model, img_size, delta.provenance.get("classes")) if target.directory else ""
+        del model  # the state dict alone holds the base now, so each merged tensor frees the one it replaces
+        merge_state_dict(state, delta, DTYPES[dtype])
+        write_merged(target, state, _metadata(delta, dtype), config)
     return MergeResult(
         target=target,
         model=name,

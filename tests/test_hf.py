@@ -91,6 +91,26 @@ def test_select_train_eval_then_save_pretrained_gives_the_same_logits(hf_vit, im
     with pytest.raises(OutputExistsError, match="--force"):
         save_hf_pretrained(base, out, state_dict=merged)
 
+    # The same through the commands: fps merge -o DIR/ writes a save_pretrained folder; fps inspect reads the files.
+    merged_cli = fps("merge", "-o", "merged_cli/", "--json", "-q")
+    assert merged_cli.exit_code == 0, merged_cli.output
+    assert json.loads(merged_cli.stdout)["directory"] is True
+    from_cli = AutoModelForImageClassification.from_pretrained(tmp_path / "merged_cli").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(from_cli(images).logits, expected, rtol=0, atol=1e-6)
+    single = fps("merge", "-o", "merged.safetensors", "-q")
+    assert single.exit_code == 0, single.output
+    from safetensors.torch import load_file
+
+    plain = create_model(spec)
+    plain.load_state_dict(load_file(tmp_path / "merged.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(output_logits(plain.eval()(images)), expected, rtol=0, atol=1e-6)
+    for path in ("mask.safetensors", "scores.safetensors", "delta.safetensors"):
+        report = fps("inspect", path, "--json")
+        assert report.exit_code == 0, report.output
+        assert json.loads(report.stdout)
+
 
 def test_fps_scores_equal_the_definition(hf_vit, image_folder):
     """score = |W| * mean |input| over every token (q_proj) or every unfolded patch (the patch-embedding conv)."""
