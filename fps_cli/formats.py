@@ -259,14 +259,22 @@ def save_mask(path: str | os.PathLike, mask: Mask) -> None:
     write_atomic(path, tensors, encode_metadata("mask", provenance))
 
 
+def _shapes_and_names(
+    prov: dict[str, Any], path: str | os.PathLike, names_key: str
+) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """Pop ``param_shapes`` and a list of parameter names from a mask's or delta's provenance."""
+    try:
+        shapes = {k: tuple(int(d) for d in v) for k, v in prov.pop("param_shapes").items()}
+        names = list(prov.pop(names_key))
+    except (KeyError, AttributeError, TypeError, ValueError):
+        raise FileFormatError(f"{path}: header lacks valid fps.param_shapes / fps.{names_key}") from None
+    return shapes, names
+
+
 def read_mask(path: str | os.PathLike) -> Mask:
     """Read and validate a mask file."""
     tensors, prov, _ = read_fps_file(path, "mask")
-    try:
-        shapes = {k: tuple(int(d) for d in v) for k, v in prov.pop("param_shapes").items()}
-        fully = list(prov.pop("fully_trainable"))
-    except (KeyError, AttributeError, TypeError, ValueError):
-        raise FileFormatError(f"{path}: mask header lacks valid fps.param_shapes / fps.fully_trainable") from None
+    shapes, fully = _shapes_and_names(prov, path, "fully_trainable")
     for key in ("selected", "trainable", "total_params"):
         prov.pop(key, None)
     problems = [f"fully trainable parameter {n!r} is not in the model" for n in fully if n not in shapes]
@@ -428,11 +436,7 @@ def save_delta(path: str | os.PathLike, delta: Delta) -> None:
 def read_delta(path: str | os.PathLike) -> Delta:
     """Read and validate a delta file (every problem reported at once)."""
     tensors, prov, _ = read_fps_file(path, "delta")
-    try:
-        shapes = {k: tuple(int(d) for d in v) for k, v in prov.pop("param_shapes").items()}
-        fully = list(prov.pop("fully_trained"))
-    except (KeyError, AttributeError, TypeError, ValueError):
-        raise FileFormatError(f"{path}: delta header lacks valid fps.param_shapes / fps.fully_trained") from None
+    shapes, fully = _shapes_and_names(prov, path, "fully_trained")
     prov.pop("trained", None)
     problems, indices, values, full = [], {}, {}, {}
     partial = sorted({k.rsplit("::", 1)[0] for k in tensors if "::" in k})

@@ -170,6 +170,26 @@ def build_mask(roles: ParameterRoles, scores: Mapping[str, Tensor], options: Sel
     return Mask(indices, list(roles.fully_trainable), dict(roles.shapes))
 
 
+def _mask_from(
+    roles: ParameterRoles,
+    options: SelectOptions,
+    stats: Mapping[str, InputStats] | None,
+    gradients: Mapping[str, Tensor] | None,
+    anchor: Mapping[str, InputStats] | None,
+) -> Mask:
+    """Score with ``options.method`` and select: the one path every method and every entry point takes."""
+    scores = make_scores(
+        options.method,
+        roles.candidates,
+        stats=stats,
+        gradients=gradients,
+        norm=options.norm,
+        seed=options.seed,
+        anchor=anchor,
+    )
+    return build_mask(roles, scores, options)
+
+
 def base_digest(model: nn.Module) -> str:
     """Digest of every parameter but the (new) head: identifies the pretrained weights a file was made from."""
     head_ids = {id(p) for h in find_head(model) for p in h.parameters()}
@@ -328,16 +348,7 @@ def run_select(
     if gps:
         data_provenance.update(gps_loss=options.gps_loss, augment=options.augment, batch_size=batch_size)
     score_provenance = {**_model_provenance(spec, model, num_classes, spec.img_size, options.seed), **data_provenance}
-    scores = make_scores(
-        options.method,
-        roles.candidates,
-        stats=stats,
-        gradients=gradients,
-        norm=options.norm,
-        seed=options.seed,
-        anchor=anchor_stats,
-    )
-    mask = build_mask(roles, scores, options)
+    mask = _mask_from(roles, options, stats, gradients, anchor_stats)
     mask.provenance = {**score_provenance, **_selection_provenance(options, anchor)}
     return SelectResult(
         mask,
@@ -481,16 +492,7 @@ def reselect(
         options = replace(
             options, gps_loss=prov.get("gps_loss", options.gps_loss), augment=prov.get("augment", options.augment)
         )
-    scores = make_scores(
-        options.method,
-        roles.candidates,
-        stats=stats,
-        gradients=gradients,
-        norm=options.norm,
-        seed=options.seed,
-        anchor=anchor_stats,
-    )
-    mask = build_mask(roles, scores, options)
+    mask = _mask_from(roles, options, stats, gradients, anchor_stats)
     score_keys = ("data", "num_samples", "skipped_images", "classes", "precision")
     mask.provenance = {
         **_model_provenance(spec, model, recorded.num_classes, spec.img_size, init_seed),
