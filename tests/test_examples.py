@@ -19,8 +19,10 @@ def test_quickstart_script_runs_end_to_end(tmp_path):
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "mask.safetensors").exists() and (tmp_path / "mask_2pct.safetensors").exists()
+    for output in ("mask.safetensors", "mask_2pct.safetensors", "delta.safetensors", "merged/model.safetensors"):
+        assert (tmp_path / output).exists(), output
     assert "selected entries in" in r.stdout
+    assert "merged folder reproduces the fine-tuned model" in r.stdout
 
 
 def test_readme_names_the_commands_ci_runs():
