@@ -57,6 +57,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # this checkout's fps_cli, also when run as a script
 METHODS = ("full", "linear", "bias", "random", "weight", "activation", "fps", "gps")
 SPARSE = ("random", "weight", "activation", "fps", "gps")
 FULL_LR_SCALE = 0.1
@@ -242,22 +244,28 @@ def run_cell(task: str, method: str, data: Path, args: argparse.Namespace, runne
         return {**json.loads((cell / "result.json").read_text()), "status": "skipped (finished)"}
     commands = cell_commands(task, method, data, cell, args)
     log = cell / "log.txt"
-    outputs = {step: runner(commands[step], log) for step in steps}
-    mask_info = outputs.get("select") or json.loads((cell / "select.json").read_text())
-    if "select" in outputs:
-        (cell / "select.json").write_text(json.dumps(mask_info))
+    outputs = {}
+    for step in steps:  # one at a time: whatever finished before an interruption is reused by the next run
+        outputs[step] = runner(commands[step], log)
     result = {
         "task": task,
         "method": method,
         "group": recipe_for(task).group,
         "top1": outputs["eval"]["top1"],
-        "trainable_percent": 100.0 * mask_info["trainable_fraction"],
+        "trainable_percent": _trainable_percent(cell / "mask.safetensors"),
         "lr": method_lr(method, recipe_for(task), args.lr_override),
         "resumed": "resume" in steps,
         "steps": steps,
     }
     (cell / "result.json").write_text(json.dumps(result))
     return {**result, "status": "ran " + ", ".join(steps)}
+
+
+def _trainable_percent(mask_path: Path) -> float:
+    from fps_cli.formats import read_mask
+
+    mask = read_mask(mask_path)
+    return 100.0 * mask.trainable / mask.total_params
 
 
 # ------------------------------------------------------------------------------------------------- the table

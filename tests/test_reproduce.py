@@ -94,3 +94,18 @@ def test_commands_follow_the_gps_recipe(tmp_path):
     full = reproduce.cell_commands("svhn", "full", tmp_path / "svhn", tmp_path / "cell", args)
     assert full["train"][full["train"].index("--lr") + 1] == "1e-05" and "--no-augment" in full["train"]
     assert "--topk-per-neuron" not in full["select"] and "--budget" not in full["select"]
+
+
+def test_prepare_vtab_links_list_files_into_class_folders(tmp_path):
+    src = tmp_path / "vtab-1k" / "dtd"
+    write_images(src / "images", 3)
+    (src / "train800val200.txt").write_text("images/img_000.png 0\nimages/img_001.png 12\n")
+    (src / "test.txt").write_text("images/img_002.png 0\n")
+    dst = tmp_path / "root" / "dtd"
+    reproduce.main(["--prepare-vtab", str(src), str(dst)])
+    assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.png")) == [
+        "test/000/img_002.png",
+        "train/000/img_000.png",
+        "train/012/img_001.png",
+    ]
+    assert (dst / "train" / "012" / "img_001.png").resolve() == (src / "images" / "img_001.png").resolve()
