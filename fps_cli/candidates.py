@@ -52,6 +52,30 @@ def _numel(shape: Iterable[int]) -> int:
     return n
 
 
+def baseline_trainable(model: nn.Module, method: str, head: Iterable[nn.Module] | None = None) -> list[str]:
+    """The parameters a baseline trains in full, in ``named_parameters()`` order.
+
+    ``full``: every parameter (norms, position embeddings and tokens included). ``linear``: the head only (linear
+    probing). ``bias``: the head and the bias of every module that has one, normalisation layers included (BitFit,
+    Ben Zaken et al. 2022).
+
+    Args:
+        model: the model as built for the task (new head included).
+        method: ``full``, ``linear`` or ``bias``.
+        head: the head modules; default: found with :func:`find_head`.
+    """
+    if method not in ("full", "linear", "bias"):
+        raise ValueError(f"unknown baseline {method!r}; expected full, linear or bias")
+    head_ids = {id(p) for h in (find_head(model) if head is None else head) for p in h.parameters()}
+    biases = {id(m.bias) for m in model.modules() if isinstance(getattr(m, "bias", None), nn.Parameter)}
+    keep = {
+        "full": lambda p: True,
+        "linear": lambda p: id(p) in head_ids,
+        "bias": lambda p: id(p) in head_ids or id(p) in biases,
+    }[method]
+    return [name for name, p in model.named_parameters() if keep(p)]
+
+
 def find_head(model: nn.Module) -> list[nn.Module]:
     """The task head module(s), found through the model's own API.
 

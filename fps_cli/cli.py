@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from . import __version__
-from .constants import DEFAULT_BUDGET, GPS_LOSSES, GRANULARITIES, METHODS, NORMS, PRECISIONS
+from .constants import BASELINE_METHODS, DEFAULT_BUDGET, GPS_LOSSES, GRANULARITIES, NORMS, PRECISIONS, SELECT_METHODS
 
 app = typer.Typer(
     name="fps",
@@ -173,10 +173,11 @@ def select_cmd(
         ),
     ] = None,
     method: Annotated[
-        Literal[METHODS] | None,
+        Literal[SELECT_METHODS] | None,
         typer.Option(
-            help="Scoring method: fps, or a baseline (gps, weight, activation, random). Default: fps; with "
-            "--from-scores, gps for a gradient score file.",
+            help="Scoring method: fps, or a baseline (gps, weight, activation, random); or a fixed mask with no data "
+            "pass and no budget: full (everything), linear (head only), bias (head + biases, BitFit). Default: fps; "
+            "with --from-scores, gps for a gradient score file.",
             rich_help_panel="Selection",
         ),
     ] = None,
@@ -266,6 +267,10 @@ def select_cmd(
         raise _usage(f"{flag} only applies to --method gps", flag)
     if anchor is not None and method not in (None, "fps", "activation"):
         raise _usage(f"--anchor scales the activation statistic of fps and activation, not of {method}", "--anchor")
+    if method in BASELINE_METHODS and from_scores is not None:
+        raise _usage(f"--method {method} needs no scores; give --model and --data instead", "--from-scores")
+    if method in ("full", "bias") and not train_bias:
+        raise _usage(f"--method {method} trains every bias; --no-train-bias contradicts it", "--no-train-bias")
     if from_scores is not None and (gps_loss is not None or no_augment):
         flag = "--gps-loss" if gps_loss is not None else "--no-augment"
         raise _usage(f"{flag} shapes a new GPS pass; a score file keeps the settings it was made with", flag)
@@ -275,7 +280,7 @@ def select_cmd(
         from .distributed import from_env, init
         from .formats import check_output, save_mask, score_statistic
         from .models import ModelSpec
-        from .selector import SelectOptions, reselect, resolve_device, run_select
+        from .selector import SelectOptions, reselect, resolve_device, run_baseline, run_select
         from .selector import write_scores as write_score_file
 
         if method is None:
@@ -286,24 +291,30 @@ def select_cmd(
 
         dist = from_env()  # under torchrun only rank 0 checks and writes outputs, and prints
         report = Reporter(quiet=quiet or not dist.is_main, as_json=as_json)
-        write_scores = not no_scores and from_scores is None
+        baseline = method in BASELINE_METHODS
+        write_scores = not no_scores and from_scores is None and not baseline
         if dist.is_main:
             check_output(out, force=force, inputs=[from_scores, checkpoint, anchor])
         if write_scores and dist.is_main:
             check_output(scores, force=force, inputs=[from_scores, checkpoint, anchor])
             if Path(scores).resolve() == Path(out).resolve():
                 raise _usage("--out and --scores name the same file", "--scores")
-        options = SelectOptions(
-            method=method,
-            norm=norm,
-            granularity=granularity,
-            budget=budget if budget is not None or topk_per_neuron is not None else DEFAULT_BUDGET,
-            topk_per_neuron=topk_per_neuron,
-            train_bias=train_bias,
-            seed=seed,
-            gps_loss=gps_loss or "supcon",
-            augment=not no_augment,
-        )
+        if baseline and (budget is not None or topk_per_neuron is not None):
+            flag = "--budget" if budget is not None else "--topk-per-neuron"
+            report.log(f"{flag} is ignored: --method {method} has a fixed trainable set")
+        options = None  # a baseline has no selection options
+        if not baseline:
+            options = SelectOptions(
+                method=method,
+                norm=norm,
+                granularity=granularity,
+                budget=budget if budget is not None or topk_per_neuron is not None else DEFAULT_BUDGET,
+                topk_per_neuron=topk_per_neuron,
+                train_bias=train_bias,
+                seed=seed,
+                gps_loss=gps_loss or "supcon",
+                augment=not no_augment,
+            )
         try:
             dev = resolve_device(device)
         except ValueError as e:
@@ -312,7 +323,9 @@ def select_cmd(
         spec = None
         if model is not None:
             spec = ModelSpec(model, pretrained, checkpoint, num_classes, img_size, offline, trust_remote_code)
-        if from_scores is not None:
+        if baseline:
+            result = run_baseline(spec, data, method, seed=seed)
+        elif from_scores is not None:
             result = reselect(
                 from_scores, options, spec=spec, device=dev, anchor=anchor, trust_remote_code=trust_remote_code
             )
@@ -347,14 +360,15 @@ def select_cmd(
         "mask": str(out),
         "scores": str(scores) if write_scores else None,
         "model": prov["model"],
-        "method": options.method,
-        "norm": options.norm,
+        "method": prov["method"],
+        "norm": prov["norm"],
         "gps_loss": prov.get("gps_loss"),
         "augment": prov.get("augment"),
         "anchor": prov.get("anchor"),
         "granularity": prov["granularity"],
         "budget": prov["budget"],
-        "topk_per_neuron": options.topk_per_neuron,
+        "budget_ignored": bool(prov.get("budget_ignored", False)),
+        "topk_per_neuron": prov["topk_per_neuron"],
         "selected": mask.selected,
         "fully_trainable": mask.trainable - mask.selected,
         "trainable": mask.trainable,
@@ -367,7 +381,10 @@ def select_cmd(
         "seconds": round(result.pass_seconds, 3),
     }
     human = (
-        f"selected {mask.selected:,} entries in {len(mask.indices)} layers; trainable {mask.trainable:,} of "
+        f"--method {prov['method']}: trainable {mask.trainable:,} of {mask.total_params:,} parameters "
+        f"({payload['trainable_fraction']:.2%}), no selection\nwrote {out}"
+        if prov.get("budget_ignored")
+        else f"selected {mask.selected:,} entries in {len(mask.indices)} layers; trainable {mask.trainable:,} of "
         f"{mask.total_params:,} parameters ({payload['trainable_fraction']:.2%}) with head and biases\n"
         f"wrote {out}" + (f" and {scores}" if write_scores else "")
     )

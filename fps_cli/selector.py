@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from .activations import InputStats, collect_input_stats
-from .candidates import ParameterRoles, find_head, parameter_roles
-from .constants import DEFAULT_BUDGET, GPS_LOSSES, GRANULARITIES, METHODS
+from .candidates import ParameterRoles, baseline_trainable, find_head, parameter_roles
+from .constants import BASELINE_METHODS, DEFAULT_BUDGET, GPS_LOSSES, GRANULARITIES, METHODS
 from .data import ImageStream, default_num_workers, discover, eval_transform, make_loader, subsample
 from .distributed import Dist, all_reduce, batch_shard, reduce_input_stats, sum_over_ranks
 from .errors import BudgetError, DataError, FileFormatError
@@ -358,6 +358,47 @@ def run_select(
         stream.skipped,
         {k: v.cpu() for k, v in gradients.items()} if gradients is not None else None,
     )
+
+
+def run_baseline(spec: ModelSpec, data_dir: str | Path, method: str, *, seed: int = 0) -> SelectResult:
+    """The mask of a baseline with a fixed trainable set: ``full``, ``linear`` (head only) or ``bias`` (BitFit).
+
+    No image is read and no budget applies (the provenance says ``budget: null, budget_ignored: true``); the data
+    folder, its classes and the class count are still recorded, so ``fps train --mask`` needs no other flag.
+
+    Args:
+        spec: the model; ``num_classes`` defaults to the number of class folders.
+        data_dir: the task's image folder (only its class folders are listed).
+        method: one of :data:`~fps_cli.constants.BASELINE_METHODS`.
+        seed: initialisation seed of the model (and of its new head).
+    """
+    if method not in BASELINE_METHODS:
+        raise ValueError(f"unknown baseline {method!r}; expected one of {BASELINE_METHODS}")
+    split = discover(data_dir).train
+    num_classes = spec.num_classes if spec.num_classes is not None else (len(split.classes) or None)
+    if spec.num_classes is None and num_classes is not None:
+        spec = ModelSpec(**{**spec.__dict__, "num_classes": num_classes})
+    seed_everything(seed)
+    model = create_model(spec)
+    num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    mask = Mask({}, baseline_trainable(model, method), shapes)
+    mask.provenance = {
+        **_model_provenance(spec, model, num_classes, spec.img_size, seed),
+        "data": str(Path(data_dir).expanduser().resolve()),
+        "num_samples": 0,  # no data pass
+        "skipped_images": 0,
+        "classes": split.classes,
+        "method": method,
+        "norm": None,
+        "granularity": None,
+        "budget": None,
+        "budget_ignored": True,
+        "topk_per_neuron": None,
+        "train_bias": method != "linear",
+        "seed": seed,
+    }
+    return SelectResult(mask, None, {})
 
 
 def _to_cpu(s: InputStats) -> InputStats:
