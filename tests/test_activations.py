@@ -221,3 +221,20 @@ def test_vit_roles_freeze_norms_and_embeddings():
     for frozen in ("cls_token", "pos_embed", "blocks.0.norm1.weight", "blocks.0.norm1.bias", "norm.weight"):
         assert frozen in roles.frozen
     assert "blocks.0.attn.qkv.bias" in roles.fully_trainable
+
+
+def test_no_hook_left_on_test_vit_after_an_exception_mid_pass():
+    import timm
+
+    model = timm.create_model("test_vit", pretrained=False, img_size=32)
+    candidates = parameter_roles(model).candidates
+
+    def batches():
+        yield torch.randn(2, 3, 32, 32)
+        raise OSError("unreadable shard")
+
+    with pytest.raises(OSError, match="unreadable shard"):
+        collect_input_stats(model, candidates, batches())
+    assert _hooks(model) == 0
+    stats = collect_input_stats(model, candidates, [torch.randn(2, 3, 32, 32)])
+    assert _hooks(model) == 0 and stats.keys() == candidates.keys()
