@@ -41,6 +41,15 @@ class InputStats:
     sq_sum: Tensor
     count: int
 
+    @classmethod
+    def zeros(cls, shape: tuple[int, ...], device: torch.device | str = "cpu") -> InputStats:
+        """Empty accumulators (fp64) for a layer whose statistic has ``shape``."""
+        return cls(
+            torch.zeros(shape, dtype=torch.float64, device=device),
+            torch.zeros(shape, dtype=torch.float64, device=device),
+            0,
+        )
+
     def statistic(self, norm: str) -> Tensor:
         """The per-input statistic ``a``: mean of ``|x|`` (``l1``) or root mean square (``l2``)."""
         if self.count == 0:
@@ -160,19 +169,17 @@ def input_stats_hooks(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, In
 
     Yields:
         name -> statistics, filled in as the model runs. A module called several times per forward
-        accumulates every call.
+        accumulates every call; one the forward never reaches keeps a zero statistic (count 0).
     """
-    stats: dict[str, InputStats] = {}
+    # Every accumulator exists before the first batch: small long-lived tensors allocated between a forward
+    # pass's large temporaries fragment the CPU heap and raise peak memory.
+    stats = {name: InputStats.zeros(stats_shape(m), m.weight.device) for name, m in modules.items()}
     handles = []
     scratch = Scratch()
 
     def make_hook(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            abs_sum, sq_sum, count = input_sums(module, args[0], scratch)
-            if name in stats:
-                stats[name].add(abs_sum, sq_sum, count)
-            else:
-                stats[name] = InputStats(abs_sum.double(), sq_sum.double(), count)
+            stats[name].add(*input_sums(module, args[0], scratch))
 
         return hook
 
@@ -217,11 +224,6 @@ def collect_input_stats(
                     on_batch(images.shape[0])
     finally:
         model.train(was_training)
-    # A layer the forward pass never reaches saw no input: its statistic is zero, so it is never selected.
-    for name, module in modules.items():
-        if name not in stats:
-            zeros = torch.zeros(stats_shape(module), dtype=torch.float64, device=module.weight.device)
-            stats[name] = InputStats(zeros, zeros.clone(), 0)
     return stats
 
 
