@@ -51,22 +51,11 @@ def test_batch_shards_cover_every_sample_once(num_samples, batch_size, world):
     assert all(len(b) == batch_size for shard in shards for b in shard if num_samples - 1 not in b)
 
 
-def test_two_processes_give_the_single_process_mask(tmp_path, image_folder):
+@pytest.mark.parametrize("method", [["--method", "fps"], ["--method", "gps", "--no-augment"]], ids=["fps", "gps"])
+def test_two_processes_give_the_single_process_mask(tmp_path, image_folder, method):
     data = image_folder(classes=3, per_class=5)  # 15 images in batches of 4: the last shard is partial
-    common = [
-        "select",
-        *TINY_VIT,
-        "--data",
-        str(data),
-        "--budget",
-        "0.05",
-        "--num-workers",
-        "0",
-        "--batch-size",
-        "4",
-        "--device",
-        "cpu",
-    ]
+    common = ["select", *TINY_VIT, "--data", str(data), "--budget", "0.05", "--num-workers", "0"]
+    common += ["--batch-size", "4", "--device", "cpu", *method]
     one = run_fps([*common, "-o", "m1.safetensors", "--scores", "s1.safetensors", "-q"], tmp_path)
     assert one.returncode == 0, one.stderr
     two = run_fps([*common, "-o", "m2.safetensors", "--scores", "s2.safetensors", "--json"], tmp_path, nproc=2)
