@@ -27,3 +27,19 @@ class OutputExistsError(FpsError):
 
 class TrainingError(FpsError):
     """Training cannot go on: a non-finite loss, or a checkpoint that does not belong to this run."""
+
+
+class OutputClashError(OutputExistsError):
+    """An output is also an input, or two outputs name the same file: a usage error (exit code 2).
+
+    Attributes:
+        flag: the command-line flag at fault.
+    """
+
+    def __init__(self, message: str, flag: str | None = None) -> None:
+        super().__init__(message)
+        self.flag = flag
+
+
+class OutputWriteError(FpsError):
+    """The operating system refused a write: no space left, permission denied, read-only file system."""

@@ -24,66 +24,112 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from . import __version__
 from .activations import InputStats
-from .errors import FileFormatError, OutputExistsError
+from .errors import FileFormatError
+
+if TYPE_CHECKING:
+    from .outputs import Transaction
 
 FORMAT_VERSION = 1
 FORMATS = ("mask", "scores", "delta")
 _RESERVED = ("format", "format_version", "created_by")
 
 
-def check_output(path: str | os.PathLike, *, force: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
-    """Validate an output path before any work is done.
-
-    Raises:
-        OutputExistsError: the path is one of ``inputs``, or exists and ``force`` is false.
-        FileFormatError: the parent directory does not exist.
-    """
-    path = Path(path)
-    for other in inputs:
-        if other is not None and Path(other).exists() and path.exists() and path.resolve() == Path(other).resolve():
-            raise OutputExistsError(f"output {path} is also an input; choose another path with -o")
-    if path.is_dir():
-        raise OutputExistsError(f"output {path} is a directory; give a file name")
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists; pass --force to replace it")
-    if not path.parent.is_dir():
-        raise FileFormatError(f"cannot write {path}: directory {path.parent} does not exist")
-    return path
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def write_atomic(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
-    """Write a safetensors file to a temporary name beside ``path``, then rename it over ``path``.
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v == v and abs(v) != float("inf")
+
+
+def _optional(check: Any) -> Any:
+    return lambda v: v is None or check(v)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_shapes(v: Any) -> bool:
+    if not isinstance(v, dict):
+        return False
+    sizes = (s for shape in v.values() for s in (shape if isinstance(shape, list) else [None]))
+    return all(_is_int(s) and s >= 0 for s in sizes)
+
+
+def _is_names(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(n, str) for n in v)
+
+
+# The type of every header value that fps reads back (checked on read, so a wrong type is one clear line, never a
+# crash deep inside the model code): key -> (check, how to say it).
+_HEADER_TYPES: dict[str, tuple[Any, str]] = {
+    "model": (_is_str, "a string"),
+    "pretrained": (lambda v: isinstance(v, bool), "true or false"),
+    "pretrained_tag": (_optional(_is_str), "a string or null"),
+    "checkpoint": (_optional(_is_str), "a string or null"),
+    "init_seed": (_optional(_is_int), "an integer or null"),
+    "num_classes": (_optional(lambda v: _is_int(v) and v > 0), "a positive integer or null"),
+    "img_size": (_optional(lambda v: _is_int(v) and v > 0), "a positive integer or null"),
+    "data": (_optional(_is_str), "a string or null"),
+    "classes": (_optional(_is_names), "a list of strings or null"),
+    "method": (_optional(_is_str), "a string or null"),
+    "norm": (_optional(_is_str), "a string or null"),
+    "granularity": (_optional(_is_str), "a string or null"),
+    "statistic": (_is_str, "a string"),
+    "budget": (_optional(_is_number), "a number or null"),
+    "topk_per_neuron": (_optional(_is_int), "an integer or null"),
+    "num_samples": (_optional(_is_int), "an integer or null"),
+    "base_sha256": (_optional(_is_str), "a string or null"),
+    "touched_sha256": (_optional(_is_str), "a string or null"),
+    "mask_sha256": (_optional(_is_str), "a string or null"),
+    "param_shapes": (_is_shapes, "an object of name -> list of sizes"),
+    "fully_trainable": (_is_names, "a list of parameter names"),
+    "fully_trained": (_is_names, "a list of parameter names"),
+    "selection": (_optional(lambda v: isinstance(v, dict)), "an object or null"),
+    "train_config": (_optional(lambda v: isinstance(v, dict)), "an object or null"),
+    "metrics": (_optional(lambda v: isinstance(v, dict)), "an object or null"),
+}
+
+
+def write_atomic(
+    path: str | os.PathLike,
+    tensors: Mapping[str, Tensor],
+    metadata: Mapping[str, str],
+    *,
+    tx: Transaction | None = None,
+) -> None:
+    """Write a safetensors file through :mod:`.outputs`: to a recognisable temporary name, fsynced, then renamed.
 
     A reader never sees a half-written file, and a file memory-mapped from ``path`` is never written over.
+
+    Args:
+        tx: the group commit the file belongs to (its rules: no replacing without ``--force``, all-or-nothing);
+            default: a commit of its own that replaces ``path`` (the library's ``save_*`` functions).
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+    from .outputs import Transaction
+
+    def writer(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata))
         _canonical_header(tmp)
-        # mkstemp creates 0600, and safetensors >= 0.8 writes a new 0600 file of its own: set the mode afterwards,
-        # so the output reads like any other file.
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    if tx is not None:
+        tx.write(path, writer)
+        return
+    with Transaction(replace=True) as own:
+        own.write(path, writer)
 
 
 def _canonical_header(path: str | os.PathLike) -> None:
@@ -132,7 +178,10 @@ def read_header(path: str | os.PathLike, kind: str | None) -> tuple[dict[str, An
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
+    from .outputs import settle
+
     path = Path(path)
+    settle(path.parent)  # a group commit killed half-way reads as all old (outputs.py)
     if not path.is_file():
         raise FileFormatError(f"{path} does not exist")
     try:
@@ -148,10 +197,11 @@ def read_header(path: str | os.PathLike, kind: str | None) -> tuple[dict[str, An
     if kind is not None and found != kind:
         raise FileFormatError(f"{path} is an fps {found} file, but a {kind} file is needed here")
     version = raw.get("fps.format_version", "")
-    if not version.isdigit() or int(version) > FORMAT_VERSION:
+    if not (version.isascii() and version.isdigit()) or not 1 <= int(version) <= FORMAT_VERSION:
+        newer = version.isascii() and version.isdigit() and int(version) > FORMAT_VERSION
         raise FileFormatError(
-            f"{path} has format version {version!r}; this fps_cli {__version__} reads version {FORMAT_VERSION}: "
-            "upgrade fps-cli"
+            f"{path} has format version {version!r}; this fps_cli {__version__} reads version {FORMAT_VERSION}"
+            + (": upgrade fps-cli" if newer else "")
         )
     provenance = {}
     for key, value in raw.items():
@@ -160,6 +210,13 @@ def read_header(path: str | os.PathLike, kind: str | None) -> tuple[dict[str, An
                 provenance[key[4:]] = json.loads(value)
             except json.JSONDecodeError:
                 raise FileFormatError(f"{path}: header entry {key} is not valid JSON") from None
+    wrong = [
+        f"fps.{key} must be {_HEADER_TYPES[key][1]}, got {json.dumps(value)}"
+        for key, value in provenance.items()
+        if key in _HEADER_TYPES and not _HEADER_TYPES[key][0](value)
+    ]
+    if wrong:
+        raise FileFormatError(f"{path} has header values of the wrong type: " + "; ".join(wrong))
     return provenance, raw
 
 
@@ -242,8 +299,8 @@ def _numel(shape: Iterable[int]) -> int:
     return n
 
 
-def save_mask(path: str | os.PathLike, mask: Mask) -> None:
-    """Write ``mask`` to ``path`` atomically (check the path with :func:`check_output` first)."""
+def save_mask(path: str | os.PathLike, mask: Mask, *, tx: Transaction | None = None) -> None:
+    """Write ``mask`` to ``path`` atomically (``tx``: as part of a group commit, see :func:`write_atomic`)."""
     tensors = {}
     for name, idx in mask.indices.items():
         dtype = torch.int32 if _numel(mask.shapes[name]) <= 2**31 - 1 else torch.int64
@@ -256,7 +313,7 @@ def save_mask(path: str | os.PathLike, mask: Mask) -> None:
         "trainable": mask.trainable,
         "total_params": mask.total_params,
     }
-    write_atomic(path, tensors, encode_metadata("mask", provenance))
+    write_atomic(path, tensors, encode_metadata("mask", provenance), tx=tx)
 
 
 def _shapes_and_names(
@@ -313,22 +370,32 @@ def load_mask(path: str | os.PathLike) -> dict[str, Tensor]:
 SCORE_STATISTICS = ("input", "gradient")
 
 
-def save_scores(path: str | os.PathLike, stats: Mapping[str, InputStats], provenance: Mapping[str, Any]) -> None:
+def save_scores(
+    path: str | os.PathLike,
+    stats: Mapping[str, InputStats],
+    provenance: Mapping[str, Any],
+    *,
+    tx: Transaction | None = None,
+) -> None:
     """Write per-layer input statistics (the score file of activation-based methods) atomically."""
     tensors = {}
     for name, s in stats.items():
         tensors[f"{name}::abs_sum"] = s.abs_sum.double()
         tensors[f"{name}::sq_sum"] = s.sq_sum.double()
         tensors[f"{name}::count"] = torch.tensor([s.count], dtype=torch.int64)
-    write_atomic(path, tensors, encode_metadata("scores", {**provenance, "statistic": "input"}))
+    write_atomic(path, tensors, encode_metadata("scores", {**provenance, "statistic": "input"}), tx=tx)
 
 
 def save_gradient_scores(
-    path: str | os.PathLike, gradients: Mapping[str, Tensor], provenance: Mapping[str, Any]
+    path: str | os.PathLike,
+    gradients: Mapping[str, Tensor],
+    provenance: Mapping[str, Any],
+    *,
+    tx: Transaction | None = None,
 ) -> None:
     """Write per-layer summed gradients (the score file of ``gps``) atomically, dense fp32."""
     tensors = {f"{name}::grad_sum": g.float() for name, g in gradients.items()}
-    write_atomic(path, tensors, encode_metadata("scores", {**provenance, "statistic": "gradient"}))
+    write_atomic(path, tensors, encode_metadata("scores", {**provenance, "statistic": "gradient"}), tx=tx)
 
 
 def score_statistic(path: str | os.PathLike) -> str:
@@ -365,6 +432,8 @@ def read_gradient_scores(path: str | os.PathLike) -> tuple[dict[str, Tensor], di
             problems.append(f"unexpected tensor {key!r}")
         elif not value.is_floating_point():
             problems.append(f"{key}: gradients must be floating point, got {value.dtype}")
+        elif not bool(torch.isfinite(value).all()):
+            problems.append(f"{key} holds NaN or infinite values")
         else:
             gradients[name] = value.float()
     if problems:
@@ -375,15 +444,29 @@ def read_gradient_scores(path: str | os.PathLike) -> tuple[dict[str, Tensor], di
 def read_scores(path: str | os.PathLike) -> tuple[dict[str, InputStats], dict[str, Any]]:
     """Read a score file of input statistics written by :func:`save_scores`."""
     tensors, prov = _read_score_file(path, "input")
-    stats = {}
+    stats, problems = {}, []
     names = {k.rsplit("::", 1)[0] for k in tensors}
     for name in sorted(names):
         try:
             abs_sum, sq_sum = tensors[f"{name}::abs_sum"], tensors[f"{name}::sq_sum"]
-            count = int(tensors[f"{name}::count"].reshape(-1)[0])
-        except (KeyError, IndexError):
+            count_tensor = tensors[f"{name}::count"]
+        except KeyError:
             raise FileFormatError(f"{path}: incomplete statistics for {name!r}") from None
+        if count_tensor.numel() != 1 or count_tensor.is_floating_point() or count_tensor.dtype == torch.bool:
+            problems.append(f"{name}::count must be one integer, got {count_tensor.dtype} {list(count_tensor.shape)}")
+            continue
+        count = int(count_tensor.reshape(-1)[0])
+        if count <= 0:
+            problems.append(f"{name}::count must be positive, got {count}")
+        for key, t in (("abs_sum", abs_sum), ("sq_sum", sq_sum)):
+            if not t.is_floating_point():
+                problems.append(f"{name}::{key} must be floating point, got {t.dtype}")
+            elif not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                problems.append(f"{name}::{key} holds NaN, infinite or negative values")
         stats[name] = InputStats(abs_sum, sq_sum, count)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise FileFormatError(f"{path} is not a valid score file: {shown}")
     return stats, prov
 
 
@@ -416,8 +499,8 @@ class Delta:
         return sum(int(v.numel()) for v in self.values.values()) + sum(int(t.numel()) for t in self.full.values())
 
 
-def save_delta(path: str | os.PathLike, delta: Delta) -> None:
-    """Write ``delta`` to ``path`` atomically (check the path with :func:`check_output` first)."""
+def save_delta(path: str | os.PathLike, delta: Delta, *, tx: Transaction | None = None) -> None:
+    """Write ``delta`` to ``path`` atomically (``tx``: as part of a group commit, see :func:`write_atomic`)."""
     tensors = {}
     for name, idx in delta.indices.items():
         dtype = torch.int32 if _numel(delta.shapes[name]) <= 2**31 - 1 else torch.int64
@@ -430,7 +513,7 @@ def save_delta(path: str | os.PathLike, delta: Delta) -> None:
         "fully_trained": list(delta.full),
         "trained": delta.trained,
     }
-    write_atomic(path, tensors, encode_metadata("delta", provenance))
+    write_atomic(path, tensors, encode_metadata("delta", provenance), tx=tx)
 
 
 def read_delta(path: str | os.PathLike) -> Delta:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -30,10 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from .errors import ModelError, OutputExistsError
+from .errors import ModelError
 
 if TYPE_CHECKING:
     from .models import ModelSpec
+    from .outputs import Transaction
 
 HF_PREFIX = "hf:"
 INSTALL_HINT = 'pip install "fps-cli[hf]"'
@@ -315,13 +314,14 @@ def save_hf_pretrained(
     labels: Sequence[str] | None = None,
     image_processor: Any | None = None,
     force: bool = False,
+    tx: Transaction | None = None,
 ) -> Path:
     """Write a transformers ``save_pretrained`` folder: ``config.json`` (with the new ``num_labels``),
     ``model.safetensors`` and the image processor's ``preprocessor_config.json``.
 
     ``AutoModelForImageClassification.from_pretrained(folder)`` loads it, and so does ``--model hf:FOLDER``. The
-    folder is written under a temporary name beside ``folder`` and renamed into place, so a reader never sees half
-    of it, and a model memory-mapped from the old folder stays valid.
+    files are written through :mod:`.outputs`: a new folder is staged under a temporary name and renamed into
+    place; an existing one (``force``) gets the new files in one group commit, and every other file in it stays.
 
     Args:
         model: a transformers model, e.g. from :func:`fps_cli.models.create_model` (no delta attached).
@@ -330,7 +330,8 @@ def save_hf_pretrained(
             default: the model's own.
         labels: class names for the config's ``id2label`` / ``label2id`` (e.g. the delta's ``classes``).
         image_processor: default: the one the model was loaded with.
-        force: replace an existing ``folder``.
+        force: write into an existing, non-empty ``folder`` (replacing only the files written here).
+        tx: the command's group commit (its plan did the checks); default: a plan and commit of its own.
 
     Returns:
         The folder.
@@ -346,45 +347,34 @@ def save_hf_pretrained(
         raise ModelError(f"save_hf_pretrained needs a Hugging Face transformers model, not {type(model).__name__}")
     if state_dict is None and any(parametrize.is_parametrized(m) for m in model.modules()):
         raise ModelError("the model has a sparse delta attached; merge it with apply_delta and pass state_dict=")
-    if folder.exists() and not folder.is_dir():
-        raise OutputExistsError(f"output {folder} is a file; give a folder name")
-    if folder.exists() and not force:
-        raise OutputExistsError(f"{folder} already exists; pass --force to replace it")
-    if not folder.parent.is_dir():
-        raise OutputExistsError(f"cannot write {folder}: directory {folder.parent} does not exist")
     config = model.config
     if labels is not None and len(labels) != config.num_labels:
         raise ModelError(f"{len(labels)} labels for a head of {config.num_labels} classes")
+    if tx is None:
+        from .outputs import OutputPlan
+
+        plan = OutputPlan(force=force)
+        plan.folder(folder, "folder", ("config.json", "model.safetensors", PROCESSOR_FILE))
+        plan.check()
+        with plan.transaction() as own:
+            return save_hf_pretrained(
+                model, folder, state_dict=state_dict, labels=labels, image_processor=image_processor, tx=own
+            )
     processor = image_processor if image_processor is not None else getattr(model, PROCESSOR_ATTR, None)
     state = dict(state_dict if state_dict is not None else model.state_dict())
 
+    def writer(staging: Path) -> None:
+        with _quiet_transformers():
+            model.save_pretrained(staging, state_dict=state)
+            if processor is not None:
+                processor.save_pretrained(staging)
+
     saved_labels = (config.id2label, config.label2id)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         if labels is not None:
             config.id2label = dict(enumerate(labels))
             config.label2id = {label: i for i, label in enumerate(labels)}
-        with _quiet_transformers():
-            model.save_pretrained(tmp, state_dict=state)
-            if processor is not None:
-                processor.save_pretrained(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
-            os.replace(folder, old / folder.name)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tx.write_folder(folder, writer)
     finally:
         config.id2label, config.label2id = saved_labels
     return folder
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -15,7 +15,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -31,6 +31,9 @@ from .formats import (
     score_statistic,
     write_atomic,
 )
+
+if TYPE_CHECKING:
+    from .outputs import Transaction
 
 LAYER_TYPES = ("qkv", "proj", "fc1", "fc2", "conv", "other")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -232,9 +235,10 @@ def per_neuron(mask: Mask) -> dict[str, Any]:
     }
 
 
-def export_dense(mask: Mask, path: str | os.PathLike) -> None:
-    """Write ``mask`` as dense boolean tensors, one per parameter, True where trainable (atomically)."""
-    write_atomic(path, mask.dense(), {"format": "pt", "fps.dense_mask": "1"})
+def export_dense(mask: Mask, path: str | os.PathLike, *, tx: Transaction | None = None) -> None:
+    """Write ``mask`` as dense boolean tensors, one per parameter, True where trainable (atomically; ``tx``: as
+    part of a group commit)."""
+    write_atomic(path, mask.dense(), {"format": "pt", "fps.dense_mask": "1"}, tx=tx)
 
 
 def compare_report(a: Mask, b: Mask) -> dict[str, Any]:

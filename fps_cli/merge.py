@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .errors import FileFormatError, OutputExistsError
-from .formats import Delta, check_output, read_delta, weights_digest, write_atomic
+from .errors import FileFormatError
+from .formats import Delta, read_delta, weights_digest, write_atomic
+from .hf import PROCESSOR_FILE as HF_PROCESSOR_NAME
 from .hf import is_hf_model, save_hf_pretrained
 from .models import ModelSpec
+from .outputs import Transaction
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHTS_NAME = "model.safetensors"
@@ -85,38 +86,20 @@ class MergeResult:
     bytes: int
 
 
-def resolve_target(
-    out: str | os.PathLike, *, force: bool, inputs: Iterable[str | os.PathLike | None] = ()
-) -> MergeTarget:
-    """Decide and validate the output before any work: a file, or a folder when ``out`` ends with a path separator
-    or names an existing directory.
+def resolve_target(out: str | os.PathLike) -> MergeTarget:
+    """A file, or a folder when ``out`` ends with a path separator or names an existing directory.
 
-    Raises:
-        OutputExistsError: the output is an input, or exists (a folder: holds model.safetensors or config.json)
-            and ``force`` is false.
-        FileFormatError: the parent directory does not exist, or a folder path names a file.
+    The checks (clashes with inputs, ``--force``) are the command's :class:`~fps_cli.outputs.OutputPlan`, with
+    :func:`folder_files` as the files of a folder.
     """
     text = os.fspath(out)
     path = Path(text)
-    as_dir = text.endswith(("/", os.sep)) or path.is_dir()
-    if not as_dir:
-        return MergeTarget(check_output(path, force=force, inputs=inputs))
-    if path.exists() and not path.is_dir():
-        raise FileFormatError(f"cannot write the folder {text}: {path} is a file")
-    for other in inputs:
-        if other is None:
-            continue
-        other = Path(other)
-        for mine in (path, path / WEIGHTS_NAME, path / CONFIG_NAME):
-            if mine.exists() and other.exists() and mine.resolve() == other.resolve():
-                raise OutputExistsError(f"output {text} is also an input; choose another path with -o")
-    if path.is_dir():
-        held = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if (path / name).exists()]
-        if held and not force:
-            raise OutputExistsError(f"{path} already holds {' and '.join(held)}; pass --force to replace them")
-    elif not path.parent.is_dir():
-        raise FileFormatError(f"cannot write {text}: directory {path.parent} does not exist")
-    return MergeTarget(path, directory=True)
+    return MergeTarget(path, directory=text.endswith(("/", os.sep)) or path.is_dir())
+
+
+def folder_files(hf: bool) -> tuple[str, ...]:
+    """The files a merge writes into a folder: a transformers ``save_pretrained`` folder, or timm's two files."""
+    return (CONFIG_NAME, WEIGHTS_NAME, HF_PROCESSOR_NAME) if hf else (WEIGHTS_NAME, CONFIG_NAME)
 
 
 # ---------------------------------------------------------------------------------------------- the base
@@ -293,37 +276,29 @@ def _metadata(delta: Delta, dtype: str) -> dict[str, str]:
     }
 
 
-def write_merged(target: MergeTarget, state: Mapping[str, Tensor], metadata: Mapping[str, str], config: str) -> None:
-    """Write the weights (and, for a folder, ``config.json``) so that no half-written output is ever seen."""
+def write_merged(
+    target: MergeTarget,
+    state: Mapping[str, Tensor],
+    metadata: Mapping[str, str],
+    config: str,
+    *,
+    tx: Transaction | None = None,
+) -> None:
+    """Write the weights (and, for a folder, ``config.json``) through :mod:`.outputs`: a new folder appears whole,
+    an existing one gets both files in one group commit, and nothing else in it is touched."""
+    if tx is None:
+        with Transaction(replace=True) as own:
+            write_merged(target, state, metadata, config, tx=own)
+        return
     if not target.directory:
-        write_atomic(target.path, state, metadata)
+        write_atomic(target.path, state, metadata, tx=tx)
         return
-    if not target.path.exists():
-        # Build the whole folder under a temporary name beside it, then rename it into place.
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.path.name}.", suffix=".tmp", dir=target.path.parent))
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(staging, 0o777 & ~umask)
-            (staging / CONFIG_NAME).write_text(config)
-            write_atomic(staging / WEIGHTS_NAME, state, metadata)
-            os.replace(staging, target.path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return
-    fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=target.path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(config)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        write_atomic(target.path / WEIGHTS_NAME, state, metadata)
-        os.replace(tmp, target.path / CONFIG_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def writer(staging: Path) -> None:
+        (staging / CONFIG_NAME).write_text(config)
+        write_atomic(staging / WEIGHTS_NAME, state, metadata, tx=None)
+
+    tx.write_folder(target.path, writer)
 
 
 def run_merge(
@@ -333,8 +308,10 @@ def run_merge(
     spec: ModelSpec | None = None,
     dtype: str = "fp32",
     source: str = "the delta",
+    tx: Transaction | None = None,
 ) -> MergeResult:
-    """Rebuild the delta's base, check it, merge, and write ``target`` (validate it with :func:`resolve_target`).
+    """Rebuild the delta's base, check it, merge, and write ``target`` (check it with an
+    :class:`~fps_cli.outputs.OutputPlan` first; ``tx``: the plan's transaction, default: one that replaces).
 
     Args:
         delta: the trained change (:func:`.formats.read_delta`).
@@ -357,13 +334,14 @@ def run_merge(
         # A transformers save_pretrained folder needs the model's config and image processor: keep the model,
         # at the cost of one extra copy of the weights while merging.
         merge_state_dict(state, delta, DTYPES[dtype])
-        save_hf_pretrained(model, target.path, state_dict=state, labels=delta.provenance.get("classes"), force=True)
+        labels = delta.provenance.get("classes")
+        save_hf_pretrained(model, target.path, state_dict=state, labels=labels, force=True, tx=tx)
     else:
         img_size = spec.img_size if spec is not None else delta.provenance.get("img_size")
         config = timm_config(model, img_size, delta.provenance.get("classes")) if target.directory else ""
         del model  # the state dict alone holds the base now, so each merged tensor frees the one it replaces
         merge_state_dict(state, delta, DTYPES[dtype])
-        write_merged(target, state, _metadata(delta, dtype), config)
+        write_merged(target, state, _metadata(delta, dtype), config, tx=tx)
     return MergeResult(
         target=target,
         model=name,

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,9 @@ from .formats import (
 from .models import ModelSpec, create_model, model_name, model_num_classes
 from .scoring import make_scores
 from .selection import select, select_topk_per_neuron
+
+if TYPE_CHECKING:
+    from .outputs import Transaction
 
 
 @dataclass(frozen=True)
@@ -102,12 +105,13 @@ class SelectResult:
     gradients: dict[str, Tensor] | None = None
 
 
-def write_scores(path: str | Path, result: SelectResult) -> None:
-    """Write the score file of a fresh selection: input statistics, or summed gradients for ``gps``."""
+def write_scores(path: str | Path, result: SelectResult, *, tx: Transaction | None = None) -> None:
+    """Write the score file of a fresh selection: input statistics, or summed gradients for ``gps``
+    (``tx``: as part of a group commit, see :func:`.formats.write_atomic`)."""
     if result.gradients is not None:
-        save_gradient_scores(path, result.gradients, result.score_provenance)
+        save_gradient_scores(path, result.gradients, result.score_provenance, tx=tx)
     elif result.stats is not None:
-        save_scores(path, result.stats, result.score_provenance)
+        save_scores(path, result.stats, result.score_provenance, tx=tx)
     else:
         raise ValueError("a re-selection has no new scores to write")
 

@@ -8,12 +8,14 @@ and imported only to draw.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import FpsError
+
+if TYPE_CHECKING:
+    from .outputs import Transaction
 
 BAR = 24
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
@@ -220,7 +222,7 @@ def render(report: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------- plots
 
 
-def plot_mask(report: dict[str, Any], path: str | os.PathLike) -> None:
+def plot_mask(report: dict[str, Any], path: str | os.PathLike, *, tx: Transaction | None = None) -> None:
     """Write a figure of a mask report (PNG or SVG, from the suffix): a heatmap of the % of entries selected
     per block x layer type, and the histogram of selected entries per neuron. Written atomically.
 
@@ -264,14 +266,13 @@ def plot_mask(report: dict[str, Any], path: str | os.PathLike) -> None:
 
     # Reproducible bytes: no creation date in the file.
     metadata = {"Date": None} if suffix == ".svg" else {"Software": None}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    from .outputs import Transaction
+
+    def writer(tmp: Path) -> None:
         fig.savefig(tmp, format=suffix[1:], metadata=metadata, dpi=110)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    if tx is not None:
+        tx.write(path, writer)
+        return
+    with Transaction(replace=True) as own:
+        own.write(path, writer)
