@@ -81,12 +81,14 @@ def _exits() -> Iterator[None]:
 
     Under torchrun the line names the rank; torchrun then stops the other ranks, so a failure never hangs.
     """
-    from .errors import FpsError
+    from .errors import FpsError, OutputClashError
 
     rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     prefix = f"rank {rank}: " if rank is not None else ""
     try:
         yield
+    except OutputClashError as e:  # two paths that must differ: a usage error, raised before any work
+        raise _usage(str(e), e.flag) from None
     except FpsError as e:
         typer.echo(f"{prefix}error: {e}", err=True)
         raise typer.Exit(1) from None
@@ -103,6 +105,24 @@ def _exits() -> Iterator[None]:
 def _usage(message: str, param: str | None = None) -> typer.BadParameter:
     """A usage error (exit code 2), naming the flag at fault."""
     return typer.BadParameter(message, param_hint=param)
+
+
+def _model_folder(name: str | None) -> Path | None:
+    """The local folder a ``local-dir:PATH`` or ``hf:PATH`` model reads (an input no output may replace)."""
+    for prefix in ("local-dir:", "hf:"):
+        if name and name.startswith(prefix) and Path(name[len(prefix) :]).expanduser().is_dir():
+            return Path(name[len(prefix) :]).expanduser()
+    return None
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch
+
+
+def _finite(**options: float | None) -> None:
+    """Refuse NaN, infinite and float32-overflowing values (click's ranges let NaN through), naming the flag."""
+    for name, value in options.items():
+        if value is not None and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise _usage(f"must be a finite number within float32 range, got {value!r}", f"--{name.replace('_', '-')}")
 
 
 # Options shared by the commands that load a model.
@@ -254,6 +274,7 @@ def select_cmd(
 
     --method gps is the GPS baseline (a backward pass, needs class folders); --anchor is experimental.
     """
+    _finite(budget=budget)
     if from_scores is None and (model is None or data is None):
         raise _usage("--model and --data are required (or re-select with --from-scores FILE)", "--model/--data")
     if budget is not None and not 0 < budget < 1:
@@ -278,8 +299,9 @@ def select_cmd(
         os.environ["HF_HUB_OFFLINE"] = "1"
     with _exits():
         from .distributed import from_env, init
-        from .formats import check_output, save_mask, score_statistic
+        from .formats import save_mask, score_statistic
         from .models import ModelSpec
+        from .outputs import OutputPlan
         from .selector import SelectOptions, reselect, resolve_device, run_baseline, run_select
         from .selector import write_scores as write_score_file
 
@@ -293,12 +315,15 @@ def select_cmd(
         report = Reporter(quiet=quiet or not dist.is_main, as_json=as_json)
         baseline = method in BASELINE_METHODS
         write_scores = not no_scores and from_scores is None and not baseline
+        plan = OutputPlan(force=force)
+        for path, flag in ((from_scores, "--from-scores"), (checkpoint, "--checkpoint"), (anchor, "--anchor")):
+            plan.input(path, flag)
+        plan.input(_model_folder(model), "--model")
+        plan.file(out, "--out")
+        if write_scores:
+            plan.file(scores, "--scores")
         if dist.is_main:
-            check_output(out, force=force, inputs=[from_scores, checkpoint, anchor])
-        if write_scores and dist.is_main:
-            check_output(scores, force=force, inputs=[from_scores, checkpoint, anchor])
-            if Path(scores).resolve() == Path(out).resolve():
-                raise _usage("--out and --scores name the same file", "--scores")
+            plan.check()
         if baseline and (budget is not None or topk_per_neuron is not None):
             flag = "--budget" if budget is not None else "--topk-per-neuron"
             report.log(f"{flag} is ignored: --method {method} has a fixed trainable set")
@@ -347,10 +372,11 @@ def select_cmd(
                     on_batch=on_batch,
                     dist=dist,
                 )
-            if write_scores and dist.is_main:
-                write_score_file(scores, result)
-        if dist.is_main:
-            save_mask(out, result.mask)
+        if dist.is_main:  # the mask and the scores: all new or all old, even after a kill
+            with plan.transaction() as tx:
+                if write_scores:
+                    write_score_file(scores, result, tx=tx)
+                save_mask(out, result.mask, tx=tx)
         if not dist.is_main:
             return
 
@@ -507,6 +533,8 @@ def train_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune only the weights a mask selects (plus head and biases) and write a delta file."""
+    _finite(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing)
+    _finite(clip_grad=clip_grad)
     if lr <= 0:
         raise _usage(f"must be positive, got {lr:g}", "--lr")
     if clip_grad is not None and clip_grad <= 0:
@@ -518,25 +546,13 @@ def train_cmd(
     with _exits():
         from .distributed import from_env, init
         from .errors import OutputExistsError
-        from .finetune import MetricsLog, TrainConfig, run_train, spec_from_provenance
-        from .formats import check_output, read_mask, save_delta
+        from .finetune import RunFiles, TrainConfig, run_train, spec_from_provenance
+        from .formats import read_mask
+        from .outputs import OutputPlan
         from .selector import resolve_device
 
         dist = from_env()  # under torchrun only rank 0 checks and writes outputs, logs and prints
         report = Reporter(quiet=quiet or not dist.is_main, as_json=as_json)
-        if dist.is_main:
-            check_output(out, force=force, inputs=[mask, checkpoint])
-        if not resume and dist.is_main:
-            if ckpt.exists() and not force:
-                raise OutputExistsError(
-                    f"{ckpt} exists (an interrupted run?); pass --resume to continue it or --force to start over"
-                )
-            check_output(metrics_path, force=force, inputs=[mask])
-        try:
-            dev = resolve_device(device)
-        except ValueError as e:
-            raise _usage(str(e), "--device") from None
-        dev = init(dist, dev)
         the_mask = read_mask(mask)
         spec = spec_from_provenance(
             the_mask.provenance,
@@ -548,6 +564,29 @@ def train_cmd(
             offline=offline,
             trust_remote_code=trust_remote_code,
         )
+        # The delta, checkpoint and metrics log are one unit (finetune.RunFiles): checked together, before any work.
+        plan = OutputPlan(force=force)
+        plan.input(mask, "--mask")
+        plan.input(spec.checkpoint, "--checkpoint")
+        plan.input(_model_folder(spec.name), "--model")
+        plan.file(out, "--out")
+        plan.file(ckpt, "--out", "the training checkpoint (beside --out)")
+        plan.file(metrics_path, "--out", "the metrics log (beside --out)")
+        if dist.is_main:
+            plan.check(exists=False)
+            if out.exists() and not force:
+                raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+            if not resume and not force and ckpt.exists():
+                raise OutputExistsError(
+                    f"{ckpt} exists (an interrupted run?); pass --resume to continue it or --force to start over"
+                )
+            if not resume and not force and metrics_path.exists():
+                raise OutputExistsError(f"{metrics_path} already exists; pass --force to replace it")
+        try:
+            dev = resolve_device(device)
+        except ValueError as e:
+            raise _usage(str(e), "--device") from None
+        dev = init(dist, dev)
         config = TrainConfig(
             epochs=epochs,
             lr=lr,
@@ -562,18 +601,18 @@ def train_cmd(
             precision=precision,
             seed=seed,
         )
-        log: list[MetricsLog] = []
+        run_files = RunFiles(out, force=force)
+        started: list[bool] = []
 
         def on_event(event: dict[str, Any]) -> None:
             if not dist.is_main:
                 return
             if event["event"] == "start":
-                # Validation is over: only now are the log (re)started and a stale checkpoint dropped.
-                if not resume:
-                    ckpt.unlink(missing_ok=True)
-                log.append(MetricsLog(metrics_path, resume_after=event["resumed_from"] if resume else None))
-            if log:
-                log[0](event)
+                # Validation is over; the log is written with the first checkpoint, never before.
+                run_files.begin(event["resumed_from"] if resume else None)
+                started.append(True)
+            if started:
+                run_files.record(event)
             if event["event"] != "step" or not quiet:
                 report.log(_describe(event))
 
@@ -592,6 +631,7 @@ def train_cmd(
                 log_every=log_every,
                 on_event=on_event,
                 dist=dist,
+                run=run_files,
             )
         except KeyboardInterrupt:
             if ckpt.exists():
@@ -599,10 +639,7 @@ def train_cmd(
             raise
         if not dist.is_main:
             return
-        save_delta(out, result.delta)
-        if log:
-            log[0]({"event": "end", "delta": str(out), **result.metrics})
-        ckpt.unlink(missing_ok=True)
+        run_files.finish(result.delta, {"event": "end", "delta": str(out), **result.metrics})
 
     delta = result.delta
     payload = {
@@ -729,10 +766,9 @@ def merge_cmd(
     with _exits():
         from .finetune import spec_from_provenance
         from .formats import read_delta
-        from .merge import resolve_target, run_merge
+        from .merge import folder_files, resolve_target, run_merge
+        from .outputs import OutputPlan
 
-        local_dir = model[len("local-dir:") :] if model and model.startswith("local-dir:") else None
-        target = resolve_target(out, force=force, inputs=[delta, checkpoint, local_dir])
         the_delta = read_delta(delta)
         spec = spec_from_provenance(
             the_delta.provenance,
@@ -742,8 +778,19 @@ def merge_cmd(
             offline=offline,
             trust_remote_code=trust_remote_code,
         )
+        target = resolve_target(out)
+        plan = OutputPlan(force=force)
+        plan.input(delta, "--delta")
+        plan.input(spec.checkpoint, "--checkpoint")
+        plan.input(_model_folder(spec.name), "--model")
+        if target.directory:
+            plan.folder(target.path, "--out", folder_files(spec.name.startswith("hf:")))
+        else:
+            plan.file(target.path, "--out")
+        plan.check()
         report.log(f"fps merge: {spec.name} + {delta} -> {target.path}{'/' if target.directory else ''} ({dtype})")
-        result = run_merge(the_delta, target, spec=spec, dtype=dtype, source=str(delta))
+        with plan.transaction() as tx:
+            result = run_merge(the_delta, target, spec=spec, dtype=dtype, source=str(delta), tx=tx)
 
     kind = "transformers save_pretrained folder" if spec.name.startswith("hf:") else "timm local-dir: model"
     written = f"{target.path}/ ({kind})" if target.directory else str(target.path)
@@ -795,24 +842,27 @@ def inspect_cmd(
         raise _usage(f"a plot is written as .png or .svg, not {plot.name!r}", "--plot")
     report = Reporter(quiet=quiet, as_json=as_json)
     with _exits():
-        from .formats import check_output
         from .inspection import export_dense as write_dense
         from .inspection import file_kind, inspect_files
+        from .outputs import OutputPlan
         from .views import plot_mask, render, render_comparison
 
-        for output in (plot, export_dense):
+        plan = OutputPlan(force=force)
+        for path in paths:
+            plan.input(path, "FILE")
+        for output, flag in ((plot, "--plot"), (export_dense, "--export-dense")):
             if output is not None:
-                check_output(output, force=force, inputs=paths)
-        if plot is not None and export_dense is not None and plot.resolve() == export_dense.resolve():
-            raise _usage("--plot and --export-dense name the same file", "--export-dense")
+                plan.file(output, flag)
+        plan.check()
         if (plot is not None or export_dense is not None) and file_kind(paths[0]) != "mask":
             flag = "--plot" if plot is not None else "--export-dense"
             raise _usage(f"{paths[0]} is a {file_kind(paths[0])} file, not a mask", flag)
         reports, comparison, masks = inspect_files(paths, norm=norm)
-        if plot is not None:
-            plot_mask(reports[0], plot)
-        if export_dense is not None:
-            write_dense(masks[str(paths[0])], export_dense)
+        with plan.transaction() as tx:
+            if plot is not None:
+                plot_mask(reports[0], plot, tx=tx)
+            if export_dense is not None:
+                write_dense(masks[str(paths[0])], export_dense, tx=tx)
 
     for output in (plot, export_dense):
         if output is not None:

@@ -15,8 +15,8 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -34,6 +34,7 @@ from .distributed import Dist, average_gradients, batch_shard, sum_floats
 from .errors import DataError, FileFormatError, TrainingError
 from .formats import Delta, Mask, weights_digest
 from .models import ModelSpec, create_model, model_name, model_num_classes, output_logits
+from .outputs import Transaction
 from .selector import base_digest, seed_everything
 from .sparse import SparseParams, attach, extract, recompute_sparse_weights
 
@@ -370,18 +371,18 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
-    """``torch.save`` to a temporary name beside ``path``, then rename: an interrupted write leaves the previous
-    checkpoint intact."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], *, tx: Transaction | None = None) -> None:
+    """``torch.save`` through :mod:`.outputs` (temporary name, fsync, rename; the mode follows the umask): an
+    interrupted write leaves the previous checkpoint intact. ``tx``: as part of a group commit."""
+
+    def writer(tmp: Path) -> None:
         torch.save(dict(state), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    if tx is not None:
+        tx.write(path, writer)
+        return
+    with Transaction(replace=True) as own:
+        own.write(path, writer)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -390,7 +391,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise TrainingError(f"no checkpoint {path} to resume from; run without --resume")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a raw pickle makes torch warn twice before it fails: one line is enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise TrainingError(f"cannot read checkpoint {path}: {reason}; start over with --force") from None
@@ -410,27 +413,64 @@ def mask_digest(mask: Mask) -> str:
 # --------------------------------------------------------------------------------------------------- train
 
 
-class MetricsLog:
-    """A JSON-lines log of training events (``<out stem>.metrics.jsonl``), one object per line.
+class RunFiles:
+    """A training run's files as one unit: the checkpoint ``<out stem>.ckpt``, the JSON-lines metrics log
+    ``<out stem>.metrics.jsonl`` (one event per line) and, at the end, the delta.
 
-    On resume, the records of the epochs after the checkpoint (from the interrupted run) are dropped, so the
-    log reads like the one of an uninterrupted run.
+    Nothing is written before the first checkpoint, so a run stopped before it leaves no file and can simply be
+    rerun. Every checkpoint is committed together with the log of the events so far (one group commit, see
+    :mod:`.outputs`), so the two always describe the same epoch; the end commits the delta and the final log and
+    removes the checkpoint, again as one group. A run that replaces an older unit (``--force``) leaves it whole
+    until its own first checkpoint exists; the older delta stays until the new delta replaces it.
+
+    Args:
+        delta: the delta file; the checkpoint and log go beside it.
+        force: the first commit may replace existing files (the run's own after that).
     """
 
-    def __init__(self, path: str | os.PathLike, *, resume_after: int | None = None) -> None:
-        self.path = Path(path)
-        kept = []
-        if resume_after is not None and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError):
-                    record = json.loads(line)
-                    if record.get("event") != "end" and record.get("epoch", 0) <= resume_after:
-                        kept.append(line)
-        self.path.write_text("".join(f"{line}\n" for line in kept))
+    def __init__(self, delta: str | os.PathLike, *, force: bool = False) -> None:
+        self.delta = Path(delta)
+        self.checkpoint = self.delta.with_suffix(".ckpt")
+        self.log = self.delta.with_suffix(".metrics.jsonl")
+        self.force = force
+        self.records: list[str] = []
+        self._owned = False  # the checkpoint and the log are this run's after its first commit
 
-    def __call__(self, event: Event) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(event) + "\n")
+    def begin(self, resume_after: int | None = None) -> None:
+        """Start the log; on resume keep the records up to the checkpoint's epoch (the files are the run's own)."""
+        self.records = []
+        if resume_after is not None:
+            self._owned = True
+            if self.log.is_file():
+                for line in self.log.read_text().splitlines():
+                    with contextlib.suppress(json.JSONDecodeError):
+                        record = json.loads(line)
+                        if record.get("event") != "end" and record.get("epoch", 0) <= resume_after:
+                            self.records.append(line)
+
+    def record(self, event: Event) -> None:
+        self.records.append(json.dumps(event))
+
+    def _log_bytes(self) -> bytes:
+        return "".join(f"{line}\n" for line in self.records).encode()
+
+    def save_checkpoint(self, state: Mapping[str, Any]) -> None:
+        """Commit the checkpoint and the log so far, together."""
+        replace = self._owned or self.force
+        with Transaction(replace=replace) as tx:
+            save_checkpoint(self.checkpoint, state, tx=tx)
+            tx.write_bytes(self.log, self._log_bytes())
+        self._owned = True
+
+    def finish(self, delta: Delta, end: Event) -> None:
+        """Commit the delta and the final log, and remove the checkpoint, together."""
+        from .formats import save_delta
+
+        self.record(end)
+        with Transaction(replace=self.force) as tx:  # the delta: exclusive unless --force
+            save_delta(self.delta, delta, tx=tx)
+            tx.write_bytes(self.log, self._log_bytes(), replace=self._owned or self.force)
+            tx.remove(self.checkpoint)
 
 
 def run_train(
@@ -447,6 +487,7 @@ def run_train(
     log_every: int = 10,
     on_event: Callable[[Event], None] | None = None,
     dist: Dist | None = None,
+    run: RunFiles | None = None,
 ) -> TrainResult:
     """Fine-tune the entries ``mask`` selects (and its fully trainable tensors) on the images in ``data_dir``.
 
@@ -469,6 +510,7 @@ def run_train(
         log_every: emit a ``step`` event every this many optimizer steps (and at the end of every epoch).
         on_event: receives ``start``, ``step``, ``epoch`` and ``warning`` events (plain dicts).
         dist: this process's rank under torchrun (default: a single process).
+        run: the run's files (checkpoint and log committed together); replaces ``checkpoint_path``.
 
     Raises:
         FileFormatError: the mask does not fit the model (every mismatch listed) or was made on other weights.
@@ -478,6 +520,8 @@ def run_train(
     dist = dist or Dist()
     emit = on_event or (lambda event: None)
     device = torch.device(device)
+    if run is not None:
+        checkpoint_path = run.checkpoint
     source = str(mask_path) if mask_path is not None else "the mask"
     prov = mask.provenance
     spec = spec or spec_from_provenance(prov)
@@ -501,6 +545,7 @@ def run_train(
             raise TrainingError("--resume needs a checkpoint path")
         resume_state = load_checkpoint(checkpoint_path)
         _check_resumable(resume_state, config, mask, checkpoint_path, emit)
+        _check_same_run(resume_state, _run_identity(data_dir, spec, mask_path, touched_sha256), checkpoint_path)
 
     # Data: timm's train transform (or the eval transform with augment off); validation with the eval transform.
     img_size = spec.img_size
@@ -654,11 +699,15 @@ def run_train(
                 dist=dist,
             )
             record.update({f"val_{k}": v for k, v in val.items()})
+            if "val_loss" in record and not math.isfinite(record["val_loss"]):
+                raise TrainingError(
+                    _nan_message(record["val_loss"], epoch, step, checkpoint_path, start_epoch, history, "validation")
+                )
         record["seconds"] = time.perf_counter() - epoch_start
         history.append(record)
+        emit(record)  # before the checkpoint, so that the log committed with it holds this epoch
         if checkpoint_path is not None and dist.is_main:
-            save_checkpoint(
-                checkpoint_path,
+            (run.save_checkpoint if run is not None else partial(save_checkpoint, checkpoint_path))(
                 {
                     "fps_checkpoint": CHECKPOINT_VERSION,
                     "epoch": epoch,
@@ -670,9 +719,9 @@ def run_train(
                     "scaler": scaler.state_dict(),
                     "rng": _rng_state(train_loader.generator),
                     "history": history,
+                    "run": _run_identity(data_dir, spec, mask_path, touched_sha256),
                 },
             )
-        emit(record)
 
     final = {k: v for k, v in history[-1].items() if k not in ("event", "seconds")}
     indices, values, full = extract(sparse)
@@ -709,14 +758,53 @@ def _check_finite(
 
 
 def _nan_message(
-    value: float, epoch: int, step: int, checkpoint_path: Any, start_epoch: int, history: list[dict[str, Any]]
+    value: float,
+    epoch: int,
+    step: int,
+    checkpoint_path: Any,
+    start_epoch: int,
+    history: list[dict[str, Any]],
+    which: str = "",
 ) -> str:
     last = history[-1]["epoch"] if history else start_epoch
     if checkpoint_path is not None and last > 0:
         kept = f"the last good checkpoint {checkpoint_path} (epoch {last}) is kept: add --resume with a lower --lr"
     else:
         kept = "no epoch completed, so there is no checkpoint: rerun with a lower --lr"
-    return f"loss is {value} at epoch {epoch}, step {step}; training stopped. {kept}, or set --clip-grad"
+    loss = f"{which} loss" if which else "loss"
+    return f"{loss} is {value} at epoch {epoch}, step {step}; training stopped. {kept}, or set --clip-grad"
+
+
+def _run_identity(
+    data_dir: str | os.PathLike, spec: ModelSpec, mask_path: str | os.PathLike | None, touched_sha256: str
+) -> dict[str, Any]:
+    """What a resumed run must share with the checkpoint: the data folder, the mask file and the base weights."""
+    return {
+        "data": str(Path(data_dir).expanduser().resolve()),
+        "mask": str(Path(mask_path).resolve()) if mask_path is not None else None,
+        "model": spec.name,
+        "checkpoint": str(Path(spec.checkpoint).resolve()) if spec.checkpoint else None,
+        "pretrained": bool(spec.pretrained),
+        "touched_sha256": touched_sha256,
+    }
+
+
+def _check_same_run(state: Mapping[str, Any], now: Mapping[str, Any], path: Any) -> None:
+    """Refuse to resume on another data folder, mask or base, naming what differs (all of it at once)."""
+    saved = state.get("run")
+    if not isinstance(saved, Mapping):
+        return  # a checkpoint from before these were recorded
+    flags = {"data": "--data", "mask": "--mask", "model": "--model", "checkpoint": "--checkpoint"}
+    differ = [f"{flags[k]} {saved.get(k)} -> {now[k]}" for k in flags if saved.get(k) != now[k]]
+    if saved.get("pretrained") != now["pretrained"]:
+        differ.append(f"--pretrained {saved.get('pretrained')} -> {now['pretrained']}")
+    if not differ and saved.get("touched_sha256") != now["touched_sha256"]:
+        differ.append("the base weights (same names, other values)")
+    if differ:
+        raise TrainingError(
+            f"checkpoint {path} is from a run on other inputs ({'; '.join(differ)}); resume with the same inputs, "
+            "or start over with --force"
+        )
 
 
 def _check_resumable(
@@ -799,6 +887,9 @@ def run_eval(
     """
     device = torch.device(device)
     source = str(delta_path) if delta_path is not None else "the delta"
+    bad = [n for n, t in [*delta.values.items(), *delta.full.items()] if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise FileFormatError(f"{source} holds NaN or infinite values in {len(bad)} tensors ({', '.join(bad)})")
     prov = delta.provenance
     spec = spec or spec_from_provenance(prov)
     data_dir, folder = _data_split(data_dir, prov, source)

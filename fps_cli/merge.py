@@ -349,5 +349,5 @@ def run_merge(
         tensors=len(state),
         changed_tensors=len(delta.indices) + len(delta.full),
         trained=delta.trained,
-        bytes=target.weights.stat().st_size,
+        bytes=(tx.staged(target.weights) if tx is not None else target.weights).stat().st_size,
     )

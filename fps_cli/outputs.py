@@ -70,6 +70,7 @@ _commits = 0  # commits so far in this process, for FPS_TEST_CRASH_AT=<point>@<n
 class _Output:
     path: Path
     flag: str
+    label: str
     folder: bool = False
     names: tuple[str, ...] = ()  # a folder's files that fps writes
 
@@ -101,16 +102,17 @@ class OutputPlan:
             with contextlib.suppress(OSError):
                 self.inputs += [(p, flag) for p in sorted(path.iterdir()) if p.is_file()]
 
-    def file(self, path: str | os.PathLike, flag: str) -> Path:
-        """A file output, named in messages by ``flag`` (``--out``, ``--scores``, ``the checkpoint``)."""
+    def file(self, path: str | os.PathLike, flag: str, label: str | None = None) -> Path:
+        """A file output given by ``flag`` (``--out``), named in messages by ``label`` (default: the flag), e.g.
+        ``the training checkpoint (beside --out)`` for a file whose name derives from the flag's."""
         path = Path(path)
-        self.outputs.append(_Output(path, flag))
+        self.outputs.append(_Output(path, flag, label or flag))
         return path
 
-    def folder(self, path: str | os.PathLike, flag: str, names: Iterable[str]) -> Path:
+    def folder(self, path: str | os.PathLike, flag: str, names: Iterable[str], label: str | None = None) -> Path:
         """A folder output and the names of the files fps writes in it (others it writes are checked again later)."""
         path = Path(path)
-        self.outputs.append(_Output(path, flag, folder=True, names=tuple(names)))
+        self.outputs.append(_Output(path, flag, label or flag, folder=True, names=tuple(names)))
         return path
 
     def check(self, *, exists: bool = True) -> None:
@@ -127,19 +129,19 @@ class OutputPlan:
             settle(out.path.parent)
             if out.folder and out.path.is_dir():
                 settle(out.path)
-        files = []  # (path, flag, how to name it)
+        files = []  # (path, flag, label, how to name the path)
         for out in self.outputs:
-            files.append((out.path, out.flag, str(out.path)))
-            files += [(out.path / n, out.flag, str(out.path / n)) for n in out.names]
-        for i, (path, flag, name) in enumerate(files):
+            files.append((out.path, out.flag, out.label, f"{out.path}/" if out.folder else str(out.path)))
+            files += [(out.path / n, out.flag, out.label, str(out.path / n)) for n in out.names]
+        for i, (path, flag, label, name) in enumerate(files):
             for other, other_flag in self.inputs:
                 if _same(path, other):
                     raise OutputClashError(
-                        f"{flag} {name} is also an input ({other_flag} {other}); choose another output path", flag
+                        f"{label} {name} is also an input ({other_flag} {other}); choose another output path", flag
                     )
-            for other, other_flag, other_name in files[:i]:
-                if other_flag != flag and _same(path, other):
-                    raise OutputClashError(f"{other_flag} {other_name} and {flag} {name} name the same file", flag)
+            for other, _, other_label, other_name in files[:i]:
+                if _same(path, other):
+                    raise OutputClashError(f"{other_label} {other_name} and {label} {name} name the same file", flag)
         for out in self.outputs:
             _check_place(out)
             if exists:
@@ -265,6 +267,17 @@ class Transaction:
             if (folder / p.name).exists() and not replace:
                 raise OutputExistsError(f"{folder} already holds {p.name}; pass --force to replace it")
             self.entries.append(_Entry(folder / p.name, p, replace))
+
+    def staged(self, path: str | os.PathLike) -> Path:
+        """Where the future ``path`` (a file written here, or a file in a folder written here) is now, before the
+        commit: e.g. to measure it."""
+        path = Path(path)
+        for e in self.entries:
+            if e.temp is not None and e.final == path:
+                return e.temp
+            if e.temp is not None and e.final == path.parent and e.temp.is_dir():
+                return e.temp / path.name
+        raise KeyError(f"{path} is not written by this transaction")
 
     def remove(self, path: str | os.PathLike) -> None:
         """Remove ``path`` (if it exists) as part of the group."""
@@ -457,6 +470,8 @@ def _is_leftover(name: str) -> bool:
 def temp_name(path: str | os.PathLike) -> Path:
     """A temporary name beside ``path`` that :func:`settle` recognises: ``.<name>.fps-tmp-<pid>-<random>``."""
     path = Path(path)
+    if not path.name:  # "." or "./"
+        path = Path(os.path.abspath(path))
     return path.parent / f".{path.name}.fps-tmp-{os.getpid()}-{secrets.token_hex(4)}"
 
 
