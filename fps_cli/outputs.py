@@ -36,7 +36,8 @@ journals go last. So a group killed before step 5 reads as all old, and one kill
 Tests can stop the process at a named write boundary: ``FPS_TEST_CRASH_AT=<point>`` (or ``<point>@<n>`` for the
 n-th commit of the process) SIGKILLs it at ``written`` (temporaries complete), ``journal`` (journal in place),
 ``rename:<i>`` (after the i-th rename), ``renamed`` (all renamed, journal still there) or ``committed``
-(journal gone, backups not yet).
+(journal gone, backups not yet); ``FPS_TEST_STOP_AT`` SIGSTOPs it there instead, so that a test can run a second
+writer in the gap and then SIGCONT the first.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from pathlib import Path
 from .errors import FileFormatError, OutputClashError, OutputExistsError, OutputWriteError
 
 CRASH_ENV = "FPS_TEST_CRASH_AT"
+STOP_ENV = "FPS_TEST_STOP_AT"
 _TEMP = re.compile(r"^\.(?P<name>.+)\.fps-(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 _JOURNAL = re.compile(r"^\.fps-journal-(?P<pid>\d+)-[0-9a-f]+\.json$")
 _commits = 0  # commits so far in this process, for FPS_TEST_CRASH_AT=<point>@<n>
@@ -129,6 +131,8 @@ class OutputPlan:
             settle(out.path.parent)
             if out.folder and out.path.is_dir():
                 settle(out.path)
+        for out in self.outputs:
+            _check_place(out)
         files = []  # (path, flag, label, how to name the path)
         for out in self.outputs:
             files.append((out.path, out.flag, out.label, f"{out.path}/" if out.folder else str(out.path)))
@@ -142,9 +146,8 @@ class OutputPlan:
             for other, _, other_label, other_name in files[:i]:
                 if _same(path, other):
                     raise OutputClashError(f"{other_label} {other_name} and {label} {name} name the same file", flag)
-        for out in self.outputs:
-            _check_place(out)
-            if exists:
+        if exists:
+            for out in self.outputs:
                 self._check_exists(out)
 
     def _check_exists(self, out: _Output) -> None:
@@ -625,10 +628,12 @@ def _free_bytes(directory: Path) -> int | None:
 
 
 def _crash_point(point: str) -> None:
-    """SIGKILL this process at ``point`` when ``FPS_TEST_CRASH_AT`` names it (a test hook; see the docstring)."""
-    wanted = os.environ.get(CRASH_ENV)
-    if not wanted:
-        return
-    name, _, nth = wanted.partition("@")
-    if name == point and (not nth or int(nth) == _commits):
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Test hooks (module docstring): SIGKILL this process at ``point`` when ``FPS_TEST_CRASH_AT`` names it, or
+    SIGSTOP it when ``FPS_TEST_STOP_AT`` does (a test then lets another writer run, and SIGCONTs it)."""
+    for env, sig in ((CRASH_ENV, signal.SIGKILL), (STOP_ENV, getattr(signal, "SIGSTOP", None))):
+        wanted = os.environ.get(env)
+        if not wanted or sig is None:
+            continue
+        name, _, nth = wanted.partition("@")
+        if name == point and (not nth or int(nth) == _commits):
+            os.kill(os.getpid(), sig)

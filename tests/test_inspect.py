@@ -173,9 +173,11 @@ def test_export_dense(files, tmp_path):
     again = fps("inspect", files["mask"], "--export-dense", out, "-q")
     assert again.exit_code == 1
     assert again.stderr == f"error: {out} already exists; pass --force to replace it\n"
-    same = fps("inspect", files["mask"], "--export-dense", files["mask"], "-q", "--force")
-    assert same.exit_code == 1
-    assert same.stderr == f"error: output {files['mask']} is also an input; choose another path with -o\n"
+    # An output that is an input is a usage error (exit 2) naming both.
+    args = ["inspect", str(files["mask"]), "--export-dense", str(files["mask"]), "-q", "--force"]
+    same = runner.invoke(app, args, env={"COLUMNS": "300"})
+    assert same.exit_code == 2
+    assert f"--export-dense {files['mask']} is also an input (FILE {files['mask']})" in same.stderr
 
 
 def test_two_masks_are_compared(files):

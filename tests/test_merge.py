@@ -248,13 +248,16 @@ def test_outputs(inputs, tmp_path):
             "nowhere/merged.safetensors",
         ): "cannot write nowhere/merged.safetensors: directory nowhere does not exist",
         ("-o", "nowhere/export/"): "cannot write nowhere/export/: directory nowhere does not exist",
-        ("-o", "delta.safetensors"): "output delta.safetensors is also an input; choose another path with -o",
         ("-o", "delta.safetensors/"): "cannot write the folder delta.safetensors/: delta.safetensors is a file",
     }
     for args, message in cases.items():
         result = fps("merge", *args, "-q")
         assert result.exit_code == 1, args
         assert result.stderr == f"error: {message}\n"
+    # An output that is an input is a usage error (exit 2), naming both paths and the flags.
+    clash = runner.invoke(app, ["merge", "-o", "delta.safetensors", "-q"], env={"COLUMNS": "300"})
+    assert clash.exit_code == 2
+    assert "--out delta.safetensors is also an input (--delta delta.safetensors)" in clash.stderr
     (tmp_path / "merged.safetensors").write_bytes(b"old")
     result = fps("merge", "-q")
     assert result.exit_code == 1
