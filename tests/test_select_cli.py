@@ -369,7 +369,8 @@ def test_output_may_not_overwrite_an_input(tmp_path):
     assert select(tmp_path, DIGITS).exit_code == 0
     scores = tmp_path / "scores.safetensors"
     before = scores.read_bytes()
-    r = runner.invoke(app, ["select", "--from-scores", str(scores), "-o", str(scores), "--force"], env={"COLUMNS": "300"})
+    args = ["select", "--from-scores", str(scores), "-o", str(scores), "--force"]
+    r = runner.invoke(app, args, env={"COLUMNS": "300"})
     assert_fails(r, 2, f"--out {scores} is also an input (--from-scores {scores})")
     assert scores.read_bytes() == before
 
