@@ -544,8 +544,9 @@ def run_train(
         if checkpoint_path is None:
             raise TrainingError("--resume needs a checkpoint path")
         resume_state = load_checkpoint(checkpoint_path)
+        identity = _run_identity(data_dir, spec, mask_path, touched_sha256, mask_digest(mask))
+        _check_same_run(resume_state, identity, checkpoint_path)
         _check_resumable(resume_state, config, mask, checkpoint_path, emit)
-        _check_same_run(resume_state, _run_identity(data_dir, spec, mask_path, touched_sha256), checkpoint_path)
 
     # Data: timm's train transform (or the eval transform with augment off); validation with the eval transform.
     img_size = spec.img_size
@@ -719,7 +720,7 @@ def run_train(
                     "scaler": scaler.state_dict(),
                     "rng": _rng_state(train_loader.generator),
                     "history": history,
-                    "run": _run_identity(data_dir, spec, mask_path, touched_sha256),
+                    "run": _run_identity(data_dir, spec, mask_path, touched_sha256, mask_digest(mask)),
                 },
             )
 
@@ -776,12 +777,17 @@ def _nan_message(
 
 
 def _run_identity(
-    data_dir: str | os.PathLike, spec: ModelSpec, mask_path: str | os.PathLike | None, touched_sha256: str
+    data_dir: str | os.PathLike,
+    spec: ModelSpec,
+    mask_path: str | os.PathLike | None,
+    touched_sha256: str,
+    mask_sha256: str,
 ) -> dict[str, Any]:
-    """What a resumed run must share with the checkpoint: the data folder, the mask file and the base weights."""
+    """What a resumed run must share with the checkpoint: the data folder, the mask (its content) and the base."""
     return {
         "data": str(Path(data_dir).expanduser().resolve()),
         "mask": str(Path(mask_path).resolve()) if mask_path is not None else None,
+        "mask_sha256": mask_sha256,
         "model": spec.name,
         "checkpoint": str(Path(spec.checkpoint).resolve()) if spec.checkpoint else None,
         "pretrained": bool(spec.pretrained),
@@ -794,8 +800,10 @@ def _check_same_run(state: Mapping[str, Any], now: Mapping[str, Any], path: Any)
     saved = state.get("run")
     if not isinstance(saved, Mapping):
         return  # a checkpoint from before these were recorded
-    flags = {"data": "--data", "mask": "--mask", "model": "--model", "checkpoint": "--checkpoint"}
+    flags = {"data": "--data", "model": "--model", "checkpoint": "--checkpoint"}
     differ = [f"{flags[k]} {saved.get(k)} -> {now[k]}" for k in flags if saved.get(k) != now[k]]
+    if saved.get("mask_sha256") != now["mask_sha256"]:  # a copy of the same mask elsewhere is the same mask
+        differ.insert(1, f"--mask {saved.get('mask')} -> {now['mask']}")
     if saved.get("pretrained") != now["pretrained"]:
         differ.append(f"--pretrained {saved.get('pretrained')} -> {now['pretrained']}")
     if not differ and saved.get("touched_sha256") != now["touched_sha256"]:

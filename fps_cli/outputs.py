@@ -496,7 +496,8 @@ def set_mode(path: Path) -> None:
 
 
 def _remove(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    """Best effort: a leftover that cannot be removed now (a read-only folder) is removed by a later settle."""
+    with contextlib.suppress(OSError):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
@@ -584,19 +585,20 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
     os.unlink(src)
 
 
-def _reason(e: BaseException) -> str:
+def _reason(e: BaseException) -> str | None:
     """The OS's words for a failed write, from the error or one it chains (safetensors and torch wrap them)."""
     seen = e
     while seen is not None:
         if isinstance(seen, OSError) and seen.strerror:
             return seen.strerror
+        code = re.search(r"os error (\d+)", str(seen))  # safetensors (Rust): "... (os error 28)"
+        if code:
+            return os.strerror(int(code[1]))
+        for number in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EFBIG):
+            if os.strerror(number).lower() in str(seen).lower():
+                return os.strerror(number)
         seen = seen.__cause__ or seen.__context__
-    text = str(e)
-    for code in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EFBIG):
-        if os.strerror(code).lower() in text.lower():
-            return os.strerror(code)
-    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-    return first
+    return None
 
 
 @contextlib.contextmanager
@@ -607,17 +609,18 @@ def _os_errors(path: Path) -> Iterator[None]:
     except (OutputExistsError, OutputWriteError):
         raise
     except OSError as e:
-        raise OutputWriteError(f"cannot write {path}: {_reason(e)}") from None
+        raise OutputWriteError(f"cannot write {path}: {_reason(e) or e}") from None
     except Exception as e:
-        # safetensors raises SafetensorError and torch.save RuntimeError for a full disk; find the OS reason.
-        kind = type(e).__name__
-        if kind in ("SafetensorError", "RuntimeError") or isinstance(e, RuntimeError):
+        # safetensors raises SafetensorError and torch.save a RuntimeError (two chained C++ messages, which do not
+        # say why) for a full disk: find the OS's reason, or see that the disk is full.
+        if type(e).__name__ != "SafetensorError" and not isinstance(e, RuntimeError):
+            raise
+        reason = _reason(e)
+        if reason is None:
             free = _free_bytes(path.parent)
-            reason = _reason(e)
-            if free == 0 and "space" not in reason.lower():
-                reason = os.strerror(errno.ENOSPC)
-            raise OutputWriteError(f"cannot write {path}: {reason}") from None
-        raise
+            text = str(e).strip().splitlines()
+            reason = os.strerror(errno.ENOSPC) if free is not None and free < 2**20 else (text[0] if text else "")
+        raise OutputWriteError(f"cannot write {path}: {reason}") from None
 
 
 def _free_bytes(directory: Path) -> int | None:
