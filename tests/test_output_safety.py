@@ -325,14 +325,20 @@ def test_train_killed_before_its_first_checkpoint_can_simply_be_rerun(run):
     assert set(snapshot(run)) == set(before) | {"delta.safetensors", "delta.metrics.jsonl"}
 
 
-def test_train_force_keeps_the_old_run_until_the_new_one_exists(run):
+def test_train_force_keeps_the_old_run_until_its_first_checkpoint(run):
     before = snapshot(run)
-    # Killed while committing its first checkpoint: the finished run's delta and log are untouched.
+    # Killed while committing its first checkpoint (both renamed, journal still there): the finished run's delta
+    # and log come back untouched; the log was not emptied at the start either.
     killed = fps_process(*TRAIN, "--force", cwd=run, FPS_TEST_CRASH_AT="renamed@1")
     assert killed.returncode == -signal.SIGKILL
     assert fps("inspect", "delta.safetensors", cwd=run).exit_code == 0
     assert snapshot(run) == before
-    # Killed after it: the new run has its checkpoint and log; the old delta stays until a new delta replaces it.
+
+
+def test_train_force_keeps_the_old_delta_until_the_new_delta_exists(run):
+    before = snapshot(run)
+    # Killed after its first checkpoint: the new run has its checkpoint and log; the old delta stays until a new
+    # delta replaces it.
     killed = fps_process(*TRAIN, "--epochs", "2", "--force", cwd=run, FPS_TEST_CRASH_AT="written@2")
     assert killed.returncode == -signal.SIGKILL
     assert fps("inspect", "delta.safetensors", cwd=run).exit_code == 0
