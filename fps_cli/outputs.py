@@ -12,9 +12,10 @@ before any work starts; it then writes through a :class:`Transaction`. The rules
 - **A folder never loses a file fps did not write in that call.** A new folder is built under a temporary name
   and renamed into place whole. An existing folder that is not empty needs ``--force``, and even then only the
   files fps writes are replaced, one group commit (below); every other file stays.
-- **Writes are durable and recognisable.** Data goes to ``.<name>.fps-tmp-<pid>-<random>`` beside its final
-  name (a folder's files into a staging folder of that form), is fsynced, renamed, and the directory fsynced.
-  A temporary whose process is gone is removed by the next :meth:`~OutputPlan.check` in that directory.
+- **Writes are durable and recognisable.** Data goes to ``.<name>.fps-tmp-<pid>-<host><random>`` beside its
+  final name (a folder's files into a staging folder of that form), is fsynced, renamed, and the directory
+  fsynced. A temporary whose process is gone (same host, no such pid) is removed by the next
+  :meth:`~OutputPlan.check` in that directory.
 
 Group commit (two or more files: mask + scores, the files of an existing folder, a training run's checkpoint +
 metrics log + delta) is all-new or all-old after a kill at any moment:
@@ -45,12 +46,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -60,8 +63,11 @@ from .errors import FileFormatError, OutputClashError, OutputExistsError, Output
 
 CRASH_ENV = "FPS_TEST_CRASH_AT"
 STOP_ENV = "FPS_TEST_STOP_AT"
-_TEMP = re.compile(r"^\.(?P<name>.+)\.fps-(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
-_JOURNAL = re.compile(r"^\.fps-journal-(?P<pid>\d+)-[0-9a-f]+\.json$")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.fps-(?P<kind>tmp|old)-(?P<pid>\d+)-(?P<token>[0-9a-f]+)$")
+_JOURNAL = re.compile(r"^\.fps-journal-(?P<pid>\d+)-(?P<token>[0-9a-f]+)\.json$")
+# The first four hex digits of every token name the host (and so the pid namespace, for containers): a leftover of
+# another machine sharing the folder is never judged by a pid of this one.
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:4]
 _commits = 0  # commits so far in this process, for FPS_TEST_CRASH_AT=<point>@<n>
 
 
@@ -348,7 +354,7 @@ class Transaction:
                 with _os_errors(e.final):
                     _link_or_copy(e.final, e.backup)
         journal_dirs = sorted({e.final.parent for e in entries})
-        journals = [d / f".fps-journal-{os.getpid()}-{secrets.token_hex(4)}.json" for d in journal_dirs]
+        journals = [d / f".fps-journal-{os.getpid()}-{_token()}.json" for d in journal_dirs]
         record = {
             "pid": os.getpid(),
             "journals": [str(j.resolve()) for j in journals],
@@ -412,7 +418,7 @@ def settle(directory: str | os.PathLike) -> None:
     with contextlib.suppress(OSError):
         for name in names:
             m = _JOURNAL.match(name)
-            if m and not _alive(int(m["pid"])):
+            if m and _gone(m):
                 try:
                     record = json.loads((directory / name).read_text())
                 except (OSError, ValueError):
@@ -421,7 +427,7 @@ def settle(directory: str | os.PathLike) -> None:
                 _roll_back(record)
         for name in os.listdir(directory):
             m = _TEMP.match(name)
-            if m and not _alive(int(m["pid"])):
+            if m and _gone(m):
                 _remove(directory / name)
 
 
@@ -451,6 +457,15 @@ def _roll_back(record: dict) -> None:
         _fsync_dir(d)
 
 
+def _token() -> str:
+    return _HOST + secrets.token_hex(4)
+
+
+def _gone(match: re.Match) -> bool:
+    """The leftover's process is gone: it ran on this host, and no process has its pid."""
+    return match["token"].startswith(_HOST) and not _alive(int(match["pid"]))
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -475,11 +490,11 @@ def temp_name(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.name:  # "." or "./"
         path = Path(os.path.abspath(path))
-    return path.parent / f".{path.name}.fps-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    return path.parent / f".{path.name}.fps-tmp-{os.getpid()}-{_token()}"
 
 
 def _backup_name(path: Path) -> Path:
-    return path.parent / f".{path.name}.fps-old-{os.getpid()}-{secrets.token_hex(4)}"
+    return path.parent / f".{path.name}.fps-old-{os.getpid()}-{_token()}"
 
 
 def umask() -> int:
