@@ -136,26 +136,38 @@ def target_roles(model: nn.Module, roles: ParameterRoles, target_modules: str | 
     Raises:
         ModelError: the pattern matches no candidate layer (names what it matched instead).
     """
+    if target_modules is not None and not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+
+    def wanted(name: str) -> bool:
+        return target_modules is None or _matches(name, target_modules)
+
+    kept = {p: m for p, m in roles.candidates.items() if wanted(p.rsplit(".", 1)[0])}
+    if not kept:
+        matched = [(n, type(m).__name__) for n, m in model.named_modules() if n and wanted(n)]
+        types = ", ".join(t.__name__ for t in CANDIDATE_TYPES)
+        if target_modules is None:
+            message = f"{type(model).__name__} has no {types} layer outside its head to select from"
+        else:
+            what = ", ".join(f"{n} ({t})" for n, t in matched[:5])
+            what += f" and {len(matched) - 5} more" if len(matched) > 5 else ""
+            message = f"target_modules {target_modules!r} matches no {types} layer outside the head" + (
+                f"; it matches {what}" if matched else f" of {type(model).__name__}"
+            )
+        if any(t == "Conv1D" for _, t in matched):
+            message += (
+                "; transformers' Conv1D (GPT-2's attention and MLP) is not an nn.Linear: fps does not select it and "
+                "PEFT's SHiRA does not wrap it"
+            )
+        raise ModelError(message)
     if target_modules is None:
         return roles
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-    kept = {p: m for p, m in roles.candidates.items() if _matches(p.rsplit(".", 1)[0], target_modules)}
-    if not kept:
-        matched = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n and _matches(n, target_modules)]
-        what = ", ".join(matched[:5]) + (f" and {len(matched) - 5} more" if len(matched) > 5 else "")
-        types = ", ".join(t.__name__ for t in CANDIDATE_TYPES)
-        raise ModelError(
-            f"target_modules {target_modules!r} matches no {types} layer outside the head"
-            + (f"; it matches {what}" if matched else f" of {type(model).__name__}")
-            + (
-                "; transformers' Conv1D (GPT-2) is not an nn.Linear: fps does not select it and SHiRA does not wrap it"
-                if any(type(m).__name__ == "Conv1D" for n, m in model.named_modules() if _matches(n, target_modules))
-                else ""
-            )
-        )
-    frozen = [*roles.frozen, *(p for p in roles.candidates if p not in kept)]
-    return ParameterRoles(kept, roles.fully_trainable, frozen, roles.shapes)
+    # The layers left out are frozen whole: their weights, and their biases too.
+    dropped = {p for p in roles.candidates if p not in kept}
+    dropped |= {p.rsplit(".", 1)[0] + ".bias" for p in dropped}
+    fully = [p for p in roles.fully_trainable if p not in dropped]
+    frozen = [p for p in roles.shapes if p not in kept and p not in fully]
+    return ParameterRoles(kept, fully, frozen, roles.shapes)
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
@@ -245,7 +257,7 @@ def select_indices(
         method: ``fps`` (``|W| * a``), ``activation``, ``weight`` or ``random``.
         norm: ``l1`` (mean ``|x|``) or ``l2`` (root mean square) activation statistic.
         granularity: ``neuron``, ``layer`` or ``global``.
-        train_bias: the budget counts the biases of candidate layers as fully trained.
+        train_bias: the budget counts the biases of the targeted layers as fully trained.
         head: the task head (fully trained, counted in the budget); default: found through the model's API
             (timm ``get_classifier()``, transformers: outside ``base_model``, e.g. ``lm_head``). Pass ``[]`` when
             nothing but the selected entries will be trained.

@@ -349,6 +349,20 @@ def write_adapter_folder(
             shutil.rmtree(old, ignore_errors=True)
 
 
+def load_base(delta: Delta | str | os.PathLike, spec: ModelSpec | None = None) -> nn.Module:
+    """The base model a delta was trained on, rebuilt as it records (or as ``spec`` says) and checked as ``fps merge``
+    checks it, in eval mode: what ``PeftModel.from_pretrained(base, adapter)`` needs.
+
+    Raises:
+        FileFormatError: the model is not the delta's base.
+    """
+    from .merge import build_checked_base
+
+    source = "the delta" if isinstance(delta, Delta) else str(delta)
+    delta = delta if isinstance(delta, Delta) else read_delta(delta)
+    return build_checked_base(delta, spec, source).eval()
+
+
 def export_peft(
     delta: Delta | str | os.PathLike,
     out: str | os.PathLike,
