@@ -21,6 +21,7 @@ pytest.importorskip("transformers")
 
 runner = CliRunner()
 FAST = ["--num-workers", "0", "--batch-size", "4"]
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 TRAIN = ["--epochs", "1", "--lr", "0.01", "--warmup-epochs", "0", *FAST, "-q"]
 
 
@@ -99,7 +100,7 @@ def test_adapter_gives_the_fine_tuned_logits_and_merges_to_fps_merge(which, requ
     out = fps("export", "--to", "peft", "--delta", delta, "-o", adapter, "--json", "-q")
     assert out.exit_code == 0, out.output
     summary = json.loads(out.stdout)
-    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in adapter.iterdir()) == [CONFIG, WEIGHTS]
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no staging folder left
 
     # The folder is the one PEFT's SHiRA writes: indices [2, r * (in + out)], the delta's values, zero padding.
@@ -162,7 +163,7 @@ def test_existing_folder_is_refused_without_force(workdir):
 
     out = fps("export", "--to", "peft", "-o", "adapter", "--force", "-q")
     assert out.exit_code == 0, out.output
-    assert sorted(p.name for p in (workdir / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (workdir / "adapter").iterdir()) == [CONFIG, WEIGHTS]
     assert sorted(p.name for p in workdir.iterdir()) == ["adapter", "delta.safetensors"]
 
     out = fps("export", "--to", "peft", "-o", "delta.safetensors", "--force")
@@ -204,9 +205,7 @@ def test_without_peft_the_message_names_the_extra(workdir, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)
     out = fps("export", "--to", "peft", "-o", "adapter")
     assert out.exit_code == 1
-    assert out.stderr == (
-        "error: this needs Hugging Face PEFT, which is not installed; pip install 'fps-cli[peft]'\n"
-    )
+    assert out.stderr == ("error: this needs Hugging Face PEFT, which is not installed; pip install 'fps-cli[peft]'\n")
     assert not (workdir / "adapter").exists()
 
 
@@ -288,7 +287,8 @@ def tiny_tokenizer(folder: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate("the a cat dog sat ran on mat far away".split())}}
+    words = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "far", "away"]
+    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(folder)
