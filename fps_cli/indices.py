@@ -260,7 +260,8 @@ def select_indices(
         train_bias: the budget counts the biases of the targeted layers as fully trained.
         head: the task head (fully trained, counted in the budget); default: found through the model's API
             (timm ``get_classifier()``, transformers: outside ``base_model``, e.g. ``lm_head``). Pass ``[]`` when
-            nothing but the selected entries will be trained.
+            nothing but the selected entries will be trained (the head is then a candidate layer like any other,
+            unless ``target_modules`` leaves it out).
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast for the forward pass (statistics stay fp32 or better).
         seed: seed of the ``random`` method.
 

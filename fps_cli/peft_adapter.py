@@ -298,6 +298,14 @@ def check_adapter_output(out: str | os.PathLike, *, force: bool) -> Path:
     return path
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_adapter_folder(
     path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str], config: Mapping[str, Any], *, force: bool
 ) -> None:
@@ -325,20 +333,13 @@ def write_adapter_folder(
         (staging / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         for file in (weights, staging / CONFIG_NAME):
             os.chmod(file, 0o666 & ~umask)
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        for entry in (weights, staging / CONFIG_NAME, staging):  # the files, then the folder that names them
+            _fsync(entry)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)
         os.replace(staging, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(path.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if old is not None and (old / path.name).exists() and not path.exists():
