@@ -36,6 +36,8 @@ _EXPORTS = {
     "merge_into": ".merge",
     "run_merge": ".merge",
     "inspect_files": ".inspection",
+    "select_indices": ".indices",
+    "export_peft": ".peft_adapter",
     "FpsError": ".errors",
 }
 

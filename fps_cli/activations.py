@@ -164,8 +164,15 @@ def input_sums(module: nn.Module, x: Tensor, scratch: Scratch | None = None) -> 
 
 
 @contextlib.contextmanager
-def input_stats_hooks(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, InputStats]]:
+def input_stats_hooks(
+    modules: Mapping[str, nn.Module], select_tokens: Callable[[str, Tensor], Tensor] | None = None
+) -> Iterator[dict[str, InputStats]]:
     """Register forward hooks that accumulate :class:`InputStats` for each module; always remove them.
+
+    Args:
+        modules: name -> layer.
+        select_tokens: ``(name, input) -> the input's tokens that count``, e.g. a language model's real tokens
+            without padding (:func:`fps_cli.indices.select_indices`); default: every token.
 
     Yields:
         name -> statistics, filled in as the model runs. A module called several times per forward
@@ -179,7 +186,8 @@ def input_stats_hooks(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, In
 
     def make_hook(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            stats[name].add(*input_sums(module, args[0], scratch))
+            x = args[0] if select_tokens is None else select_tokens(name, args[0])
+            stats[name].add(*input_sums(module, x, scratch))
 
         return hook
 

@@ -812,6 +812,82 @@ def merge_cmd(
     report.result(payload, human)
 
 
+@app.command("export")
+def export_cmd(
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", metavar="DIR/", help="Adapter folder to write.", rich_help_panel="Output"),
+    ],
+    to: Annotated[
+        Literal["peft"], typer.Option("--to", help="Format: a Hugging Face PEFT (SHiRA) adapter folder.")
+    ] = "peft",
+    delta: Annotated[Path, typer.Option("--delta", help="Delta file from fps train.", rich_help_panel="Input")] = Path(
+        "delta.safetensors"
+    ),
+    model: ModelOpt = None,
+    pretrained: PretrainedOrRecordedOpt = None,
+    checkpoint: CheckpointOpt = None,
+    offline: OfflineOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a trained delta as a PEFT adapter folder: PeftModel.from_pretrained(base, DIR) loads it (needs the
+    peft extra)."""
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    report = Reporter(quiet=quiet, as_json=as_json)
+    with _exits():
+        from .finetune import spec_from_provenance
+        from .formats import read_delta
+        from .outputs import OutputPlan
+        from .peft_adapter import ADAPTER_FILES, export_peft, require_peft
+
+        require_peft()
+        the_delta = read_delta(delta)
+        spec = spec_from_provenance(
+            the_delta.provenance,
+            model=model,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            offline=offline,
+            trust_remote_code=trust_remote_code,
+        )
+        plan = OutputPlan(force=force)
+        plan.input(delta, "--delta")
+        plan.input(spec.checkpoint, "--checkpoint")
+        plan.input(_model_folder(spec.name), "--model")
+        plan.folder(out, "--out", ADAPTER_FILES)
+        plan.check()
+        report.log(f"fps export: {spec.name} + {delta} -> {out}/ (PEFT SHiRA adapter)")
+        with plan.transaction() as tx:
+            result = export_peft(the_delta, out, spec=spec, source=str(delta), tx=tx)
+        result.delta_bytes = delta.stat().st_size
+
+    payload = {
+        "adapter": str(result.path),
+        "to": to,
+        "peft_type": "SHIRA",
+        "r": result.r,
+        "sparse_layers": result.sparse_layers,
+        "entries": result.entries,
+        "padded": result.padded,
+        "modules_to_save": result.modules_to_save,
+        "whole_params": result.whole_params,
+        "bytes": result.bytes,
+        "delta_bytes": result.delta_bytes,
+    }
+    whole = ", ".join(f"{m} ({why})" for m, why in result.modules_to_save.items()) or "none"
+    human = (
+        f"SHiRA r={result.r}: {result.entries:,} trained entries in {result.sparse_layers} nn.Linear layers, "
+        f"padded with {result.padded:,} zeros; modules_to_save: {whole} ({result.whole_params:,} parameters)\n"
+        f"adapter {result.bytes / 2**20:.2f} MiB, delta {result.delta_bytes / 2**20:.2f} MiB "
+        f"({result.bytes / result.delta_bytes:.2f}x)\nwrote {result.path}/"
+    )
+    report.result(payload, human)
+
+
 @app.command("inspect")
 def inspect_cmd(
     files: Annotated[
