@@ -486,6 +486,14 @@ def train_cmd(
     log_every: Annotated[
         int, typer.Option(min=1, help="Log every this many optimizer steps.", rich_help_panel="Output")
     ] = 10,
+    log_wandb: Annotated[
+        bool,
+        typer.Option(
+            "--log-wandb",
+            help="Also log each epoch's summary row to Weights & Biases (needs pip install 'fps-cli[wandb]').",
+            rich_help_panel="Output",
+        ),
+    ] = False,
     model: ModelOpt = None,
     pretrained: PretrainedOrRecordedOpt = None,
     checkpoint: CheckpointOpt = None,
@@ -505,6 +513,7 @@ def train_cmd(
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    ctx: typer.Context = None,
 ) -> None:
     """Fine-tune only the weights a mask selects (plus head and biases) and write a delta file."""
     if lr <= 0:
@@ -515,11 +524,14 @@ def train_cmd(
         os.environ["HF_HUB_OFFLINE"] = "1"
     ckpt = out.with_suffix(".ckpt")
     metrics_path = out.with_suffix(".metrics.jsonl")
+    summary_path, args_path = out.with_suffix(".summary.csv"), out.with_suffix(".args.yaml")
+    arguments = dict(ctx.params)
     with _exits():
         from .distributed import from_env, init
         from .errors import OutputExistsError
         from .finetune import MetricsLog, TrainConfig, run_train, spec_from_provenance
         from .formats import check_output, read_mask, save_delta
+        from .records import SummaryCsv, WandbLog, args_yaml, require_wandb, write_text
         from .selector import resolve_device
 
         dist = from_env()  # under torchrun only rank 0 checks and writes outputs, logs and prints
@@ -531,7 +543,10 @@ def train_cmd(
                 raise OutputExistsError(
                     f"{ckpt} exists (an interrupted run?); pass --resume to continue it or --force to start over"
                 )
-            check_output(metrics_path, force=force, inputs=[mask])
+            for record in (metrics_path, summary_path, args_path):
+                check_output(record, force=force, inputs=[mask])
+        if log_wandb and dist.is_main:
+            require_wandb()
         try:
             dev = resolve_device(device)
         except ValueError as e:
@@ -562,18 +577,35 @@ def train_cmd(
             precision=precision,
             seed=seed,
         )
-        log: list[MetricsLog] = []
+        # The resolved arguments (timm's args.yaml): what was given, with the mask's recorded values filled in.
+        arguments.update(
+            model=spec.name,
+            pretrained=spec.pretrained,
+            checkpoint=spec.checkpoint,
+            num_classes=spec.num_classes,
+            img_size=spec.img_size,
+            data=data if data is not None else the_mask.provenance.get("data"),
+            device=str(dev),
+        )
+        log: list[Callable[[dict[str, Any]], None]] = []
+        wandb_run: list[WandbLog] = []
 
         def on_event(event: dict[str, Any]) -> None:
             if not dist.is_main:
                 return
             if event["event"] == "start":
-                # Validation is over: only now are the log (re)started and a stale checkpoint dropped.
+                # Validation is over: only now are the records (re)started and a stale checkpoint dropped.
                 if not resume:
                     ckpt.unlink(missing_ok=True)
-                log.append(MetricsLog(metrics_path, resume_after=event["resumed_from"] if resume else None))
-            if log:
-                log[0](event)
+                resume_after = event["resumed_from"] if resume else None
+                write_text(args_path, args_yaml(arguments))
+                log.append(MetricsLog(metrics_path, resume_after=resume_after))
+                log.append(SummaryCsv(summary_path, resume_after=resume_after))
+                if log_wandb:
+                    wandb_run.append(WandbLog(arguments, name=out.stem))
+                    log.append(wandb_run[0])
+            for record in log:
+                record(event)
             if event["event"] != "step" or not quiet:
                 report.log(_describe(event))
 
@@ -597,17 +629,22 @@ def train_cmd(
             if ckpt.exists():
                 report.log(f"the last complete epoch is in {ckpt}; continue with the same command and --resume")
             raise
+        finally:
+            if wandb_run:
+                wandb_run[0].finish()
         if not dist.is_main:
             return
         save_delta(out, result.delta)
         if log:
-            log[0]({"event": "end", "delta": str(out), **result.metrics})
+            log[0]({"event": "end", "delta": str(out), **result.metrics})  # the metrics log only
         ckpt.unlink(missing_ok=True)
 
     delta = result.delta
     payload = {
         "delta": str(out),
         "metrics_log": str(metrics_path),
+        "summary": str(summary_path),
+        "args": str(args_path),
         "model": delta.provenance["model"],
         "epochs": epochs,
         "resumed_from": result.resumed_from,

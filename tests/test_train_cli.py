@@ -14,6 +14,8 @@ from fps_cli.cli import app
 runner = CliRunner()
 FAST = ["--num-workers", "0", "--batch-size", "4"]
 QUIET = [*FAST, "-q"]
+# What a finished run leaves beside its delta (the checkpoint is gone).
+RECORDS = ["delta.args.yaml", "delta.metrics.jsonl", "delta.safetensors", "delta.summary.csv"]
 
 
 def fps(*args: str):
@@ -43,7 +45,7 @@ def test_select_train_eval_end_to_end(selected, tmp_path):
     assert summary["optimizer_state_elements"] == 2 * summary["trained"]
     assert {"train_loss", "val_top1", "val_loss"} <= set(summary["metrics"])
     assert "epoch 2 done: train loss" in result.stderr
-    assert _outputs(tmp_path) == ["delta.metrics.jsonl", "delta.safetensors"]  # the checkpoint is gone
+    assert _outputs(tmp_path) == RECORDS  # the checkpoint is gone
     log = [json.loads(line) for line in (tmp_path / "delta.metrics.jsonl").read_text().splitlines()]
     assert [r["event"] for r in log if r["event"] != "step"] == ["start", "epoch", "epoch", "end"]
 
@@ -78,7 +80,7 @@ def test_ctrl_c_then_resume_gives_the_same_delta(selected, tmp_path, monkeypatch
     assert result.stderr.endswith(
         "the last complete epoch is in b.ckpt; continue with the same command and --resume\ninterrupted\n"
     )
-    assert _outputs(tmp_path, "b") == ["b.ckpt", "b.metrics.jsonl"]
+    assert _outputs(tmp_path, "b") == ["b.args.yaml", "b.ckpt", "b.metrics.jsonl", "b.summary.csv"]
     monkeypatch.setattr(finetune, "evaluate", evaluate)
 
     result = fps(*args, "-o", "b.safetensors", "--resume")
@@ -167,7 +169,7 @@ def test_existing_outputs_need_force(selected, tmp_path):
 
     result = fps("train", "--epochs", "1", *FAST, "--force", "-q")
     assert result.exit_code == 0, result.output
-    assert _outputs(tmp_path) == ["delta.metrics.jsonl", "delta.safetensors"]
+    assert _outputs(tmp_path) == RECORDS
 
 
 def test_usage_errors_exit_2(selected):
