@@ -810,7 +810,11 @@ def inspect_cmd(
     ] = None,
     plot: Annotated[
         Path | None,
-        typer.Option("--plot", help="Draw a mask: heatmap per block x layer type, histogram per neuron (.png/.svg)."),
+        typer.Option(
+            "--plot",
+            help="Draw a mask (heatmap per block x layer type, histogram per neuron, input columns per layer), or "
+            "where two masks differ (.png/.svg).",
+        ),
     ] = None,
     export_dense: Annotated[
         Path | None,
@@ -825,9 +829,10 @@ def inspect_cmd(
 ) -> None:
     """Show what a mask, score or delta file holds (provenance, totals, per layer, per depth), or compare two masks."""
     paths = files or [Path("mask.safetensors")]
-    if (plot is not None or export_dense is not None) and len(paths) != 1:
-        flag = "--plot" if plot is not None else "--export-dense"
-        raise _usage(f"draws or exports one mask; give one mask file, not {len(paths)} files", flag)
+    if export_dense is not None and len(paths) != 1:
+        raise _usage(f"exports one mask; give one mask file, not {len(paths)} files", "--export-dense")
+    if plot is not None and len(paths) > 2:
+        raise _usage(f"give one or two masks, not {len(paths)} files", "--plot")
     if plot is not None and plot.suffix.lower() not in (".png", ".svg"):
         raise _usage(f"a plot is written as .png or .svg, not {plot.name!r}", "--plot")
     report = Reporter(quiet=quiet, as_json=as_json)
@@ -835,18 +840,22 @@ def inspect_cmd(
         from .formats import check_output
         from .inspection import export_dense as write_dense
         from .inspection import file_kind, inspect_files
-        from .views import plot_mask, render, render_comparison
+        from .views import plot_comparison, plot_mask, render, render_comparison
 
         for output in (plot, export_dense):
             if output is not None:
                 check_output(output, force=force, inputs=paths)
         if plot is not None and export_dense is not None and plot.resolve() == export_dense.resolve():
             raise _usage("--plot and --export-dense name the same file", "--export-dense")
-        if (plot is not None or export_dense is not None) and file_kind(paths[0]) != "mask":
+        if plot is not None or export_dense is not None:
             flag = "--plot" if plot is not None else "--export-dense"
-            raise _usage(f"{paths[0]} is a {file_kind(paths[0])} file, not a mask", flag)
+            for path in paths:
+                if file_kind(path) != "mask":
+                    raise _usage(f"{path} is a {file_kind(path)} file, not a mask", flag)
         reports, comparison, masks = inspect_files(paths, norm=norm)
-        if plot is not None:
+        if plot is not None and comparison is not None:
+            plot_comparison(reports, comparison, plot, [str(p) for p in paths])
+        elif plot is not None:
             plot_mask(reports[0], plot)
         if export_dense is not None:
             write_dense(masks[str(paths[0])], export_dense)
@@ -858,6 +867,8 @@ def inspect_cmd(
         payload: dict[str, Any] = reports[0]
     else:
         payload = {"files": reports, "comparison": comparison}
+    if quiet and not as_json and (plot is not None or export_dense is not None):
+        return  # -q with an output file: the file is the result; print nothing
     texts = [render(r) for r in reports]
     if comparison is not None:
         texts.append(render_comparison(comparison, str(paths[0]), str(paths[1])))

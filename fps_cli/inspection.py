@@ -184,6 +184,7 @@ def mask_report(mask: Mask, path: str | os.PathLike | None = None) -> dict[str, 
         "layers": layers,
         "depth": depth_view(layers),
         "per_neuron": per_neuron(mask),
+        "columns": column_view(mask),
     }
 
 
@@ -232,6 +233,86 @@ def per_neuron(mask: Mask) -> dict[str, Any]:
     }
 
 
+# The "top columns" of a layer: this fraction of its input columns, those that receive the most selections.
+TOP_COLUMNS = 0.1
+
+
+def column_counts(idx: Tensor, shape: Iterable[int]) -> Tensor:
+    """Selected entries per input column (per input of a neuron: a Linear's input feature, a conv's
+    input channel x kernel tap) of one parameter, from its sorted flat indices."""
+    shape = tuple(shape)
+    row_len = _numel(shape[1:]) if len(shape) > 1 else 1
+    return torch.bincount(idx.long() % row_len, minlength=row_len)  # [row_len]
+
+
+def concentration(counts: Tensor, top: int = 3) -> dict[str, Any]:
+    """How concentrated one layer's selections are over its input columns.
+
+    ``distinct``: columns with at least one selected entry; ``top_share``: the share of the selected entries that
+    fall in the :data:`TOP_COLUMNS` most-selected columns (``TOP_COLUMNS`` itself when spread evenly, 1.0 when
+    every selection sits there); ``top``: the ``top`` most-selected columns as ``[column, entries]``.
+    """
+    inputs, selected = int(counts.numel()), int(counts.sum())
+    k = max(1, round(TOP_COLUMNS * inputs))
+    ordered = counts.sort(descending=True, stable=True)
+    return {
+        "inputs": inputs,
+        "distinct": int((counts > 0).sum()),
+        "distinct_pct": _pct(int((counts > 0).sum()), inputs),
+        "top_share": float(ordered.values[:k].sum()) / selected if selected else 0.0,
+        "top": [[int(c), int(n)] for c, n in zip(ordered.indices[:top], ordered.values[:top], strict=True) if n],
+    }
+
+
+def column_view(mask: Mask) -> dict[str, Any]:
+    """Per partially selected layer, how its selections spread over input columns (:func:`concentration`).
+
+    With per-neuron selection every row gets about the same number of entries, so the per-layer counts only
+    restate the budget; which inputs those entries use is what the task's data decided.
+    """
+    layers = []
+    for name, shape in mask.shapes.items():  # model order
+        if name not in mask.indices or len(shape) < 2:
+            continue
+        idx = mask.indices[name]
+        layers.append({"name": name, "selected": int(idx.numel()), **concentration(column_counts(idx, shape))})
+    summary = {
+        "layers": len(layers),
+        "top_fraction": TOP_COLUMNS,
+        "distinct_pct_mean": sum(r["distinct_pct"] for r in layers) / len(layers) if layers else 0.0,
+        "top_share_mean": sum(r["top_share"] for r in layers) / len(layers) if layers else 0.0,
+    }
+    return {"summary": summary, "layers": layers}
+
+
+def column_comparison(a: Mask, b: Mask, top: int = 3) -> dict[str, Any]:
+    """Where two masks differ in which input columns they use, per layer either selects in.
+
+    Per layer: the columns each uses (``columns_a``, ``columns_b``), those both use, their Jaccard, and the ``top``
+    columns whose selected-entry counts differ most, as ``[column, entries in a, entries in b]``.
+    """
+    layers = {}
+    for name, shape in a.shapes.items():  # model order
+        if (name not in a.indices and name not in b.indices) or len(shape) < 2:
+            continue
+        empty = torch.zeros(0, dtype=torch.long)
+        ca = column_counts(a.indices.get(name, empty), shape)
+        cb = column_counts(b.indices.get(name, empty), shape)
+        used_a, used_b = ca > 0, cb > 0
+        both, either = int((used_a & used_b).sum()), int((used_a | used_b).sum())
+        gap = (ca - cb).abs()
+        order = gap.sort(descending=True, stable=True).indices[:top]
+        layers[name] = {
+            "columns_a": int(used_a.sum()),
+            "columns_b": int(used_b.sum()),
+            "columns_both": both,
+            "columns_jaccard": both / either if either else 1.0,
+            "most_different": [[int(c), int(ca[c]), int(cb[c])] for c in order if gap[c] > 0],
+        }
+    jaccards = [r["columns_jaccard"] for r in layers.values()]
+    return {"columns_jaccard_mean": sum(jaccards) / len(jaccards) if jaccards else 1.0, "layers": layers}
+
+
 def export_dense(mask: Mask, path: str | os.PathLike) -> None:
     """Write ``mask`` as dense boolean tensors, one per parameter, True where trainable (atomically)."""
     write_atomic(path, mask.dense(), {"format": "pt", "fps.dense_mask": "1"})
@@ -241,7 +322,7 @@ def compare_report(a: Mask, b: Mask) -> dict[str, Any]:
     """Per-layer and total overlap and Jaccard of two masks (:func:`.compare.compare_masks`)."""
     from .compare import compare_masks
 
-    return compare_masks(a, b).to_dict()
+    return {**compare_masks(a, b).to_dict(), "columns": column_comparison(a, b)}
 
 
 # ---------------------------------------------------------------------------------------------- scores
