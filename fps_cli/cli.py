@@ -18,9 +18,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from typer.core import TyperCommand
 
 from . import __version__
-from .constants import BASELINE_METHODS, DEFAULT_BUDGET, GPS_LOSSES, GRANULARITIES, NORMS, PRECISIONS, SELECT_METHODS
+from .constants import (
+    BASELINE_METHODS,
+    DEFAULT_BUDGET,
+    GPS_LOSSES,
+    GRANULARITIES,
+    LARGE_BUDGET,
+    NORMS,
+    PRECISIONS,
+    SELECT_METHODS,
+    budget_problem,
+)
 
 app = typer.Typer(
     name="fps",
@@ -30,6 +41,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+class _Command(TyperCommand):
+    """A typer command whose help shows no ``<bool>`` after a flag and no ``<list[Path]>`` after ``FILE``."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""  # a flag takes no value
+            elif param.param_type_name == "argument":
+                param.metavar = param.metavar or "FILE"
+                param.display_type_rich = lambda ctx: None  # the name says it; typer would add <list[Path]>
+        return params
 
 
 def _version(value: bool) -> None:
@@ -150,16 +175,15 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or lo
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing outputs.")]
 
 
-@app.command("select")
+@app.command("select", cls=_Command)
 def select_cmd(
     model: ModelOpt = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Image folder.", rich_help_panel="Data")] = None,
     budget: Annotated[
         float | None,
         typer.Option(
-            min=0.0,
-            max=1.0,
-            help=f"Fraction of all parameters trainable in total (selected + head + biases); default {DEFAULT_BUDGET}.",
+            help=f"Fraction of all parameters trainable in total, strictly between 0 and 1 (selected + head + "
+            f"biases); default {DEFAULT_BUDGET}.",
             rich_help_panel="Selection",
         ),
     ] = None,
@@ -256,8 +280,8 @@ def select_cmd(
     """
     if from_scores is None and (model is None or data is None):
         raise _usage("--model and --data are required (or re-select with --from-scores FILE)", "--model/--data")
-    if budget is not None and not 0 < budget < 1:
-        raise _usage(f"must be a fraction strictly between 0 and 1, got {budget:g}", "--budget")
+    if budget is not None and budget_problem(budget):
+        raise _usage(budget_problem(budget))
     if budget is not None and topk_per_neuron is not None:
         raise _usage("give --budget or --topk-per-neuron, not both", "--topk-per-neuron")
     if topk_per_neuron is not None and granularity != "neuron":
@@ -299,6 +323,11 @@ def select_cmd(
             check_output(scores, force=force, inputs=[from_scores, checkpoint, anchor])
             if Path(scores).resolve() == Path(out).resolve():
                 raise _usage("--out and --scores name the same file", "--scores")
+        if budget is not None and budget > LARGE_BUDGET and not baseline:
+            report.log(
+                f"warning: --budget {budget:g} makes {budget:.0%} of the parameters trainable; sparse fine-tuning "
+                f"budgets are usually below 0.01 (the default is {DEFAULT_BUDGET}); --method full trains everything"
+            )
         if baseline and (budget is not None or topk_per_neuron is not None):
             flag = "--budget" if budget is not None else "--topk-per-neuron"
             report.log(f"{flag} is ignored: --method {method} has a fixed trainable set")
@@ -405,6 +434,16 @@ PretrainedOrRecordedOpt = Annotated[
         show_default=False,
     ),
 ]
+RecordedNumClassesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--num-classes", min=1, help="Size of the head (default: as the mask records).", rich_help_panel="Model"
+    ),
+]
+RecordedImgSizeOpt = Annotated[
+    int | None,
+    typer.Option("--img-size", min=1, help="Input resolution (default: as the file records).", rich_help_panel="Model"),
+]
 OPTIMIZER_NAMES = ("adamw", "sgd")
 SPLITS = ("val", "train")
 
@@ -438,7 +477,7 @@ def _describe(event: dict[str, Any]) -> str:
     return f"warning: {event.get('message', event)}"
 
 
-@app.command("train")
+@app.command("train", cls=_Command)
 def train_cmd(
     mask: Annotated[Path, typer.Option("--mask", help="Mask file from fps select.", rich_help_panel="Input")] = Path(
         "mask.safetensors"
@@ -490,15 +529,15 @@ def train_cmd(
         bool,
         typer.Option(
             "--log-wandb",
-            help="Also log each epoch's summary row to Weights & Biases (needs pip install 'fps-cli[wandb]').",
+            help="Also log each epoch's summary row to Weights & Biases (needs pip install 'fps-cli\\[wandb]').",
             rich_help_panel="Output",
         ),
     ] = False,
     model: ModelOpt = None,
     pretrained: PretrainedOrRecordedOpt = None,
     checkpoint: CheckpointOpt = None,
-    num_classes: NumClassesOpt = None,
-    img_size: ImgSizeOpt = None,
+    num_classes: RecordedNumClassesOpt = None,
+    img_size: RecordedImgSizeOpt = None,
     offline: OfflineOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     batch_size: Annotated[int, typer.Option(min=1, rich_help_panel="Data")] = 32,
@@ -663,7 +702,7 @@ def train_cmd(
     report.result(payload, human)
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def eval_cmd(
     delta: Annotated[Path, typer.Option("--delta", help="Delta file from fps train.", rich_help_panel="Input")] = Path(
         "delta.safetensors"
@@ -676,7 +715,7 @@ def eval_cmd(
     model: ModelOpt = None,
     pretrained: PretrainedOrRecordedOpt = None,
     checkpoint: CheckpointOpt = None,
-    img_size: ImgSizeOpt = None,
+    img_size: RecordedImgSizeOpt = None,
     offline: OfflineOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     batch_size: Annotated[int, typer.Option(min=1, rich_help_panel="Data")] = 32,
@@ -731,7 +770,7 @@ def eval_cmd(
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
-@app.command("merge")
+@app.command("merge", cls=_Command)
 def merge_cmd(
     delta: Annotated[Path, typer.Option("--delta", help="Delta file from fps train.", rich_help_panel="Input")] = Path(
         "delta.safetensors"
@@ -802,7 +841,7 @@ def merge_cmd(
     report.result(payload, human)
 
 
-@app.command("inspect")
+@app.command("inspect", cls=_Command)
 def inspect_cmd(
     files: Annotated[
         list[Path] | None,

@@ -342,7 +342,7 @@ def plot_mask(report: dict[str, Any], path: str | os.PathLike) -> None:
     cols.set_xticks(range(len(columns)), [_short(r["name"]) for r in columns], rotation=90, fontsize=6)
     cols.set_ylim(0, 105)
     cols.set_ylabel("%")
-    cols.set_title("input columns per layer: used, and share of the top 10%")
+    cols.set_title("input columns per layer")
     cols.legend(fontsize=7, loc="lower right")
     prov = report["provenance"]
     fig.suptitle(f"{prov.get('model')} — {prov.get('method')} mask, {report['totals']['trainable_pct']:.3f}% trainable")
