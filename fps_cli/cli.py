@@ -9,10 +9,12 @@ inside the commands so that ``fps --help`` stays fast.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -100,9 +102,30 @@ class Reporter:
             yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
 
 
+def _json_error(message: str, exit_code: int) -> None:
+    """Under ``--json`` a failure is still one JSON object on stdout, so ``| jq`` and ``json.load`` keep working."""
+    typer.echo(json.dumps({"error": message, "exit_code": exit_code}))
+
+
+def _json_failures(command: Callable[..., None]) -> Callable[..., None]:
+    """Under ``--json``, a usage error found by the command (exit code 2) also prints one JSON error object."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except typer.BadParameter as e:
+            if kwargs.get("as_json"):
+                _json_error(e.format_message(), e.exit_code)
+            raise
+
+    return run
+
+
 @contextlib.contextmanager
-def _exits() -> Iterator[None]:
-    """Turn the library's user-fixable errors into one line on stderr and exit code 1.
+def _exits(as_json: bool = False) -> Iterator[None]:
+    """Turn the library's user-fixable errors into one line on stderr and exit code 1 (and, under ``--json``, one
+    JSON object on stdout).
 
     Under torchrun the line names the rank; torchrun then stops the other ranks, so a failure never hangs.
     """
@@ -114,15 +137,24 @@ def _exits() -> Iterator[None]:
         yield
     except FpsError as e:
         typer.echo(f"{prefix}error: {e}", err=True)
+        if as_json and rank in (None, "0"):
+            _json_error(str(e), 1)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo(f"{prefix}interrupted", err=True)
+        if as_json:
+            _json_error("interrupted", 130)
         raise typer.Exit(130) from None
     finally:
         if prefix:
             from .distributed import shutdown
 
             shutdown()
+
+
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 epoch``, ``2 epochs``, ``1,000 images``."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {plural or noun + 's'}"
 
 
 def _usage(message: str, param: str | None = None) -> typer.BadParameter:
@@ -176,6 +208,7 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing output
 
 
 @app.command("select", cls=_Command)
+@_json_failures
 def select_cmd(
     model: ModelOpt = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Image folder.", rich_help_panel="Data")] = None,
@@ -278,6 +311,7 @@ def select_cmd(
 
     --method gps is the GPS baseline (a backward pass, needs class folders); --anchor is experimental.
     """
+    started = time.perf_counter()
     if from_scores is None and (model is None or data is None):
         raise _usage("--model and --data are required (or re-select with --from-scores FILE)", "--model/--data")
     if budget is not None and budget_problem(budget):
@@ -300,7 +334,7 @@ def select_cmd(
         raise _usage(f"{flag} shapes a new GPS pass; a score file keeps the settings it was made with", flag)
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    with _exits():
+    with _exits(as_json):
         from .distributed import from_env, init
         from .formats import check_output, save_mask, score_statistic
         from .models import ModelSpec
@@ -407,20 +441,21 @@ def select_cmd(
         "num_classes": prov["num_classes"],
         "num_samples": prov["num_samples"],
         "skipped_images": prov["skipped_images"],
-        "seconds": round(result.pass_seconds, 3),
+        "seconds": round(time.perf_counter() - started, 3),  # the whole command: model, data pass, selection, files
+        "pass_seconds": round(result.pass_seconds, 3),  # the data pass alone (0 with --from-scores or a baseline)
     }
     human = (
         f"--method {prov['method']}: trainable {mask.trainable:,} of {mask.total_params:,} parameters "
         f"({payload['trainable_fraction']:.2%}), no selection\nwrote {out}"
         if prov.get("budget_ignored")
-        else f"selected {mask.selected:,} entries in {len(mask.indices)} layers; trainable {mask.trainable:,} of "
+        else f"selected {_count(mask.selected, 'entry', 'entries')} in {_count(len(mask.indices), 'layer')}; trainable {mask.trainable:,} of "
         f"{mask.total_params:,} parameters ({payload['trainable_fraction']:.2%}) with head and biases\n"
         f"wrote {out}" + (f" and {scores}" if write_scores else "")
     )
     if dist.enabled:
         report.log(f"{dist.world_size} processes, {prov['num_samples']} images in all")
     if result.skipped_images:
-        report.log(f"skipped {len(result.skipped_images)} unreadable images")
+        report.log(f"skipped {_count(len(result.skipped_images), 'unreadable image')}")
     report.result(payload, human)
 
 
@@ -471,13 +506,14 @@ def _describe(event: dict[str, Any]) -> str:
         ranks = f", {event['world_size']} processes" if event.get("world_size", 1) > 1 else ""
         return (
             f"training {event['trainable']:,} of {event['total_params']:,} parameters on {event['train_samples']} "
-            f"images ({event['val_samples']} validation), {event['epochs']} epochs x {event['steps_per_epoch']} "
-            f"steps{resumed}{ranks}"
+            f"images ({event['val_samples']} validation), {_count(event['epochs'], 'epoch')} x "
+            f"{_count(event['steps_per_epoch'], 'step')}{resumed}{ranks}"
         )
     return f"warning: {event.get('message', event)}"
 
 
 @app.command("train", cls=_Command)
+@_json_failures
 def train_cmd(
     mask: Annotated[Path, typer.Option("--mask", help="Mask file from fps select.", rich_help_panel="Input")] = Path(
         "mask.safetensors"
@@ -565,7 +601,7 @@ def train_cmd(
     metrics_path = out.with_suffix(".metrics.jsonl")
     summary_path, args_path = out.with_suffix(".summary.csv"), out.with_suffix(".args.yaml")
     arguments = dict(ctx.params)
-    with _exits():
+    with _exits(as_json):
         from .distributed import from_env, init
         from .errors import OutputExistsError
         from .finetune import MetricsLog, TrainConfig, run_train, spec_from_provenance
@@ -696,13 +732,14 @@ def train_cmd(
     final = result.metrics
     score = f"val top-1 {final['val_top1']:.2f}%" if "val_top1" in final else "no validation split"
     human = (
-        f"trained {delta.trained:,} of {payload['total_params']:,} parameters for {epochs} epochs "
+        f"trained {delta.trained:,} of {payload['total_params']:,} parameters for {_count(epochs, 'epoch')} "
         f"(train loss {final['train_loss']:.4f}; {score})\nwrote {out} (log {metrics_path})"
     )
     report.result(payload, human)
 
 
 @app.command("eval", cls=_Command)
+@_json_failures
 def eval_cmd(
     delta: Annotated[Path, typer.Option("--delta", help="Delta file from fps train.", rich_help_panel="Input")] = Path(
         "delta.safetensors"
@@ -731,7 +768,7 @@ def eval_cmd(
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     report = Reporter(quiet=quiet, as_json=as_json)
-    with _exits():
+    with _exits(as_json):
         from .finetune import run_eval, spec_from_provenance
         from .formats import read_delta
         from .selector import resolve_device
@@ -763,7 +800,7 @@ def eval_cmd(
             delta_path=delta,
         )
     top5 = f", top-5 {metrics['top5']:.2f}%" if "top5" in metrics else ""
-    human = f"{split}: top-1 {metrics['top1']:.2f}%{top5}, loss {metrics['loss']:.4f} on {metrics['samples']} images"
+    human = f"{split}: top-1 {metrics['top1']:.2f}%{top5}, loss {metrics['loss']:.4f} on {_count(metrics['samples'], 'image')}"
     report.result({"delta": str(delta), **metrics}, human)
 
 
@@ -771,6 +808,7 @@ DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
 @app.command("merge", cls=_Command)
+@_json_failures
 def merge_cmd(
     delta: Annotated[Path, typer.Option("--delta", help="Delta file from fps train.", rich_help_panel="Input")] = Path(
         "delta.safetensors"
@@ -802,7 +840,7 @@ def merge_cmd(
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     report = Reporter(quiet=quiet, as_json=as_json)
-    with _exits():
+    with _exits(as_json):
         from .finetune import spec_from_provenance
         from .formats import read_delta
         from .merge import resolve_target, run_merge
@@ -835,13 +873,14 @@ def merge_cmd(
         "bytes": result.bytes,
     }
     human = (
-        f"merged {result.trained:,} trained entries in {result.changed_tensors} tensors into {result.model} "
+        f"merged {result.trained:,} trained entries in {_count(result.changed_tensors, 'tensor')} into {result.model} "
         f"({result.tensors} tensors, {dtype}, {result.bytes / 2**20:.1f} MiB)\nwrote {written}"
     )
     report.result(payload, human)
 
 
 @app.command("inspect", cls=_Command)
+@_json_failures
 def inspect_cmd(
     files: Annotated[
         list[Path] | None,
@@ -875,7 +914,7 @@ def inspect_cmd(
     if plot is not None and plot.suffix.lower() not in (".png", ".svg"):
         raise _usage(f"a plot is written as .png or .svg, not {plot.name!r}", "--plot")
     report = Reporter(quiet=quiet, as_json=as_json)
-    with _exits():
+    with _exits(as_json):
         from .formats import check_output
         from .inspection import export_dense as write_dense
         from .inspection import file_kind, inspect_files
