@@ -448,7 +448,8 @@ def select_cmd(
         f"--method {prov['method']}: trainable {mask.trainable:,} of {mask.total_params:,} parameters "
         f"({payload['trainable_fraction']:.2%}), no selection\nwrote {out}"
         if prov.get("budget_ignored")
-        else f"selected {_count(mask.selected, 'entry', 'entries')} in {_count(len(mask.indices), 'layer')}; trainable {mask.trainable:,} of "
+        else f"selected {_count(mask.selected, 'entry', 'entries')} in {_count(len(mask.indices), 'layer')}; "
+        f"trainable {mask.trainable:,} of "
         f"{mask.total_params:,} parameters ({payload['trainable_fraction']:.2%}) with head and biases\n"
         f"wrote {out}" + (f" and {scores}" if write_scores else "")
     )
@@ -800,7 +801,8 @@ def eval_cmd(
             delta_path=delta,
         )
     top5 = f", top-5 {metrics['top5']:.2f}%" if "top5" in metrics else ""
-    human = f"{split}: top-1 {metrics['top1']:.2f}%{top5}, loss {metrics['loss']:.4f} on {_count(metrics['samples'], 'image')}"
+    samples = _count(metrics["samples"], "image")
+    human = f"{split}: top-1 {metrics['top1']:.2f}%{top5}, loss {metrics['loss']:.4f} on {samples}"
     report.result({"delta": str(delta), **metrics}, human)
 
 
