@@ -55,7 +55,7 @@ class TrainConfig:
         lr: peak learning rate (after warmup).
         weight_decay: decoupled weight decay of the selected deltas (pulling them back to the pretrained values)
             and of fully trained matrices; never of biases or other 1-D tensors, never of a frozen weight.
-        warmup_epochs: linear warmup length, in epochs (counted in optimizer steps).
+        warmup_epochs: linear warmup length, in epochs (counted in optimizer steps); at most half the run.
         optimizer: ``adamw`` (betas 0.9, 0.999) or ``sgd`` (momentum 0.9, Nesterov off).
         batch_size: images per forward pass.
         grad_accum: forward passes per optimizer step (effective batch ``batch_size * grad_accum``).
@@ -202,21 +202,47 @@ def spec_from_provenance(
     )
 
 
+# A mismatch message names this many parameters per kind, then "… N more".
+SHOWN_NAMES = 5
+
+
+def _names(names: list[str]) -> str:
+    more = f" … {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else ""
+    return ", ".join(names[:SHOWN_NAMES]) + more
+
+
 def shape_problems(shapes: Mapping[str, tuple[int, ...]], model: nn.Module) -> list[str]:
     """Every way the recorded parameter shapes differ from ``model``'s (names the file has that the model lacks,
-    parameters the file lacks, shape mismatches)."""
+    parameters the file lacks, shape mismatches), counted, with the first few of each named."""
     own = {n: tuple(p.shape) for n, p in model.named_parameters()}
     unknown = [n for n in shapes if n not in own]
     missing = [n for n in own if n not in shapes]
     mismatched = [f"{n} {list(shapes[n])} vs {list(own[n])}" for n in shapes if n in own and shapes[n] != own[n]]
-    problems = []
-    if unknown:
-        problems.append(f"{len(unknown)} parameters the model lacks: {', '.join(unknown)}")
-    if missing:
-        problems.append(f"{len(missing)} model parameters the file lacks: {', '.join(missing)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches (file vs model): {', '.join(mismatched)}")
-    return problems
+    kinds = (
+        ("parameter the model lacks", "parameters the model lacks", unknown),
+        ("model parameter the file lacks", "model parameters the file lacks", missing),
+        ("shape mismatch (file vs model)", "shape mismatches (file vs model)", mismatched),
+    )
+    return [f"{len(names)} {one if len(names) == 1 else many}: {_names(names)}" for one, many, names in kinds if names]
+
+
+def mismatch_message(
+    source: str, prov: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], model: nn.Module, built: str
+) -> str | None:
+    """The error for a file whose recorded parameters do not fit ``model`` (None when they fit): first the model
+    the file was made for and the one built now, with their sizes, then the problems, one per line."""
+    problems = shape_problems(shapes, model)
+    if not problems:
+        return None
+    made = f"{prov.get('model')} (num_classes={prov.get('num_classes')}, img_size={prov.get('img_size') or 'default'})"
+    recorded = sum(math.prod(s) for s in shapes.values())
+    own = sum(p.numel() for p in model.parameters())
+    return (
+        f"{source} does not fit the model:\n  made for   {made}, {recorded:,} parameters\n"
+        f"  built now  {built}, {own:,} parameters\n  "
+        + "\n  ".join(problems)
+        + "\n  build the model the file records (drop --model / --img-size / --num-classes), or make a new file for it"
+    )
 
 
 def build_base(
@@ -236,10 +262,10 @@ def build_base(
     """
     seed_everything(int(prov.get("init_seed") or 0))
     model = create_model(spec)
-    problems = shape_problems(shapes, model)
-    if problems:
-        built = f"{spec.name} (num_classes={_num_classes(model)}, img_size={spec.img_size or 'default'})"
-        raise FileFormatError(f"{source} does not fit {built}: " + "; ".join(problems))
+    built = f"{spec.name} (num_classes={_num_classes(model)}, img_size={spec.img_size or 'default'})"
+    message = mismatch_message(source, prov, shapes, model, built)
+    if message:
+        raise FileFormatError(message)
     recorded = prov.get("base_sha256")
     if recorded:
         digest = base_digest(model)
@@ -541,7 +567,8 @@ def run_train(
     optimizer = make_optimizer(sparse, config)
     steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
-    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
+    # Warmup takes at most half the run, so a short run (one epoch, warmup one epoch) still decays its rate.
+    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps // 2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps)
     )

@@ -135,13 +135,13 @@ def check_base(model: nn.Module, delta: Delta, source: str = "the delta", base: 
     Raises:
         FileFormatError: every shape mismatch at once, or the tensors whose checksum differs.
     """
-    from .finetune import shape_problems
+    from .finetune import mismatch_message
     from .selector import base_digest
 
     base = base or type(model).__name__
-    problems = shape_problems(delta.shapes, model)
-    if problems:
-        raise FileFormatError(f"{source} does not fit {base}: " + "; ".join(problems))
+    message = mismatch_message(source, delta.provenance, delta.shapes, model, base)
+    if message:
+        raise FileFormatError(message)
     prov = delta.provenance
     params = dict(model.named_parameters())
     touched = prov.get("touched_sha256")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import math
 import os
 import socket
 from collections.abc import Iterator
@@ -294,18 +295,34 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     own = dict(model.state_dict())
     head_ids = {id(p) for h in find_head(model) for p in h.parameters()}
     head_names = {n for n, p in model.named_parameters() if id(p) in head_ids}
-    problems, skipped_head = [], []
+    unexpected, mismatched, skipped_head = [], [], []
     for key, value in state.items():
         if key not in own:
-            problems.append(f"unexpected tensor {key}")
+            unexpected.append(key)
         elif tuple(value.shape) != tuple(own[key].shape):
             if key in head_names:
                 skipped_head.append(key)
             else:
-                problems.append(f"{key}: checkpoint {list(value.shape)} vs model {list(own[key].shape)}")
+                mismatched.append(f"{key} {list(value.shape)} vs {list(own[key].shape)}")
     missing = [k for k in own if k not in state and k not in head_names]
-    problems += [f"missing tensor {k}" for k in missing]
+    kinds = (
+        ("tensor the model lacks", "tensors the model lacks", unexpected),
+        ("model tensor the checkpoint lacks", "model tensors the checkpoint lacks", missing),
+        ("shape mismatch (checkpoint vs model)", "shape mismatches (checkpoint vs model)", mismatched),
+    )
+    problems = [
+        f"{len(names)} {one if len(names) == 1 else many}: {', '.join(names[:5])}"
+        + (f" … {len(names) - 5} more" if len(names) > 5 else "")
+        for one, many, names in kinds
+        if names
+    ]
     if problems:
-        raise ModelError(f"checkpoint {path} does not fit {type(model).__name__}:\n  " + "\n  ".join(problems))
+        size = sum(math.prod(v.shape) for v in state.values())
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        raise ModelError(
+            f"checkpoint {path} does not fit the model:\n  checkpoint  {len(state)} tensors, {size:,} values\n"
+            f"  model       {arch}, {len(own)} tensors, "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters\n  " + "\n  ".join(problems)
+        )
     keep = {k: v for k, v in state.items() if k not in skipped_head}
     model.load_state_dict(keep, strict=False)
