@@ -59,9 +59,12 @@ def is_offline(spec_offline: bool = False) -> bool:
     return spec_offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def _ways_out(name: str) -> str:
+def _ways_out(name: str, repo: str | None = None) -> str:
+    prefetch = (
+        f"prefetch them with `hf download {repo}` where there is a network and copy HF_HOME here, " if repo else ""
+    )
     return (
-        f"Ways out: pass --checkpoint FILE with local weights for {name}, use --no-pretrained for a randomly "
+        f"Ways out: {prefetch}pass --checkpoint FILE with local weights for {name}, use --no-pretrained for a randomly "
         "initialised model, or run once with network access so the Hugging Face cache (HF_HOME) holds them."
     )
 
@@ -71,6 +74,11 @@ def _check_model_name(name: str) -> None:
 
     if name.startswith(("hf-hub:", "local-dir:")):
         return
+    if not timm.is_model(name) and "/" in name:
+        # A hub repo id such as timm/vit_base_patch16_224.augreg_in21k: timm loads those with the hf-hub: prefix.
+        tail = name.rsplit("/", 1)[1]
+        timm_name = f", or the timm name {tail}" if timm.is_model(tail) else ""
+        raise ModelError(f"unknown model {name!r}; a Hugging Face hub repo is named hf-hub:{name}{timm_name}")
     if not timm.is_model(name):
         arch = name.split(".", 1)[0]
         close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
@@ -176,8 +184,14 @@ def _pretrained_source(name: str, kwargs: dict[str, Any]) -> tuple[str, str, dic
     return (*_resolve_pretrained_source(cfg.to_dict()), cfg.to_dict())
 
 
-def _hf_weights_ready(repo: str, offline: bool, name: str) -> bool:
-    return _ensure_available("pretrained weights", repo, _hf_cached(repo, HF_WEIGHT_FILES), offline, name)
+def _hf_weights_ready(repo: str, offline: bool, name: str, resolved: str | None = None) -> bool:
+    """Whether the hub repo's weights are cached (True: load from the cache only); raises if they cannot be had.
+    The message names the exact repo to prefetch (a plain timm name resolves to its default tag's repo)."""
+    what = f"pretrained weights (hub repo {repo})"
+    if resolved:
+        what = f"pretrained weights (the tag {resolved}, hub repo {repo})"
+    ways_out = _ways_out(name, repo)
+    return _ensure_available(what, repo, _hf_cached(repo, HF_WEIGHT_FILES), offline, name, ways_out)
 
 
 def create_model(spec: ModelSpec) -> nn.Module:
@@ -211,9 +225,10 @@ def create_model(spec: ModelSpec) -> nn.Module:
             raise ModelError(f"{spec.name}: {folder} has no config.json (a timm local-dir: folder needs one)")
         cache_only = True
     elif pretrained:
-        source, location, _ = _pretrained_source(spec.name, kwargs)
+        source, location, cfg = _pretrained_source(spec.name, kwargs)
         if source == "hf-hub":
-            cache_only = _hf_weights_ready(location, offline, spec.name)
+            resolved = "." not in spec.name and cfg.get("tag")
+            cache_only = _hf_weights_ready(location, offline, spec.name, resolved or None)
         elif source == "url":
             from timm.models._hub import get_cache_dir
 
