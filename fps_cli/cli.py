@@ -89,17 +89,32 @@ class Reporter:
 
     @contextlib.contextmanager
     def progress(self, description: str) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
-        """Yields ``(on_start(total), on_advance(n))`` callbacks driving a rich bar on an interactive stderr."""
+        """Yields ``(on_start(total), on_advance(n))`` callbacks driving a rich bar on an interactive stderr.
+
+        The bar counts images and shows images per second and the time left, both from the mean rate since
+        ``on_start``, so they appear after the first batch (rich's own estimate waits for several updates).
+        """
         if self.quiet or not sys.stderr.isatty():
             yield (lambda total: None), (lambda n: None)
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+        from rich.text import Text
 
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        class RateColumn(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                elapsed = task.elapsed or 0.0
+                if not task.completed or elapsed <= 0:
+                    return Text("- img/s, ETA -:--:--")
+                rate = task.completed / elapsed
+                left = max((task.total or task.completed) - task.completed, 0) / rate
+                clock = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+                return Text(f"{rate:,.1f} img/s, ETA {clock}")
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn())
         with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task(description, total=None)
-            yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
+            yield (lambda total: bar.reset(task, total=total)), (lambda n: bar.advance(task, n))
 
 
 def _json_error(message: str, exit_code: int) -> None:
@@ -680,27 +695,35 @@ def train_cmd(
                 if log_wandb:
                     wandb_run.append(WandbLog(arguments, name=out.stem))
                     log.append(wandb_run[0])
+            if event["event"] == "progress":  # every optimizer step: the bar only, not the records
+                on_images(event["images"])
+                return
+            if event["event"] == "start":
+                on_total(event["epochs"] * event["train_samples"])
+                on_images(event["resumed_from"] * event["train_samples"])
             for record in log:
                 record(event)
             if event["event"] != "step" or not quiet:
                 report.log(_describe(event))
 
         report.log(f"fps train: {spec.name} with {mask} ({dev.type}, {precision})")
+        bar = report.progress("training") if dist.is_main else contextlib.nullcontext(((lambda n: None),) * 2)
         try:
-            result = run_train(
-                the_mask,
-                config,
-                spec=spec,
-                data_dir=data,
-                device=dev,
-                num_workers=num_workers,
-                checkpoint_path=ckpt,
-                resume=resume,
-                mask_path=mask,
-                log_every=log_every,
-                on_event=on_event,
-                dist=dist,
-            )
+            with bar as (on_total, on_images):
+                result = run_train(
+                    the_mask,
+                    config,
+                    spec=spec,
+                    data_dir=data,
+                    device=dev,
+                    num_workers=num_workers,
+                    checkpoint_path=ckpt,
+                    resume=resume,
+                    mask_path=mask,
+                    log_every=log_every,
+                    on_event=on_event,
+                    dist=dist,
+                )
         except KeyboardInterrupt:
             if ckpt.exists():
                 report.log(f"the last complete epoch is in {ckpt}; continue with the same command and --resume")
@@ -734,7 +757,7 @@ def train_cmd(
     score = f"val top-1 {final['val_top1']:.2f}%" if "val_top1" in final else "no validation split"
     human = (
         f"trained {delta.trained:,} of {payload['total_params']:,} parameters for {_count(epochs, 'epoch')} "
-        f"(train loss {final['train_loss']:.4f}; {score})\nwrote {out} (log {metrics_path})"
+        f"(train loss {final['train_loss']:.4f}; {score})\nwrote {out} (log {metrics_path}, summary {summary_path}, arguments {args_path})"
     )
     report.result(payload, human)
 

@@ -493,7 +493,8 @@ def run_train(
         resume: continue from ``checkpoint_path``.
         mask_path: recorded in the delta's provenance.
         log_every: emit a ``step`` event every this many optimizer steps (and at the end of every epoch).
-        on_event: receives ``start``, ``step``, ``epoch`` and ``warning`` events (plain dicts).
+        on_event: receives ``start``, ``progress`` (every optimizer step), ``step`` (every ``log_every`` steps, the
+            first step and each epoch's last), ``epoch`` and ``warning`` events (plain dicts).
         dist: this process's rank under torchrun (default: a single process).
 
     Raises:
@@ -595,6 +596,7 @@ def run_train(
     )
     started = time.perf_counter()
     step = start_epoch * steps_per_epoch
+    first_step = step + 1
     params = sparse.parameters()
     for epoch in range(start_epoch + 1, config.epochs + 1):
         sampler.set_epoch(epoch)
@@ -611,7 +613,7 @@ def run_train(
         seen = 0
 
         stream = ImageStream(train_loader, with_labels=True)
-        micro = 0
+        micro = step_images = 0
         for images, labels in stream:
             images, labels = images.to(device, non_blocking=pin), labels.to(device, non_blocking=pin)
             with recompute_sparse_weights(), autocast(device, config.precision):
@@ -627,6 +629,7 @@ def run_train(
             seen += labels.numel()
             window_images += labels.numel()
             micro += 1
+            step_images += labels.numel()
             if micro % config.grad_accum and micro != len(train_loader):
                 continue
             if dist.enabled:
@@ -640,7 +643,14 @@ def run_train(
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             step += 1
-            if step % log_every == 0 or micro == len(train_loader):
+            # A cheap event every step (a progress bar: no host synchronisation), images counted over all ranks.
+            emit(
+                {"event": "progress", "step": step, "total_steps": total_steps, "images": step_images * dist.world_size}
+            )
+            step_images = 0
+            # A full step event every log_every steps, at the end of each epoch, and after the run's first step (a
+            # large model can take minutes to get there: the log shows it has started).
+            if step % log_every == 0 or micro == len(train_loader) or step == first_step:
                 _check_finite(first_bad, bad_loss, epoch, checkpoint_path, start_epoch, history)
                 elapsed = time.perf_counter() - window_start
                 emit(
