@@ -757,7 +757,8 @@ def train_cmd(
     score = f"val top-1 {final['val_top1']:.2f}%" if "val_top1" in final else "no validation split"
     human = (
         f"trained {delta.trained:,} of {payload['total_params']:,} parameters for {_count(epochs, 'epoch')} "
-        f"(train loss {final['train_loss']:.4f}; {score})\nwrote {out} (log {metrics_path}, summary {summary_path}, arguments {args_path})"
+        f"(train loss {final['train_loss']:.4f}; {score})\n"
+        f"wrote {out} (log {metrics_path}, summary {summary_path}, arguments {args_path})"
     )
     report.result(payload, human)
 
