@@ -941,13 +941,14 @@ def inspect_cmd(
         raise _usage(f"a plot is written as .png or .svg, not {plot.name!r}", "--plot")
     report = Reporter(quiet=quiet, as_json=as_json)
     with _exits(as_json):
-        from .formats import check_output
         from .inspection import export_dense as write_dense
         from .inspection import file_kind, inspect_files
         from .views import plot_comparison, plot_mask, render, render_comparison
 
         for output in (plot, export_dense):
             if output is not None:
+                from .formats import check_output  # imports torch: only when there is a file to write
+
                 check_output(output, force=force, inputs=paths)
         if plot is not None and export_dense is not None and plot.resolve() == export_dense.resolve():
             raise _usage("--plot and --export-dense name the same file", "--export-dense")

@@ -36,10 +36,10 @@ from torch import Tensor
 from . import __version__
 from .activations import InputStats
 from .errors import FileFormatError, OutputExistsError
-
-FORMAT_VERSION = 1
-FORMATS = ("mask", "scores", "delta")
-_RESERVED = ("format", "format_version", "created_by")
+from .headers import FORMAT_VERSION, check_header, read_mask_arrays
+from .headers import FORMATS as FORMATS
+from .headers import RESERVED as _RESERVED
+from .headers import shapes_and_names as _shapes_and_names
 
 
 def check_output(path: str | os.PathLike, *, force: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
@@ -140,27 +140,7 @@ def read_header(path: str | os.PathLike, kind: str | None) -> tuple[dict[str, An
             raw = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise FileFormatError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
-    found = raw.get("fps.format")
-    if found is None:
-        raise FileFormatError(f"{path} is a safetensors file but not an fps file (no fps.format in its header)")
-    if kind is None and found not in FORMATS:
-        raise FileFormatError(f"{path} is an fps {found!r} file, which this fps_cli {__version__} does not read")
-    if kind is not None and found != kind:
-        raise FileFormatError(f"{path} is an fps {found} file, but a {kind} file is needed here")
-    version = raw.get("fps.format_version", "")
-    if not version.isdigit() or int(version) > FORMAT_VERSION:
-        raise FileFormatError(
-            f"{path} has format version {version!r}; this fps_cli {__version__} reads version {FORMAT_VERSION}: "
-            "upgrade fps-cli"
-        )
-    provenance = {}
-    for key, value in raw.items():
-        if key.startswith("fps.") and key[4:] not in _RESERVED:
-            try:
-                provenance[key[4:]] = json.loads(value)
-            except json.JSONDecodeError:
-                raise FileFormatError(f"{path}: header entry {key} is not valid JSON") from None
-    return provenance, raw
+    return check_header(path, raw, kind), raw
 
 
 def read_fps_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, str]]:
@@ -259,42 +239,11 @@ def save_mask(path: str | os.PathLike, mask: Mask) -> None:
     write_atomic(path, tensors, encode_metadata("mask", provenance))
 
 
-def _shapes_and_names(
-    prov: dict[str, Any], path: str | os.PathLike, names_key: str
-) -> tuple[dict[str, tuple[int, ...]], list[str]]:
-    """Pop ``param_shapes`` and a list of parameter names from a mask's or delta's provenance."""
-    try:
-        shapes = {k: tuple(int(d) for d in v) for k, v in prov.pop("param_shapes").items()}
-        names = list(prov.pop(names_key))
-    except (KeyError, AttributeError, TypeError, ValueError):
-        raise FileFormatError(f"{path}: header lacks valid fps.param_shapes / fps.{names_key}") from None
-    return shapes, names
-
-
 def read_mask(path: str | os.PathLike) -> Mask:
-    """Read and validate a mask file."""
-    tensors, prov, _ = read_fps_file(path, "mask")
-    shapes, fully = _shapes_and_names(prov, path, "fully_trainable")
-    for key in ("selected", "trainable", "total_params"):
-        prov.pop(key, None)
-    problems = [f"fully trainable parameter {n!r} is not in the model" for n in fully if n not in shapes]
-    indices = {}
-    for name, idx in tensors.items():
-        if name not in shapes:
-            problems.append(f"tensor {name!r} is not a parameter of the model")
-            continue
-        if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
-            problems.append(f"tensor {name!r} must be 1-D int32/int64 indices, got {idx.dtype} {list(idx.shape)}")
-            continue
-        idx = idx.long()
-        n = _numel(shapes[name])
-        if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= n or not bool((idx[1:] > idx[:-1]).all())):
-            problems.append(f"indices of {name!r} must be sorted, unique and within [0, {n})")
-            continue
-        indices[name] = idx
-    if problems:
-        raise FileFormatError(f"{path} is not a valid mask:\n  " + "\n  ".join(problems))
-    return Mask(indices, fully, shapes, prov)
+    """Read and validate a mask file (:func:`.headers.read_mask_arrays`, as torch tensors)."""
+    arrays = read_mask_arrays(path)
+    indices = {name: torch.from_numpy(idx) for name, idx in arrays.indices.items()}
+    return Mask(indices, arrays.fully_trainable, arrays.shapes, arrays.provenance)
 
 
 def load_mask(path: str | os.PathLike) -> dict[str, Tensor]:
