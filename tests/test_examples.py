@@ -86,4 +86,4 @@ def test_readme_names_the_commands_ci_runs():
     ci = (REPO / ".ci" / "run").read_text()
     assert 'pip install -e ".[dev]" && pytest' in readme
     assert 'pip install -e ".[dev]"' in ci and "\npytest" in ci
-    assert "pip install -e . && bash examples/quickstart.sh" in readme
+    assert 'pip install -e ".[examples]" && bash examples/quickstart.sh' in readme
