@@ -60,9 +60,7 @@ def is_offline(spec_offline: bool = False) -> bool:
 
 
 def _ways_out(name: str, repo: str | None = None) -> str:
-    prefetch = (
-        f"prefetch them with `hf download {repo}` where there is a network and copy HF_HOME here, " if repo else ""
-    )
+    prefetch = f"prefetch them with `hf download {repo}` on a networked machine and copy HF_HOME here, " if repo else ""
     return (
         f"Ways out: {prefetch}pass --checkpoint FILE with local weights for {name}, use --no-pretrained for a randomly "
         "initialised model, or run once with network access so the Hugging Face cache (HF_HOME) holds them."
@@ -148,7 +146,13 @@ def _quiet_hub() -> Iterator[None]:
 
 
 def _ensure_available(
-    what: str, repo_or_url: str, cached: bool, offline: bool, name: str, ways_out: str | None = None
+    what: str,
+    repo_or_url: str,
+    cached: bool,
+    offline: bool,
+    name: str,
+    ways_out: str | None = None,
+    where: str = "",
 ) -> bool:
     """Decide how to fetch ``what``: returns True to load from the cache only, or raises if it cannot be had."""
     if cached:
@@ -156,14 +160,14 @@ def _ensure_available(
     ways_out = ways_out or _ways_out(name)
     if offline:
         raise ModelError(
-            f"{what} for {name}: not in the local cache, and offline mode (--offline / HF_HUB_OFFLINE) "
+            f"{what} for {name}{where}: not in the local cache, and offline mode (--offline / HF_HUB_OFFLINE) "
             f"forbids downloading. {ways_out}"
         )
     url = repo_or_url if "://" in repo_or_url else _hf_endpoint()
     reason = _reachable(url)
     if reason is not None:
         host = urlparse(url).hostname
-        raise ModelError(f"cannot download {what} for {name}: {host} is unreachable ({reason}). {ways_out}")
+        raise ModelError(f"cannot download {what} for {name}{where}: {host} is unreachable ({reason}). {ways_out}")
     return False
 
 
@@ -187,11 +191,9 @@ def _pretrained_source(name: str, kwargs: dict[str, Any]) -> tuple[str, str, dic
 def _hf_weights_ready(repo: str, offline: bool, name: str, resolved: str | None = None) -> bool:
     """Whether the hub repo's weights are cached (True: load from the cache only); raises if they cannot be had.
     The message names the exact repo to prefetch (a plain timm name resolves to its default tag's repo)."""
-    what = f"pretrained weights (hub repo {repo})"
-    if resolved:
-        what = f"pretrained weights (the tag {resolved}, hub repo {repo})"
-    ways_out = _ways_out(name, repo)
-    return _ensure_available(what, repo, _hf_cached(repo, HF_WEIGHT_FILES), offline, name, ways_out)
+    where = f" (the tag {resolved}, hub repo {repo})" if resolved else f" (hub repo {repo})"
+    cached = _hf_cached(repo, HF_WEIGHT_FILES)
+    return _ensure_available("pretrained weights", repo, cached, offline, name, _ways_out(name, repo), where)
 
 
 def create_model(spec: ModelSpec) -> nn.Module:

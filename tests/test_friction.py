@@ -160,8 +160,8 @@ def test_offline_error_names_the_repo_to_prefetch(tmp_path):
     assert result.exit_code == 1
     last = result.stderr.splitlines()[-1]
     assert last.startswith(
-        "error: pretrained weights (the tag augreg2_in21k_ft_in1k, hub repo timm/vit_base_patch16_224."
-        "augreg2_in21k_ft_in1k) for vit_base_patch16_224: not in the local cache"
+        "error: pretrained weights for vit_base_patch16_224 (the tag augreg2_in21k_ft_in1k, hub repo "
+        "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k): not in the local cache"
     )
     assert "prefetch them with `hf download timm/vit_base_patch16_224.augreg2_in21k_ft_in1k`" in last
 
