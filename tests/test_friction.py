@@ -204,3 +204,23 @@ def test_inspect_of_a_mask_imports_no_torch(selected, tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["kind"] == "mask"
     assert r.stderr.strip().splitlines()[-1] == "False"
+
+
+def test_progress_bar_shows_rate_and_time_left(monkeypatch):
+    import io
+    import time
+
+    from fps_cli.cli import Reporter
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    with Reporter(quiet=False, as_json=False).progress("scoring") as (on_start, on_advance):
+        on_start(64)
+        time.sleep(0.05)
+        on_advance(32)  # one batch: the rate and the time left show at once
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", err.getvalue())
+    assert re.search(r"32/64 [\d,.]+ img/s, ETA 0:00:0\d", shown), shown[-300:]
