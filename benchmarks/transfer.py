@@ -251,7 +251,7 @@ def select_worker(jobs_file: Path) -> None:
             {
                 **job["key"],
                 "select_seconds": seconds,
-                "pass_seconds": summary["seconds"],
+                "pass_seconds": summary["pass_seconds"],
                 "peak_rss_mib": peak,
                 "peak_above_start_mib": (peak - before) if peak is not None and before is not None else None,
                 "peak_reset": reset,

@@ -9,18 +9,31 @@ inside the commands so that ``fps --help`` stays fast.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from typer.core import TyperCommand
 
 from . import __version__
-from .constants import BASELINE_METHODS, DEFAULT_BUDGET, GPS_LOSSES, GRANULARITIES, NORMS, PRECISIONS, SELECT_METHODS
+from .constants import (
+    BASELINE_METHODS,
+    DEFAULT_BUDGET,
+    GPS_LOSSES,
+    GRANULARITIES,
+    LARGE_BUDGET,
+    NORMS,
+    PRECISIONS,
+    SELECT_METHODS,
+    budget_problem,
+)
 
 app = typer.Typer(
     name="fps",
@@ -30,6 +43,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+class _Command(TyperCommand):
+    """A typer command whose help shows no ``<bool>`` after a flag and no ``<list[Path]>`` after ``FILE``."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""  # a flag takes no value
+            elif param.param_type_name == "argument":
+                param.metavar = param.metavar or "FILE"
+                param.display_type_rich = lambda ctx: None  # the name says it; typer would add <list[Path]>
+        return params
 
 
 def _version(value: bool) -> None:
@@ -62,22 +89,58 @@ class Reporter:
 
     @contextlib.contextmanager
     def progress(self, description: str) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
-        """Yields ``(on_start(total), on_advance(n))`` callbacks driving a rich bar on an interactive stderr."""
+        """Yields ``(on_start(total), on_advance(n))`` callbacks driving a rich bar on an interactive stderr.
+
+        The bar counts images and shows images per second and the time left, both from the mean rate since
+        ``on_start``, so they appear after the first batch (rich's own estimate waits for several updates).
+        """
         if self.quiet or not sys.stderr.isatty():
             yield (lambda total: None), (lambda n: None)
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+        from rich.text import Text
 
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        class RateColumn(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                elapsed = task.elapsed or 0.0
+                if not task.completed or elapsed <= 0:
+                    return Text("- img/s, ETA -:--:--")
+                rate = task.completed / elapsed
+                left = max((task.total or task.completed) - task.completed, 0) / rate
+                clock = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+                return Text(f"{rate:,.1f} img/s, ETA {clock}")
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn())
         with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task(description, total=None)
-            yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
+            yield (lambda total: bar.reset(task, total=total)), (lambda n: bar.advance(task, n))
+
+
+def _json_error(message: str, exit_code: int) -> None:
+    """Under ``--json`` a failure is still one JSON object on stdout, so ``| jq`` and ``json.load`` keep working."""
+    typer.echo(json.dumps({"error": message, "exit_code": exit_code}))
+
+
+def _json_failures(command: Callable[..., None]) -> Callable[..., None]:
+    """Under ``--json``, a usage error found by the command (exit code 2) also prints one JSON error object."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except typer.BadParameter as e:
+            if kwargs.get("as_json"):
+                _json_error(e.format_message(), e.exit_code)
+            raise
+
+    return run
 
 
 @contextlib.contextmanager
-def _exits() -> Iterator[None]:
-    """Turn the library's user-fixable errors into one line on stderr and exit code 1.
+def _exits(as_json: bool = False) -> Iterator[None]:
+    """Turn the library's user-fixable errors into one line on stderr and exit code 1 (and, under ``--json``, one
+    JSON object on stdout).
 
     Under torchrun the line names the rank; torchrun then stops the other ranks, so a failure never hangs.
     """
@@ -91,15 +154,24 @@ def _exits() -> Iterator[None]:
         raise _usage(str(e), e.flag) from None
     except FpsError as e:
         typer.echo(f"{prefix}error: {e}", err=True)
+        if as_json and rank in (None, "0"):
+            _json_error(str(e), 1)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo(f"{prefix}interrupted", err=True)
+        if as_json:
+            _json_error("interrupted", 130)
         raise typer.Exit(130) from None
     finally:
         if prefix:
             from .distributed import shutdown
 
             shutdown()
+
+
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 epoch``, ``2 epochs``, ``1,000 images``."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {plural or noun + 's'}"
 
 
 def _usage(message: str, param: str | None = None) -> typer.BadParameter:
@@ -170,16 +242,16 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or lo
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing outputs.")]
 
 
-@app.command("select")
+@app.command("select", cls=_Command)
+@_json_failures
 def select_cmd(
     model: ModelOpt = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Image folder.", rich_help_panel="Data")] = None,
     budget: Annotated[
         float | None,
         typer.Option(
-            min=0.0,
-            max=1.0,
-            help=f"Fraction of all parameters trainable in total (selected + head + biases); default {DEFAULT_BUDGET}.",
+            help=f"Fraction of all parameters trainable in total, strictly between 0 and 1 (selected + head + "
+            f"biases); default {DEFAULT_BUDGET}.",
             rich_help_panel="Selection",
         ),
     ] = None,
@@ -275,10 +347,11 @@ def select_cmd(
     --method gps is the GPS baseline (a backward pass, needs class folders); --anchor is experimental.
     """
     _finite(budget=budget)
+    started = time.perf_counter()
     if from_scores is None and (model is None or data is None):
         raise _usage("--model and --data are required (or re-select with --from-scores FILE)", "--model/--data")
-    if budget is not None and not 0 < budget < 1:
-        raise _usage(f"must be a fraction strictly between 0 and 1, got {budget:g}", "--budget")
+    if budget is not None and budget_problem(budget):
+        raise _usage(budget_problem(budget))
     if budget is not None and topk_per_neuron is not None:
         raise _usage("give --budget or --topk-per-neuron, not both", "--topk-per-neuron")
     if topk_per_neuron is not None and granularity != "neuron":
@@ -297,7 +370,7 @@ def select_cmd(
         raise _usage(f"{flag} shapes a new GPS pass; a score file keeps the settings it was made with", flag)
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    with _exits():
+    with _exits(as_json):
         from .distributed import from_env, init
         from .formats import save_mask, score_statistic
         from .models import ModelSpec
@@ -324,6 +397,11 @@ def select_cmd(
             plan.file(scores, "--scores")
         if dist.is_main:
             plan.check()
+        if budget is not None and budget > LARGE_BUDGET and not baseline:
+            report.log(
+                f"warning: --budget {budget:g} makes {budget:.0%} of the parameters trainable; sparse fine-tuning "
+                f"budgets are usually below 0.01 (the default is {DEFAULT_BUDGET}); --method full trains everything"
+            )
         if baseline and (budget is not None or topk_per_neuron is not None):
             flag = "--budget" if budget is not None else "--topk-per-neuron"
             report.log(f"{flag} is ignored: --method {method} has a fixed trainable set")
@@ -404,20 +482,22 @@ def select_cmd(
         "num_classes": prov["num_classes"],
         "num_samples": prov["num_samples"],
         "skipped_images": prov["skipped_images"],
-        "seconds": round(result.pass_seconds, 3),
+        "seconds": round(time.perf_counter() - started, 3),  # the whole command: model, data pass, selection, files
+        "pass_seconds": round(result.pass_seconds, 3),  # the data pass alone (0 with --from-scores or a baseline)
     }
     human = (
         f"--method {prov['method']}: trainable {mask.trainable:,} of {mask.total_params:,} parameters "
         f"({payload['trainable_fraction']:.2%}), no selection\nwrote {out}"
         if prov.get("budget_ignored")
-        else f"selected {mask.selected:,} entries in {len(mask.indices)} layers; trainable {mask.trainable:,} of "
+        else f"selected {_count(mask.selected, 'entry', 'entries')} in {_count(len(mask.indices), 'layer')}; "
+        f"trainable {mask.trainable:,} of "
         f"{mask.total_params:,} parameters ({payload['trainable_fraction']:.2%}) with head and biases\n"
         f"wrote {out}" + (f" and {scores}" if write_scores else "")
     )
     if dist.enabled:
         report.log(f"{dist.world_size} processes, {prov['num_samples']} images in all")
     if result.skipped_images:
-        report.log(f"skipped {len(result.skipped_images)} unreadable images")
+        report.log(f"skipped {_count(len(result.skipped_images), 'unreadable image')}")
     report.result(payload, human)
 
 
@@ -430,6 +510,16 @@ PretrainedOrRecordedOpt = Annotated[
         rich_help_panel="Model",
         show_default=False,
     ),
+]
+RecordedNumClassesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--num-classes", min=1, help="Size of the head (default: as the mask records).", rich_help_panel="Model"
+    ),
+]
+RecordedImgSizeOpt = Annotated[
+    int | None,
+    typer.Option("--img-size", min=1, help="Input resolution (default: as the file records).", rich_help_panel="Model"),
 ]
 OPTIMIZER_NAMES = ("adamw", "sgd")
 SPLITS = ("val", "train")
@@ -458,13 +548,14 @@ def _describe(event: dict[str, Any]) -> str:
         ranks = f", {event['world_size']} processes" if event.get("world_size", 1) > 1 else ""
         return (
             f"training {event['trainable']:,} of {event['total_params']:,} parameters on {event['train_samples']} "
-            f"images ({event['val_samples']} validation), {event['epochs']} epochs x {event['steps_per_epoch']} "
-            f"steps{resumed}{ranks}"
+            f"images ({event['val_samples']} validation), {_count(event['epochs'], 'epoch')} x "
+            f"{_count(event['steps_per_epoch'], 'step')}{resumed}{ranks}"
         )
     return f"warning: {event.get('message', event)}"
 
 
-@app.command("train")
+@app.command("train", cls=_Command)
+@_json_failures
 def train_cmd(
     mask: Annotated[Path, typer.Option("--mask", help="Mask file from fps select.", rich_help_panel="Input")] = Path(
         "mask.safetensors"
@@ -512,11 +603,19 @@ def train_cmd(
     log_every: Annotated[
         int, typer.Option(min=1, help="Log every this many optimizer steps.", rich_help_panel="Output")
     ] = 10,
+    log_wandb: Annotated[
+        bool,
+        typer.Option(
+            "--log-wandb",
+            help="Also log each epoch's summary row to Weights & Biases (needs pip install 'fps-cli\\[wandb]').",
+            rich_help_panel="Output",
+        ),
+    ] = False,
     model: ModelOpt = None,
     pretrained: PretrainedOrRecordedOpt = None,
     checkpoint: CheckpointOpt = None,
-    num_classes: NumClassesOpt = None,
-    img_size: ImgSizeOpt = None,
+    num_classes: RecordedNumClassesOpt = None,
+    img_size: RecordedImgSizeOpt = None,
     offline: OfflineOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     batch_size: Annotated[int, typer.Option(min=1, rich_help_panel="Data")] = 32,
@@ -531,6 +630,7 @@ def train_cmd(
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    ctx: typer.Context = None,
 ) -> None:
     """Fine-tune only the weights a mask selects (plus head and biases) and write a delta file."""
     _finite(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing)
@@ -543,12 +643,15 @@ def train_cmd(
         os.environ["HF_HUB_OFFLINE"] = "1"
     ckpt = out.with_suffix(".ckpt")
     metrics_path = out.with_suffix(".metrics.jsonl")
-    with _exits():
+    summary_path, args_path = out.with_suffix(".summary.csv"), out.with_suffix(".args.yaml")
+    arguments = dict(ctx.params)
+    with _exits(as_json):
         from .distributed import from_env, init
         from .errors import OutputExistsError
         from .finetune import RunFiles, TrainConfig, run_train, spec_from_provenance
         from .formats import read_mask
         from .outputs import OutputPlan
+        from .records import WandbLog, require_wandb
         from .selector import resolve_device
 
         dist = from_env()  # under torchrun only rank 0 checks and writes outputs, logs and prints
@@ -572,6 +675,8 @@ def train_cmd(
         plan.file(out, "--out")
         plan.file(ckpt, "--out", "the training checkpoint (beside --out)")
         plan.file(metrics_path, "--out", "the metrics log (beside --out)")
+        plan.file(summary_path, "--out", "the summary (beside --out)")
+        plan.file(args_path, "--out", "the arguments record (beside --out)")
         if dist.is_main:
             plan.check(exists=False)
             if out.exists() and not force:
@@ -580,8 +685,11 @@ def train_cmd(
                 raise OutputExistsError(
                     f"{ckpt} exists (an interrupted run?); pass --resume to continue it or --force to start over"
                 )
-            if not resume and not force and metrics_path.exists():
-                raise OutputExistsError(f"{metrics_path} already exists; pass --force to replace it")
+            for record in (metrics_path, summary_path, args_path):
+                if not resume and not force and record.exists():
+                    raise OutputExistsError(f"{record} already exists; pass --force to replace it")
+        if log_wandb and dist.is_main:
+            require_wandb()
         try:
             dev = resolve_device(device)
         except ValueError as e:
@@ -601,42 +709,68 @@ def train_cmd(
             precision=precision,
             seed=seed,
         )
-        run_files = RunFiles(out, force=force)
+        # The resolved arguments (timm's args.yaml): what was given, with the mask's recorded values filled in.
+        arguments.update(
+            model=spec.name,
+            pretrained=spec.pretrained,
+            checkpoint=spec.checkpoint,
+            num_classes=spec.num_classes,
+            img_size=spec.img_size,
+            data=data if data is not None else the_mask.provenance.get("data"),
+            device=str(dev),
+        )
+        run_files = RunFiles(out, force=force, args=arguments)
         started: list[bool] = []
+        wandb_run: list[WandbLog] = []
 
         def on_event(event: dict[str, Any]) -> None:
             if not dist.is_main:
                 return
             if event["event"] == "start":
-                # Validation is over; the log is written with the first checkpoint, never before.
+                # Validation is over; the log and records are written with the first checkpoint, never before.
                 run_files.begin(event["resumed_from"] if resume else None)
                 started.append(True)
+                if log_wandb:
+                    wandb_run.append(WandbLog(arguments, name=out.stem))
+            if event["event"] == "progress":  # every optimizer step: the bar only, not the records
+                on_images(event["images"])
+                return
+            if event["event"] == "start":
+                on_total(event["epochs"] * event["train_samples"])
+                on_images(event["resumed_from"] * event["train_samples"])
             if started:
                 run_files.record(event)
+            for run in wandb_run:
+                run(event)
             if event["event"] != "step" or not quiet:
                 report.log(_describe(event))
 
         report.log(f"fps train: {spec.name} with {mask} ({dev.type}, {precision})")
+        bar = report.progress("training") if dist.is_main else contextlib.nullcontext(((lambda n: None),) * 2)
         try:
-            result = run_train(
-                the_mask,
-                config,
-                spec=spec,
-                data_dir=data,
-                device=dev,
-                num_workers=num_workers,
-                checkpoint_path=ckpt,
-                resume=resume,
-                mask_path=mask,
-                log_every=log_every,
-                on_event=on_event,
-                dist=dist,
-                run=run_files,
-            )
+            with bar as (on_total, on_images):
+                result = run_train(
+                    the_mask,
+                    config,
+                    spec=spec,
+                    data_dir=data,
+                    device=dev,
+                    num_workers=num_workers,
+                    checkpoint_path=ckpt,
+                    resume=resume,
+                    mask_path=mask,
+                    log_every=log_every,
+                    on_event=on_event,
+                    dist=dist,
+                    run=run_files,
+                )
         except KeyboardInterrupt:
             if ckpt.exists():
                 report.log(f"the last complete epoch is in {ckpt}; continue with the same command and --resume")
             raise
+        finally:
+            if wandb_run:
+                wandb_run[0].finish()
         if not dist.is_main:
             return
         run_files.finish(result.delta, {"event": "end", "delta": str(out), **result.metrics})
@@ -645,6 +779,8 @@ def train_cmd(
     payload = {
         "delta": str(out),
         "metrics_log": str(metrics_path),
+        "summary": str(summary_path),
+        "args": str(args_path),
         "model": delta.provenance["model"],
         "epochs": epochs,
         "resumed_from": result.resumed_from,
@@ -657,13 +793,15 @@ def train_cmd(
     final = result.metrics
     score = f"val top-1 {final['val_top1']:.2f}%" if "val_top1" in final else "no validation split"
     human = (
-        f"trained {delta.trained:,} of {payload['total_params']:,} parameters for {epochs} epochs "
-        f"(train loss {final['train_loss']:.4f}; {score})\nwrote {out} (log {metrics_path})"
+        f"trained {delta.trained:,} of {payload['total_params']:,} parameters for {_count(epochs, 'epoch')} "
+        f"(train loss {final['train_loss']:.4f}; {score})\n"
+        f"wrote {out} (log {metrics_path}, summary {summary_path}, arguments {args_path})"
     )
     report.result(payload, human)
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
+@_json_failures
 def eval_cmd(
     delta: Annotated[Path, typer.Option("--delta", help="Delta file from fps train.", rich_help_panel="Input")] = Path(
         "delta.safetensors"
@@ -676,7 +814,7 @@ def eval_cmd(
     model: ModelOpt = None,
     pretrained: PretrainedOrRecordedOpt = None,
     checkpoint: CheckpointOpt = None,
-    img_size: ImgSizeOpt = None,
+    img_size: RecordedImgSizeOpt = None,
     offline: OfflineOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     batch_size: Annotated[int, typer.Option(min=1, rich_help_panel="Data")] = 32,
@@ -692,7 +830,7 @@ def eval_cmd(
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     report = Reporter(quiet=quiet, as_json=as_json)
-    with _exits():
+    with _exits(as_json):
         from .finetune import run_eval, spec_from_provenance
         from .formats import read_delta
         from .selector import resolve_device
@@ -724,14 +862,16 @@ def eval_cmd(
             delta_path=delta,
         )
     top5 = f", top-5 {metrics['top5']:.2f}%" if "top5" in metrics else ""
-    human = f"{split}: top-1 {metrics['top1']:.2f}%{top5}, loss {metrics['loss']:.4f} on {metrics['samples']} images"
+    samples = _count(metrics["samples"], "image")
+    human = f"{split}: top-1 {metrics['top1']:.2f}%{top5}, loss {metrics['loss']:.4f} on {samples}"
     report.result({"delta": str(delta), **metrics}, human)
 
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
-@app.command("merge")
+@app.command("merge", cls=_Command)
+@_json_failures
 def merge_cmd(
     delta: Annotated[Path, typer.Option("--delta", help="Delta file from fps train.", rich_help_panel="Input")] = Path(
         "delta.safetensors"
@@ -763,7 +903,7 @@ def merge_cmd(
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     report = Reporter(quiet=quiet, as_json=as_json)
-    with _exits():
+    with _exits(as_json):
         from .finetune import spec_from_provenance
         from .formats import read_delta
         from .merge import folder_files, resolve_target, run_merge
@@ -806,13 +946,14 @@ def merge_cmd(
         "bytes": result.bytes,
     }
     human = (
-        f"merged {result.trained:,} trained entries in {result.changed_tensors} tensors into {result.model} "
+        f"merged {result.trained:,} trained entries in {_count(result.changed_tensors, 'tensor')} into {result.model} "
         f"({result.tensors} tensors, {dtype}, {result.bytes / 2**20:.1f} MiB)\nwrote {written}"
     )
     report.result(payload, human)
 
 
-@app.command("export")
+@app.command("export", cls=_Command)
+@_json_failures
 def export_cmd(
     out: Annotated[
         Path,
@@ -838,7 +979,7 @@ def export_cmd(
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     report = Reporter(quiet=quiet, as_json=as_json)
-    with _exits():
+    with _exits(as_json):
         from .finetune import spec_from_provenance
         from .formats import read_delta
         from .outputs import OutputPlan
@@ -888,7 +1029,8 @@ def export_cmd(
     report.result(payload, human)
 
 
-@app.command("inspect")
+@app.command("inspect", cls=_Command)
+@_json_failures
 def inspect_cmd(
     files: Annotated[
         list[Path] | None,
@@ -896,7 +1038,11 @@ def inspect_cmd(
     ] = None,
     plot: Annotated[
         Path | None,
-        typer.Option("--plot", help="Draw a mask: heatmap per block x layer type, histogram per neuron (.png/.svg)."),
+        typer.Option(
+            "--plot",
+            help="Draw a mask (heatmap per block x layer type, histogram per neuron, input columns per layer), or "
+            "where two masks differ (.png/.svg).",
+        ),
     ] = None,
     export_dense: Annotated[
         Path | None,
@@ -911,17 +1057,18 @@ def inspect_cmd(
 ) -> None:
     """Show what a mask, score or delta file holds (provenance, totals, per layer, per depth), or compare two masks."""
     paths = files or [Path("mask.safetensors")]
-    if (plot is not None or export_dense is not None) and len(paths) != 1:
-        flag = "--plot" if plot is not None else "--export-dense"
-        raise _usage(f"draws or exports one mask; give one mask file, not {len(paths)} files", flag)
+    if export_dense is not None and len(paths) != 1:
+        raise _usage(f"exports one mask; give one mask file, not {len(paths)} files", "--export-dense")
+    if plot is not None and len(paths) > 2:
+        raise _usage(f"give one or two masks, not {len(paths)} files", "--plot")
     if plot is not None and plot.suffix.lower() not in (".png", ".svg"):
         raise _usage(f"a plot is written as .png or .svg, not {plot.name!r}", "--plot")
     report = Reporter(quiet=quiet, as_json=as_json)
-    with _exits():
+    with _exits(as_json):
         from .inspection import export_dense as write_dense
         from .inspection import file_kind, inspect_files
         from .outputs import OutputPlan
-        from .views import plot_mask, render, render_comparison
+        from .views import plot_comparison, plot_mask, render, render_comparison
 
         plan = OutputPlan(force=force)
         for path in paths:
@@ -930,12 +1077,16 @@ def inspect_cmd(
             if output is not None:
                 plan.file(output, flag)
         plan.check()
-        if (plot is not None or export_dense is not None) and file_kind(paths[0]) != "mask":
+        if plot is not None or export_dense is not None:
             flag = "--plot" if plot is not None else "--export-dense"
-            raise _usage(f"{paths[0]} is a {file_kind(paths[0])} file, not a mask", flag)
+            for path in paths:
+                if file_kind(path) != "mask":
+                    raise _usage(f"{path} is a {file_kind(path)} file, not a mask", flag)
         reports, comparison, masks = inspect_files(paths, norm=norm)
         with plan.transaction() as tx:
-            if plot is not None:
+            if plot is not None and comparison is not None:
+                plot_comparison(reports, comparison, plot, [str(p) for p in paths], tx=tx)
+            elif plot is not None:
                 plot_mask(reports[0], plot, tx=tx)
             if export_dense is not None:
                 write_dense(masks[str(paths[0])], export_dense, tx=tx)
@@ -947,6 +1098,8 @@ def inspect_cmd(
         payload: dict[str, Any] = reports[0]
     else:
         payload = {"files": reports, "comparison": comparison}
+    if quiet and not as_json and (plot is not None or export_dense is not None):
+        return  # -q with an output file: the file is the result; print nothing
     texts = [render(r) for r in reports]
     if comparison is not None:
         texts.append(render_comparison(comparison, str(paths[0]), str(paths[1])))

@@ -12,3 +12,13 @@ NORMS = ("l1", "l2")
 GRANULARITIES = ("neuron", "layer", "global")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_BUDGET = 0.0077
+# Above this, a budget is unusual for sparse fine-tuning (the paper's budgets are below 1%): fps warns.
+LARGE_BUDGET = 0.1
+
+
+def budget_problem(budget: float) -> str | None:
+    """The one message for a ``--budget`` outside (0, 1), with the fraction meant when a percentage was given."""
+    if 0 < budget < 1:
+        return None
+    hint = f"; did you mean {budget / 100:g}?" if 1 <= budget < 100 else ""
+    return f"--budget is a fraction of all parameters, strictly between 0 and 1 (0.05 = 5%), got {budget:g}{hint}"

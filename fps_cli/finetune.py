@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
+from . import records
 from .activations import autocast
 from .data import ImageStream, default_num_workers, discover, eval_transform, make_loader, transform_config
 from .distributed import Dist, average_gradients, batch_shard, sum_floats
@@ -56,7 +57,7 @@ class TrainConfig:
         lr: peak learning rate (after warmup).
         weight_decay: decoupled weight decay of the selected deltas (pulling them back to the pretrained values)
             and of fully trained matrices; never of biases or other 1-D tensors, never of a frozen weight.
-        warmup_epochs: linear warmup length, in epochs (counted in optimizer steps).
+        warmup_epochs: linear warmup length, in epochs (counted in optimizer steps); at most half the run.
         optimizer: ``adamw`` (betas 0.9, 0.999) or ``sgd`` (momentum 0.9, Nesterov off).
         batch_size: images per forward pass.
         grad_accum: forward passes per optimizer step (effective batch ``batch_size * grad_accum``).
@@ -203,21 +204,47 @@ def spec_from_provenance(
     )
 
 
+# A mismatch message names this many parameters per kind, then "… N more".
+SHOWN_NAMES = 5
+
+
+def _names(names: list[str]) -> str:
+    more = f" … {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else ""
+    return ", ".join(names[:SHOWN_NAMES]) + more
+
+
 def shape_problems(shapes: Mapping[str, tuple[int, ...]], model: nn.Module) -> list[str]:
     """Every way the recorded parameter shapes differ from ``model``'s (names the file has that the model lacks,
-    parameters the file lacks, shape mismatches)."""
+    parameters the file lacks, shape mismatches), counted, with the first few of each named."""
     own = {n: tuple(p.shape) for n, p in model.named_parameters()}
     unknown = [n for n in shapes if n not in own]
     missing = [n for n in own if n not in shapes]
     mismatched = [f"{n} {list(shapes[n])} vs {list(own[n])}" for n in shapes if n in own and shapes[n] != own[n]]
-    problems = []
-    if unknown:
-        problems.append(f"{len(unknown)} parameters the model lacks: {', '.join(unknown)}")
-    if missing:
-        problems.append(f"{len(missing)} model parameters the file lacks: {', '.join(missing)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches (file vs model): {', '.join(mismatched)}")
-    return problems
+    kinds = (
+        ("parameter the model lacks", "parameters the model lacks", unknown),
+        ("model parameter the file lacks", "model parameters the file lacks", missing),
+        ("shape mismatch (file vs model)", "shape mismatches (file vs model)", mismatched),
+    )
+    return [f"{len(names)} {one if len(names) == 1 else many}: {_names(names)}" for one, many, names in kinds if names]
+
+
+def mismatch_message(
+    source: str, prov: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], model: nn.Module, built: str
+) -> str | None:
+    """The error for a file whose recorded parameters do not fit ``model`` (None when they fit): first the model
+    the file was made for and the one built now, with their sizes, then the problems, one per line."""
+    problems = shape_problems(shapes, model)
+    if not problems:
+        return None
+    made = f"{prov.get('model')} (num_classes={prov.get('num_classes')}, img_size={prov.get('img_size') or 'default'})"
+    recorded = sum(math.prod(s) for s in shapes.values())
+    own = sum(p.numel() for p in model.parameters())
+    return (
+        f"{source} does not fit the model:\n  made for   {made}, {recorded:,} parameters\n"
+        f"  built now  {built}, {own:,} parameters\n  "
+        + "\n  ".join(problems)
+        + "\n  build the model the file records (drop --model / --img-size / --num-classes), or make a new file for it"
+    )
 
 
 def build_base(
@@ -237,10 +264,10 @@ def build_base(
     """
     seed_everything(int(prov.get("init_seed") or 0))
     model = create_model(spec)
-    problems = shape_problems(shapes, model)
-    if problems:
-        built = f"{spec.name} (num_classes={_num_classes(model)}, img_size={spec.img_size or 'default'})"
-        raise FileFormatError(f"{source} does not fit {built}: " + "; ".join(problems))
+    built = f"{spec.name} (num_classes={_num_classes(model)}, img_size={spec.img_size or 'default'})"
+    message = mismatch_message(source, prov, shapes, model, built)
+    if message:
+        raise FileFormatError(message)
     recorded = prov.get("base_sha256")
     if recorded:
         digest = base_digest(model)
@@ -415,30 +442,41 @@ def mask_digest(mask: Mask) -> str:
 
 class RunFiles:
     """A training run's files as one unit: the checkpoint ``<out stem>.ckpt``, the JSON-lines metrics log
-    ``<out stem>.metrics.jsonl`` (one event per line) and, at the end, the delta.
+    ``<out stem>.metrics.jsonl`` (one event per line), timm's run records ``<out stem>.summary.csv`` (one row per
+    epoch) and ``<out stem>.args.yaml`` (the resolved arguments; see :mod:`.records`) and, at the end, the delta.
 
     Nothing is written before the first checkpoint, so a run stopped before it leaves no file and can simply be
-    rerun. Every checkpoint is committed together with the log of the events so far (one group commit, see
-    :mod:`.outputs`), so the two always describe the same epoch; the end commits the delta and the final log and
-    removes the checkpoint, again as one group. A run that replaces an older unit (``--force``) leaves it whole
-    until its own first checkpoint exists; the older delta stays until the new delta replaces it.
+    rerun. Every checkpoint is committed together with the log and records of the events so far (one group commit,
+    see :mod:`.outputs`), so they always describe the same epoch; the end commits the delta and the final log and
+    records and removes the checkpoint, again as one group. A run that replaces an older unit (``--force``) leaves
+    it whole until its own first checkpoint exists; the older delta stays until the new delta replaces it.
 
     Args:
-        delta: the delta file; the checkpoint and log go beside it.
+        delta: the delta file; the checkpoint, log and records go beside it.
         force: the first commit may replace existing files (the run's own after that).
+        args: the resolved arguments for ``args.yaml`` (``None``: no ``args.yaml``).
     """
 
-    def __init__(self, delta: str | os.PathLike, *, force: bool = False) -> None:
+    def __init__(self, delta: str | os.PathLike, *, force: bool = False, args: Mapping[str, Any] | None = None) -> None:
         self.delta = Path(delta)
         self.checkpoint = self.delta.with_suffix(".ckpt")
         self.log = self.delta.with_suffix(".metrics.jsonl")
+        self.summary = self.delta.with_suffix(".summary.csv")
+        self.args = self.delta.with_suffix(".args.yaml") if args is not None else None
+        self._args_text = None if args is None else records.args_yaml(args)
         self.force = force
         self.records: list[str] = []
-        self._owned = False  # the checkpoint and the log are this run's after its first commit
+        self.rows: list[dict[str, Any]] = []
+        self._owned = False  # the checkpoint, log and records are this run's after its first commit
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file of the unit but the delta."""
+        return [self.checkpoint, self.log, self.summary, *([self.args] if self.args is not None else [])]
 
     def begin(self, resume_after: int | None = None) -> None:
         """Start the log; on resume keep the records up to the checkpoint's epoch (the files are the run's own)."""
-        self.records = []
+        self.records, self.rows = [], []
         if resume_after is not None:
             self._owned = True
             if self.log.is_file():
@@ -447,29 +485,35 @@ class RunFiles:
                         record = json.loads(line)
                         if record.get("event") != "end" and record.get("epoch", 0) <= resume_after:
                             self.records.append(line)
+            self.rows = records.read_summary(self.summary, resume_after)
 
     def record(self, event: Event) -> None:
         self.records.append(json.dumps(event))
+        if event.get("event") == "epoch":
+            self.rows.append(records.summary_row(event))
 
-    def _log_bytes(self) -> bytes:
-        return "".join(f"{line}\n" for line in self.records).encode()
+    def _write_records(self, tx: Transaction, replace: bool) -> None:
+        tx.write_bytes(self.log, "".join(f"{line}\n" for line in self.records).encode(), replace=replace)
+        tx.write_bytes(self.summary, records.summary_csv(self.rows).encode(), replace=replace)
+        if self.args is not None:
+            tx.write_bytes(self.args, self._args_text.encode(), replace=replace)
 
     def save_checkpoint(self, state: Mapping[str, Any]) -> None:
-        """Commit the checkpoint and the log so far, together."""
+        """Commit the checkpoint and the log and records so far, together."""
         replace = self._owned or self.force
         with Transaction(replace=replace) as tx:
             save_checkpoint(self.checkpoint, state, tx=tx)
-            tx.write_bytes(self.log, self._log_bytes())
+            self._write_records(tx, replace)
         self._owned = True
 
     def finish(self, delta: Delta, end: Event) -> None:
-        """Commit the delta and the final log, and remove the checkpoint, together."""
+        """Commit the delta and the final log and records, and remove the checkpoint, together."""
         from .formats import save_delta
 
-        self.record(end)
+        self.records.append(json.dumps(end))  # the metrics log only: the summary has a row per epoch
         with Transaction(replace=self.force) as tx:  # the delta: exclusive unless --force
             save_delta(self.delta, delta, tx=tx)
-            tx.write_bytes(self.log, self._log_bytes(), replace=self._owned or self.force)
+            self._write_records(tx, self._owned or self.force)
             tx.remove(self.checkpoint)
 
 
@@ -508,7 +552,8 @@ def run_train(
         resume: continue from ``checkpoint_path``.
         mask_path: recorded in the delta's provenance.
         log_every: emit a ``step`` event every this many optimizer steps (and at the end of every epoch).
-        on_event: receives ``start``, ``step``, ``epoch`` and ``warning`` events (plain dicts).
+        on_event: receives ``start``, ``progress`` (every optimizer step), ``step`` (every ``log_every`` steps, the
+            first step and each epoch's last), ``epoch`` and ``warning`` events (plain dicts).
         dist: this process's rank under torchrun (default: a single process).
         run: the run's files (checkpoint and log committed together); replaces ``checkpoint_path``.
 
@@ -587,7 +632,8 @@ def run_train(
     optimizer = make_optimizer(sparse, config)
     steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
-    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
+    # Warmup takes at most half the run, so a short run (one epoch, warmup one epoch) still decays its rate.
+    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps // 2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps)
     )
@@ -614,6 +660,7 @@ def run_train(
     )
     started = time.perf_counter()
     step = start_epoch * steps_per_epoch
+    first_step = step + 1
     params = sparse.parameters()
     for epoch in range(start_epoch + 1, config.epochs + 1):
         sampler.set_epoch(epoch)
@@ -630,7 +677,7 @@ def run_train(
         seen = 0
 
         stream = ImageStream(train_loader, with_labels=True)
-        micro = 0
+        micro = step_images = 0
         for images, labels in stream:
             images, labels = images.to(device, non_blocking=pin), labels.to(device, non_blocking=pin)
             with recompute_sparse_weights(), autocast(device, config.precision):
@@ -646,6 +693,7 @@ def run_train(
             seen += labels.numel()
             window_images += labels.numel()
             micro += 1
+            step_images += labels.numel()
             if micro % config.grad_accum and micro != len(train_loader):
                 continue
             if dist.enabled:
@@ -659,7 +707,14 @@ def run_train(
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             step += 1
-            if step % log_every == 0 or micro == len(train_loader):
+            # A cheap event every step (a progress bar: no host synchronisation), images counted over all ranks.
+            emit(
+                {"event": "progress", "step": step, "total_steps": total_steps, "images": step_images * dist.world_size}
+            )
+            step_images = 0
+            # A full step event every log_every steps, at the end of each epoch, and after the run's first step (a
+            # large model can take minutes to get there: the log shows it has started).
+            if step % log_every == 0 or micro == len(train_loader) or step == first_step:
                 _check_finite(first_bad, bad_loss, epoch, checkpoint_path, start_epoch, history)
                 elapsed = time.perf_counter() - window_start
                 emit(

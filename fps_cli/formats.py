@@ -35,71 +35,13 @@ from torch import Tensor
 from . import __version__
 from .activations import InputStats
 from .errors import FileFormatError
+from .headers import FORMAT_VERSION, check_header, read_mask_arrays
+from .headers import FORMATS as FORMATS
+from .headers import RESERVED as _RESERVED
+from .headers import shapes_and_names as _shapes_and_names
 
 if TYPE_CHECKING:
     from .outputs import Transaction
-
-FORMAT_VERSION = 1
-FORMATS = ("mask", "scores", "delta")
-_RESERVED = ("format", "format_version", "created_by")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v == v and abs(v) != float("inf")
-
-
-def _optional(check: Any) -> Any:
-    return lambda v: v is None or check(v)
-
-
-def _is_str(v: Any) -> bool:
-    return isinstance(v, str)
-
-
-def _is_shapes(v: Any) -> bool:
-    if not isinstance(v, dict):
-        return False
-    sizes = (s for shape in v.values() for s in (shape if isinstance(shape, list) else [None]))
-    return all(_is_int(s) and s >= 0 for s in sizes)
-
-
-def _is_names(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(n, str) for n in v)
-
-
-# The type of every header value that fps reads back (checked on read, so a wrong type is one clear line, never a
-# crash deep inside the model code): key -> (check, how to say it).
-_HEADER_TYPES: dict[str, tuple[Any, str]] = {
-    "model": (_is_str, "a string"),
-    "pretrained": (lambda v: isinstance(v, bool), "true or false"),
-    "pretrained_tag": (_optional(_is_str), "a string or null"),
-    "checkpoint": (_optional(_is_str), "a string or null"),
-    "init_seed": (_optional(_is_int), "an integer or null"),
-    "num_classes": (_optional(lambda v: _is_int(v) and v > 0), "a positive integer or null"),
-    "img_size": (_optional(lambda v: _is_int(v) and v > 0), "a positive integer or null"),
-    "data": (_optional(_is_str), "a string or null"),
-    "classes": (_optional(_is_names), "a list of strings or null"),
-    "method": (_optional(_is_str), "a string or null"),
-    "norm": (_optional(_is_str), "a string or null"),
-    "granularity": (_optional(_is_str), "a string or null"),
-    "statistic": (_is_str, "a string"),
-    "budget": (_optional(_is_number), "a number or null"),
-    "topk_per_neuron": (_optional(_is_int), "an integer or null"),
-    "num_samples": (_optional(_is_int), "an integer or null"),
-    "base_sha256": (_optional(_is_str), "a string or null"),
-    "touched_sha256": (_optional(_is_str), "a string or null"),
-    "mask_sha256": (_optional(_is_str), "a string or null"),
-    "param_shapes": (_is_shapes, "an object of name -> list of sizes"),
-    "fully_trainable": (_is_names, "a list of parameter names"),
-    "fully_trained": (_is_names, "a list of parameter names"),
-    "selection": (_optional(lambda v: isinstance(v, dict)), "an object or null"),
-    "train_config": (_optional(lambda v: isinstance(v, dict)), "an object or null"),
-    "metrics": (_optional(lambda v: isinstance(v, dict)), "an object or null"),
-}
 
 
 def write_atomic(
@@ -189,35 +131,7 @@ def read_header(path: str | os.PathLike, kind: str | None) -> tuple[dict[str, An
             raw = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise FileFormatError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
-    found = raw.get("fps.format")
-    if found is None:
-        raise FileFormatError(f"{path} is a safetensors file but not an fps file (no fps.format in its header)")
-    if kind is None and found not in FORMATS:
-        raise FileFormatError(f"{path} is an fps {found!r} file, which this fps_cli {__version__} does not read")
-    if kind is not None and found != kind:
-        raise FileFormatError(f"{path} is an fps {found} file, but a {kind} file is needed here")
-    version = raw.get("fps.format_version", "")
-    if not (version.isascii() and version.isdigit()) or not 1 <= int(version) <= FORMAT_VERSION:
-        newer = version.isascii() and version.isdigit() and int(version) > FORMAT_VERSION
-        raise FileFormatError(
-            f"{path} has format version {version!r}; this fps_cli {__version__} reads version {FORMAT_VERSION}"
-            + (": upgrade fps-cli" if newer else "")
-        )
-    provenance = {}
-    for key, value in raw.items():
-        if key.startswith("fps.") and key[4:] not in _RESERVED:
-            try:
-                provenance[key[4:]] = json.loads(value)
-            except json.JSONDecodeError:
-                raise FileFormatError(f"{path}: header entry {key} is not valid JSON") from None
-    wrong = [
-        f"fps.{key} must be {_HEADER_TYPES[key][1]}, got {json.dumps(value)}"
-        for key, value in provenance.items()
-        if key in _HEADER_TYPES and not _HEADER_TYPES[key][0](value)
-    ]
-    if wrong:
-        raise FileFormatError(f"{path} has header values of the wrong type: " + "; ".join(wrong))
-    return provenance, raw
+    return check_header(path, raw, kind), raw
 
 
 def read_fps_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, str]]:
@@ -316,42 +230,11 @@ def save_mask(path: str | os.PathLike, mask: Mask, *, tx: Transaction | None = N
     write_atomic(path, tensors, encode_metadata("mask", provenance), tx=tx)
 
 
-def _shapes_and_names(
-    prov: dict[str, Any], path: str | os.PathLike, names_key: str
-) -> tuple[dict[str, tuple[int, ...]], list[str]]:
-    """Pop ``param_shapes`` and a list of parameter names from a mask's or delta's provenance."""
-    try:
-        shapes = {k: tuple(int(d) for d in v) for k, v in prov.pop("param_shapes").items()}
-        names = list(prov.pop(names_key))
-    except (KeyError, AttributeError, TypeError, ValueError):
-        raise FileFormatError(f"{path}: header lacks valid fps.param_shapes / fps.{names_key}") from None
-    return shapes, names
-
-
 def read_mask(path: str | os.PathLike) -> Mask:
-    """Read and validate a mask file."""
-    tensors, prov, _ = read_fps_file(path, "mask")
-    shapes, fully = _shapes_and_names(prov, path, "fully_trainable")
-    for key in ("selected", "trainable", "total_params"):
-        prov.pop(key, None)
-    problems = [f"fully trainable parameter {n!r} is not in the model" for n in fully if n not in shapes]
-    indices = {}
-    for name, idx in tensors.items():
-        if name not in shapes:
-            problems.append(f"tensor {name!r} is not a parameter of the model")
-            continue
-        if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
-            problems.append(f"tensor {name!r} must be 1-D int32/int64 indices, got {idx.dtype} {list(idx.shape)}")
-            continue
-        idx = idx.long()
-        n = _numel(shapes[name])
-        if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= n or not bool((idx[1:] > idx[:-1]).all())):
-            problems.append(f"indices of {name!r} must be sorted, unique and within [0, {n})")
-            continue
-        indices[name] = idx
-    if problems:
-        raise FileFormatError(f"{path} is not a valid mask:\n  " + "\n  ".join(problems))
-    return Mask(indices, fully, shapes, prov)
+    """Read and validate a mask file (:func:`.headers.read_mask_arrays`, as torch tensors)."""
+    arrays = read_mask_arrays(path)
+    indices = {name: torch.from_numpy(idx) for name, idx in arrays.indices.items()}
+    return Mask(indices, arrays.fully_trainable, arrays.shapes, arrays.provenance)
 
 
 def load_mask(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -4,6 +4,9 @@ Every function returns plain dicts and lists (numbers, strings), the same ones `
 :mod:`.views` draws them as text or as a matplotlib figure. The kind of a file is read from its header
 (``fps.format``, and ``fps.statistic`` for a score file), never guessed from its name.
 
+Masks are read with safetensors' numpy reader (:mod:`.headers`): ``fps inspect`` on masks never imports torch;
+score files and deltas, and comparing two masks, import it when needed.
+
 The per-depth view groups parameters by block and layer type. Those come from parameter names and shapes
 (:func:`block_of`, :func:`layer_type`): this is a display, and name parsing is good enough for one (selection
 itself never looks at names).
@@ -17,20 +20,14 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+import numpy as np
 
-from .formats import (
-    Delta,
-    Mask,
-    read_delta,
-    read_gradient_scores,
-    read_header,
-    read_mask,
-    read_scores,
-    score_statistic,
-    write_atomic,
-)
+from .headers import MaskArrays, read_header, read_mask_arrays
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from .formats import Delta, Mask
 
 if TYPE_CHECKING:
     from .outputs import Transaction
@@ -138,7 +135,7 @@ def _pct(part: float, whole: float) -> float:
     return 100.0 * part / whole if whole else 0.0
 
 
-def mask_report(mask: Mask, path: str | os.PathLike | None = None) -> dict[str, Any]:
+def mask_report(mask: Mask | MaskArrays, path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Totals, one row per parameter (in model order), the per-depth view and the per-neuron distribution.
 
     The rows add up to the totals: ``sum(selected) == totals.selected``, ``sum(trainable) == totals.trainable``,
@@ -150,7 +147,7 @@ def mask_report(mask: Mask, path: str | os.PathLike | None = None) -> dict[str, 
     layers = []
     for name, shape in mask.shapes.items():
         numel = _numel(shape)
-        selected = int(mask.indices[name].numel()) if name in mask.indices else 0
+        selected = int(np.asarray(mask.indices[name]).size) if name in mask.indices else 0
         trainable = numel if name in fully else selected
         role = "full" if name in fully else "selected" if name in mask.indices else "frozen"
         layers.append(
@@ -187,6 +184,7 @@ def mask_report(mask: Mask, path: str | os.PathLike | None = None) -> dict[str, 
         "layers": layers,
         "depth": depth_view(layers),
         "per_neuron": per_neuron(mask),
+        "columns": column_view(mask),
     }
 
 
@@ -214,38 +212,132 @@ def depth_view(layers: list[dict[str, Any]]) -> dict[str, Any]:
     return {"types": list(LAYER_TYPES), "rows": ordered}
 
 
-def per_neuron(mask: Mask) -> dict[str, Any]:
+def per_neuron(mask: Mask | MaskArrays) -> dict[str, Any]:
     """How many entries each output neuron (row) of the partially selected parameters has selected."""
     counts = []
     for name, idx in mask.indices.items():
         shape = mask.shapes[name]
         rows = shape[0] if shape else 1
         per_row = _numel(shape) // rows if rows else 1
-        counts.append(torch.bincount(idx.long() // per_row, minlength=rows))
+        counts.append(np.bincount(np.asarray(idx, dtype=np.int64) // per_row, minlength=rows))
     if not counts:
         return {"rows": 0, "min": 0, "max": 0, "mean": 0.0, "histogram": []}
-    c = torch.cat(counts)  # [rows of every partially selected parameter]
-    hist = torch.bincount(c)
+    c = np.concatenate(counts)  # [rows of every partially selected parameter]
+    hist = np.bincount(c)
     return {
-        "rows": int(c.numel()),
+        "rows": int(c.size),
         "min": int(c.min()),
         "max": int(c.max()),
-        "mean": float(c.double().mean()),
+        "mean": float(c.astype(np.float64).mean()),
         "histogram": [[k, int(n)] for k, n in enumerate(hist.tolist()) if n],
     }
 
 
-def export_dense(mask: Mask, path: str | os.PathLike, *, tx: Transaction | None = None) -> None:
+# The "top columns" of a layer: this fraction of its input columns, those that receive the most selections.
+TOP_COLUMNS = 0.1
+
+
+def column_counts(idx: Any, shape: Iterable[int]) -> np.ndarray:
+    """Selected entries per input column (per input of a neuron: a Linear's input feature, a conv's
+    input channel x kernel tap) of one parameter, from its sorted flat indices (numpy or torch)."""
+    shape = tuple(shape)
+    row_len = _numel(shape[1:]) if len(shape) > 1 else 1
+    return np.bincount(np.asarray(idx, dtype=np.int64) % row_len, minlength=row_len)  # [row_len]
+
+
+def concentration(counts: np.ndarray, top: int = 3) -> dict[str, Any]:
+    """How concentrated one layer's selections are over its input columns.
+
+    ``distinct``: columns with at least one selected entry; ``top_share``: the share of the selected entries that
+    fall in the :data:`TOP_COLUMNS` most-selected columns (``TOP_COLUMNS`` itself when spread evenly, 1.0 when
+    every selection sits there); ``top``: the ``top`` most-selected columns as ``[column, entries]``.
+    """
+    inputs, selected = int(counts.size), int(counts.sum())
+    k = max(1, round(TOP_COLUMNS * inputs))
+    order = np.argsort(-counts, kind="stable")  # most-selected first, lower column first among equals
+    return {
+        "inputs": inputs,
+        "distinct": int((counts > 0).sum()),
+        "distinct_pct": _pct(int((counts > 0).sum()), inputs),
+        "top_share": float(counts[order[:k]].sum()) / selected if selected else 0.0,
+        "top": [[int(c), int(counts[c])] for c in order[:top] if counts[c]],
+    }
+
+
+def column_view(mask: Mask | MaskArrays) -> dict[str, Any]:
+    """Per partially selected layer, how its selections spread over input columns (:func:`concentration`).
+
+    With per-neuron selection every row gets about the same number of entries, so the per-layer counts only
+    restate the budget; which inputs those entries use is what the task's data decided.
+    """
+    layers = []
+    for name, shape in mask.shapes.items():  # model order
+        if name not in mask.indices or len(shape) < 2:
+            continue
+        idx = mask.indices[name]
+        layers.append({"name": name, "selected": int(np.asarray(idx).size), **concentration(column_counts(idx, shape))})
+    summary = {
+        "layers": len(layers),
+        "top_fraction": TOP_COLUMNS,
+        "distinct_pct_mean": sum(r["distinct_pct"] for r in layers) / len(layers) if layers else 0.0,
+        "top_share_mean": sum(r["top_share"] for r in layers) / len(layers) if layers else 0.0,
+    }
+    return {"summary": summary, "layers": layers}
+
+
+def column_comparison(a: Mask | MaskArrays, b: Mask | MaskArrays, top: int = 3) -> dict[str, Any]:
+    """Where two masks differ in which input columns they use, per layer either selects in.
+
+    Per layer: the columns each uses (``columns_a``, ``columns_b``), those both use, their Jaccard, and the ``top``
+    columns whose selected-entry counts differ most, as ``[column, entries in a, entries in b]``.
+    """
+    layers = {}
+    for name, shape in a.shapes.items():  # model order
+        if (name not in a.indices and name not in b.indices) or len(shape) < 2:
+            continue
+        empty = np.zeros(0, dtype=np.int64)
+        ca = column_counts(a.indices.get(name, empty), shape)
+        cb = column_counts(b.indices.get(name, empty), shape)
+        used_a, used_b = ca > 0, cb > 0
+        both, either = int((used_a & used_b).sum()), int((used_a | used_b).sum())
+        gap = np.abs(ca - cb)
+        order = np.argsort(-gap, kind="stable")[:top]
+        layers[name] = {
+            "columns_a": int(used_a.sum()),
+            "columns_b": int(used_b.sum()),
+            "columns_both": both,
+            "columns_jaccard": both / either if either else 1.0,
+            "most_different": [[int(c), int(ca[c]), int(cb[c])] for c in order if gap[c] > 0],
+        }
+    jaccards = [r["columns_jaccard"] for r in layers.values()]
+    return {"columns_jaccard_mean": sum(jaccards) / len(jaccards) if jaccards else 1.0, "layers": layers}
+
+
+def _as_torch(mask: Mask | MaskArrays) -> Mask:
+    from .formats import Mask
+
+    if isinstance(mask, Mask):
+        return mask
+    import torch
+
+    indices = {n: torch.from_numpy(i) for n, i in mask.indices.items()}
+    return Mask(indices, list(mask.fully_trainable), dict(mask.shapes), dict(mask.provenance))
+
+
+def export_dense(mask: Mask | MaskArrays, path: str | os.PathLike, *, tx: Transaction | None = None) -> None:
     """Write ``mask`` as dense boolean tensors, one per parameter, True where trainable (atomically; ``tx``: as
     part of a group commit)."""
-    write_atomic(path, mask.dense(), {"format": "pt", "fps.dense_mask": "1"}, tx=tx)
+    from .formats import write_atomic
+
+    write_atomic(path, _as_torch(mask).dense(), {"format": "pt", "fps.dense_mask": "1"}, tx=tx)
 
 
-def compare_report(a: Mask, b: Mask) -> dict[str, Any]:
-    """Per-layer and total overlap and Jaccard of two masks (:func:`.compare.compare_masks`)."""
+def compare_report(a: Mask | MaskArrays, b: Mask | MaskArrays) -> dict[str, Any]:
+    """Per-layer and total overlap and Jaccard of two masks (:func:`.compare.compare_masks`), and where the input
+    columns they use differ (:func:`column_comparison`)."""
     from .compare import compare_masks
 
-    return compare_masks(a, b).to_dict()
+    return {**compare_masks(_as_torch(a), _as_torch(b)).to_dict(), "columns": column_comparison(a, b)}
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -269,6 +361,8 @@ def distribution(values: Tensor) -> dict[str, Any]:
 def scores_report(path: str | os.PathLike, norm: str = "l1") -> dict[str, Any]:
     """The distribution of each layer's statistic: ``a`` (``l1``: mean ``|x|``; ``l2``: root mean square) for an
     input score file, ``|summed gradient|`` for a gradient one."""
+    from .formats import read_gradient_scores, read_scores, score_statistic
+
     statistic = score_statistic(path)
     layers = []
     if statistic == "gradient":
@@ -357,7 +451,7 @@ def delta_report(delta: Delta, path: str | os.PathLike | None = None) -> dict[st
 
 def inspect_files(
     paths: list[str | os.PathLike], *, norm: str = "l1"
-) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, Mask]]:
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, MaskArrays]]:
     """Reports for every file, and the comparison when exactly two masks are given.
 
     Returns:
@@ -371,12 +465,14 @@ def inspect_files(
     for path in paths:
         kind = file_kind(path)
         if kind == "mask":
-            mask = read_mask(path)
+            mask = read_mask_arrays(path)
             masks[str(path)] = mask
             reports.append(mask_report(mask, path))
         elif kind == "scores":
             reports.append(scores_report(path, norm))
         else:
+            from .formats import read_delta
+
             reports.append(delta_report(read_delta(path), path))
     comparison = None
     if len(paths) == 2 and len(masks) == 2:

@@ -118,13 +118,13 @@ def check_base(model: nn.Module, delta: Delta, source: str = "the delta", base: 
     Raises:
         FileFormatError: every shape mismatch at once, or the tensors whose checksum differs.
     """
-    from .finetune import shape_problems
+    from .finetune import mismatch_message
     from .selector import base_digest
 
     base = base or type(model).__name__
-    problems = shape_problems(delta.shapes, model)
-    if problems:
-        raise FileFormatError(f"{source} does not fit {base}: " + "; ".join(problems))
+    message = mismatch_message(source, delta.provenance, delta.shapes, model, base)
+    if message:
+        raise FileFormatError(message)
     prov = delta.provenance
     params = dict(model.named_parameters())
     touched = prov.get("touched_sha256")
@@ -249,9 +249,13 @@ def load_merged(delta: str | os.PathLike, spec: ModelSpec | None = None) -> nn.M
     return model.eval()
 
 
-def timm_config(model: nn.Module, img_size: int | None, label_names: list[str] | None = None) -> str:
+def timm_config(
+    model: nn.Module, img_size: int | None, label_names: list[str] | None = None, *, pretrained_tag: bool = True
+) -> str:
     """The ``config.json`` of a timm ``local-dir:`` folder for ``model``, as timm's exporter writes it, with the
-    data config (input size) the model was trained at."""
+    data config (input size) the model was trained at. ``pretrained_tag=False`` (a base built with
+    ``--no-pretrained`` or from a ``--checkpoint``) drops the hub tag timm's default config carries: those weights
+    did not come from it."""
     from timm.models._hub import save_config_for_hf
 
     from .data import transform_config
@@ -262,7 +266,11 @@ def timm_config(model: nn.Module, img_size: int | None, label_names: list[str] |
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CONFIG_NAME
         save_config_for_hf(model, path, model_config=model_config, data_config=transform_config(model, img_size))
-        return path.read_text()
+        if pretrained_tag:
+            return path.read_text()
+        config = json.loads(path.read_text())
+        config.get("pretrained_cfg", {}).pop("tag", None)
+        return json.dumps(config, indent=2) + "\n"
 
 
 def _metadata(delta: Delta, dtype: str) -> dict[str, str]:
@@ -338,7 +346,10 @@ def run_merge(
         save_hf_pretrained(model, target.path, state_dict=state, labels=labels, force=True, tx=tx)
     else:
         img_size = spec.img_size if spec is not None else delta.provenance.get("img_size")
-        config = timm_config(model, img_size, delta.provenance.get("classes")) if target.directory else ""
+        config = ""
+        if target.directory:
+            from_hub = bool(delta.provenance.get("pretrained"))  # False for --no-pretrained and --checkpoint bases
+            config = timm_config(model, img_size, delta.provenance.get("classes"), pretrained_tag=from_hub)
         del model  # the state dict alone holds the base now, so each merged tensor frees the one it replaces
         merge_state_dict(state, delta, DTYPES[dtype])
         write_merged(target, state, _metadata(delta, dtype), config, tx=tx)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import math
 import os
 import socket
 import warnings
@@ -59,9 +60,10 @@ def is_offline(spec_offline: bool = False) -> bool:
     return spec_offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def _ways_out(name: str) -> str:
+def _ways_out(name: str, repo: str | None = None) -> str:
+    prefetch = f"prefetch them with `hf download {repo}` on a networked machine and copy HF_HOME here, " if repo else ""
     return (
-        f"Ways out: pass --checkpoint FILE with local weights for {name}, use --no-pretrained for a randomly "
+        f"Ways out: {prefetch}pass --checkpoint FILE with local weights for {name}, use --no-pretrained for a randomly "
         "initialised model, or run once with network access so the Hugging Face cache (HF_HOME) holds them."
     )
 
@@ -71,6 +73,11 @@ def _check_model_name(name: str) -> None:
 
     if name.startswith(("hf-hub:", "local-dir:")):
         return
+    if not timm.is_model(name) and "/" in name:
+        # A hub repo id such as timm/vit_base_patch16_224.augreg_in21k: timm loads those with the hf-hub: prefix.
+        tail = name.rsplit("/", 1)[1]
+        timm_name = f", or the timm name {tail}" if timm.is_model(tail) else ""
+        raise ModelError(f"unknown model {name!r}; a Hugging Face hub repo is named hf-hub:{name}{timm_name}")
     if not timm.is_model(name):
         arch = name.split(".", 1)[0]
         close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
@@ -140,7 +147,13 @@ def _quiet_hub() -> Iterator[None]:
 
 
 def _ensure_available(
-    what: str, repo_or_url: str, cached: bool, offline: bool, name: str, ways_out: str | None = None
+    what: str,
+    repo_or_url: str,
+    cached: bool,
+    offline: bool,
+    name: str,
+    ways_out: str | None = None,
+    where: str = "",
 ) -> bool:
     """Decide how to fetch ``what``: returns True to load from the cache only, or raises if it cannot be had."""
     if cached:
@@ -148,14 +161,14 @@ def _ensure_available(
     ways_out = ways_out or _ways_out(name)
     if offline:
         raise ModelError(
-            f"{what} for {name}: not in the local cache, and offline mode (--offline / HF_HUB_OFFLINE) "
+            f"{what} for {name}{where}: not in the local cache, and offline mode (--offline / HF_HUB_OFFLINE) "
             f"forbids downloading. {ways_out}"
         )
     url = repo_or_url if "://" in repo_or_url else _hf_endpoint()
     reason = _reachable(url)
     if reason is not None:
         host = urlparse(url).hostname
-        raise ModelError(f"cannot download {what} for {name}: {host} is unreachable ({reason}). {ways_out}")
+        raise ModelError(f"cannot download {what} for {name}{where}: {host} is unreachable ({reason}). {ways_out}")
     return False
 
 
@@ -176,8 +189,12 @@ def _pretrained_source(name: str, kwargs: dict[str, Any]) -> tuple[str, str, dic
     return (*_resolve_pretrained_source(cfg.to_dict()), cfg.to_dict())
 
 
-def _hf_weights_ready(repo: str, offline: bool, name: str) -> bool:
-    return _ensure_available("pretrained weights", repo, _hf_cached(repo, HF_WEIGHT_FILES), offline, name)
+def _hf_weights_ready(repo: str, offline: bool, name: str, resolved: str | None = None) -> bool:
+    """Whether the hub repo's weights are cached (True: load from the cache only); raises if they cannot be had.
+    The message names the exact repo to prefetch (a plain timm name resolves to its default tag's repo)."""
+    where = f" (the tag {resolved}, hub repo {repo})" if resolved else f" (hub repo {repo})"
+    cached = _hf_cached(repo, HF_WEIGHT_FILES)
+    return _ensure_available("pretrained weights", repo, cached, offline, name, _ways_out(name, repo), where)
 
 
 def create_model(spec: ModelSpec) -> nn.Module:
@@ -211,9 +228,10 @@ def create_model(spec: ModelSpec) -> nn.Module:
             raise ModelError(f"{spec.name}: {folder} has no config.json (a timm local-dir: folder needs one)")
         cache_only = True
     elif pretrained:
-        source, location, _ = _pretrained_source(spec.name, kwargs)
+        source, location, cfg = _pretrained_source(spec.name, kwargs)
         if source == "hf-hub":
-            cache_only = _hf_weights_ready(location, offline, spec.name)
+            resolved = "." not in spec.name and cfg.get("tag")
+            cache_only = _hf_weights_ready(location, offline, spec.name, resolved or None)
         elif source == "url":
             from timm.models._hub import get_cache_dir
 
@@ -297,18 +315,34 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     own = dict(model.state_dict())
     head_ids = {id(p) for h in find_head(model) for p in h.parameters()}
     head_names = {n for n, p in model.named_parameters() if id(p) in head_ids}
-    problems, skipped_head = [], []
+    unexpected, mismatched, skipped_head = [], [], []
     for key, value in state.items():
         if key not in own:
-            problems.append(f"unexpected tensor {key}")
+            unexpected.append(key)
         elif tuple(value.shape) != tuple(own[key].shape):
             if key in head_names:
                 skipped_head.append(key)
             else:
-                problems.append(f"{key}: checkpoint {list(value.shape)} vs model {list(own[key].shape)}")
+                mismatched.append(f"{key} {list(value.shape)} vs {list(own[key].shape)}")
     missing = [k for k in own if k not in state and k not in head_names]
-    problems += [f"missing tensor {k}" for k in missing]
+    kinds = (
+        ("tensor the model lacks", "tensors the model lacks", unexpected),
+        ("model tensor the checkpoint lacks", "model tensors the checkpoint lacks", missing),
+        ("shape mismatch (checkpoint vs model)", "shape mismatches (checkpoint vs model)", mismatched),
+    )
+    problems = [
+        f"{len(names)} {one if len(names) == 1 else many}: {', '.join(names[:5])}"
+        + (f" … {len(names) - 5} more" if len(names) > 5 else "")
+        for one, many, names in kinds
+        if names
+    ]
     if problems:
-        raise ModelError(f"checkpoint {path} does not fit {type(model).__name__}:\n  " + "\n  ".join(problems))
+        size = sum(math.prod(v.shape) for v in state.values())
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        raise ModelError(
+            f"checkpoint {path} does not fit the model:\n  checkpoint  {len(state)} tensors, {size:,} values\n"
+            f"  model       {arch}, {len(own)} tensors, "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters\n  " + "\n  ".join(problems)
+        )
     keep = {k: v for k, v in state.items() if k not in skipped_head}
     model.load_state_dict(keep, strict=False)

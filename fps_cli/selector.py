@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .activations import InputStats, collect_input_stats
 from .candidates import ParameterRoles, baseline_trainable, find_head, parameter_roles
-from .constants import BASELINE_METHODS, DEFAULT_BUDGET, GPS_LOSSES, GRANULARITIES, METHODS
+from .constants import BASELINE_METHODS, DEFAULT_BUDGET, GPS_LOSSES, GRANULARITIES, METHODS, budget_problem
 from .data import ImageStream, default_num_workers, discover, eval_transform, make_loader, subsample
 from .distributed import Dist, all_reduce, batch_shard, reduce_input_stats, sum_over_ranks
 from .errors import BudgetError, DataError, FileFormatError
@@ -80,8 +80,8 @@ class SelectOptions:
             raise ValueError("give a budget or topk_per_neuron")
         if self.topk_per_neuron is not None and self.topk_per_neuron < 1:
             raise BudgetError(f"--topk-per-neuron must be at least 1, got {self.topk_per_neuron}")
-        if self.topk_per_neuron is None and not 0 < self.budget < 1:
-            raise BudgetError(f"--budget must be a fraction strictly between 0 and 1, got {self.budget}")
+        if self.topk_per_neuron is None and budget_problem(self.budget):
+            raise BudgetError(budget_problem(self.budget))
 
 
 @dataclass
@@ -152,8 +152,14 @@ def selection_count(roles: ParameterRoles, budget: float) -> int:
     n = target - fixed
     if n < 0:
         minimum = math.ceil(fixed / total * 10_000) / 10_000
+        default = (
+            f"the default budget {budget:g} is sized for ViT-B/16 (86 M parameters); on a {total:,}-parameter model "
+            "the head and biases are a larger share. "
+            if budget == DEFAULT_BUDGET
+            else ""
+        )
         raise BudgetError(
-            f"budget {budget:g} leaves no room: the head and biases already take {fixed / total:.2%} of "
+            f"{default}budget {budget:g} leaves no room: the head and biases already take {fixed / total:.2%} of "
             f"parameters ({fixed:,} of {total:,}); use --no-train-bias or a budget of at least {minimum:g}"
         )
     if n > roles.candidate_params:

@@ -92,7 +92,41 @@ def render_mask(report: dict[str, Any]) -> str:
         lines.append(f"  fully trainable: {shown}")
     lines += ["", *render_depth(report["depth"])]
     lines += ["", *render_histogram(report["per_neuron"])]
+    if report.get("columns", {}).get("layers"):
+        lines += ["", *render_columns(report["columns"])]
     return "\n".join(lines)
+
+
+def _columns(top: list[list[int]]) -> str:
+    return " ".join(f"{c}:{n}" if len(rest) == 0 else f"{c}:{n}/{rest[0]}" for c, n, *rest in top)
+
+
+def render_columns(columns: dict[str, Any]) -> list[str]:
+    """Per layer, how many input columns receive selections and the share of the most-selected ones."""
+    s = columns["summary"]
+    top_pct = round(100 * s["top_fraction"])
+    lines = [
+        f"input columns: which inputs of each layer the selection uses; mean over {s['layers']} layers: "
+        f"{s['distinct_pct_mean']:.1f}% of columns used, {100 * s['top_share_mean']:.1f}% of entries in the top "
+        f"{top_pct}% of columns ({top_pct}% if spread evenly)"
+    ]
+    lines += table(
+        ("name", "inputs", "used", "used %", f"top {top_pct}% share", "", "top columns (column:entries)"),
+        [
+            (
+                r["name"],
+                _n(r["inputs"]),
+                _n(r["distinct"]),
+                f"{r['distinct_pct']:.1f}",
+                f"{100 * r['top_share']:.1f}",
+                bar(r["top_share"], 12),
+                _columns(r["top"]),
+            )
+            for r in columns["layers"]
+        ],
+        "<>>>><<",
+    )
+    return lines
 
 
 def render_depth(depth: dict[str, Any]) -> list[str]:
@@ -155,6 +189,27 @@ def render_comparison(comparison: dict[str, Any], a: str, b: str) -> str:
             for name, c in comparison["layers"].items()
         ],
     )
+    columns = comparison.get("columns")
+    if columns and columns["layers"]:
+        lines += [
+            "",
+            f"input columns each mask uses, per layer; mean column jaccard {columns['columns_jaccard_mean']:.3f}",
+        ]
+        lines += table(
+            ("name", "cols a", "cols b", "both", "jaccard", "most different (column:a/b)"),
+            [
+                (
+                    name,
+                    _n(c["columns_a"]),
+                    _n(c["columns_b"]),
+                    _n(c["columns_both"]),
+                    f"{c['columns_jaccard']:.3f}",
+                    _columns(c["most_different"]),
+                )
+                for name, c in columns["layers"].items()
+            ],
+            "<>>>><",
+        )
     return "\n".join(lines)
 
 
@@ -222,32 +277,55 @@ def render(report: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------- plots
 
 
+def _figure_api():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise FpsError("--plot needs matplotlib: pip install 'fps-cli[plot]'") from None
+    return Figure, FigureCanvasAgg
+
+
+def _check_suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in PLOT_SUFFIXES:
+        raise ValueError(f"a plot is written as .png or .svg, not {path.name!r}")
+    return suffix
+
+
+def _short(name: str) -> str:
+    return name.removesuffix(".weight")
+
+
+def _plot_columns(ax, layers: list[dict[str, Any]], label: str = "") -> None:
+    """Per layer (model order): % of input columns used and % of entries in the top columns."""
+    x = range(len(layers))
+    ax.plot(x, [r["distinct_pct"] for r in layers], "o-", ms=3, label=f"{label}columns used (%)")
+    ax.plot(x, [100 * r["top_share"] for r in layers], "s--", ms=3, label=f"{label}entries in top 10% columns (%)")
+
+
 def plot_mask(report: dict[str, Any], path: str | os.PathLike, *, tx: Transaction | None = None) -> None:
     """Write a figure of a mask report (PNG or SVG, from the suffix): a heatmap of the % of entries selected
-    per block x layer type, and the histogram of selected entries per neuron. Written atomically.
+    per block x layer type, the histogram of selected entries per neuron, and per layer how concentrated the
+    selection is over input columns (what differs between tasks). Written atomically.
 
     Raises:
         FpsError: matplotlib is not installed.
         ValueError: the suffix is not .png or .svg.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in PLOT_SUFFIXES:
-        raise ValueError(f"a plot is written as .png or .svg, not {path.name!r}")
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise FpsError("--plot needs matplotlib: pip install 'fps-cli[plot]'") from None
+    _check_suffix(path)
+    Figure, FigureCanvasAgg = _figure_api()
 
     rows = report["depth"]["rows"]
     types = [t for t in report["depth"]["types"] if any(t in r["by_type"] for r in rows)]
     grid = [[r["by_type"][t]["pct"] if t in r["by_type"] else float("nan") for t in types] for r in rows]
     dist = report["per_neuron"]
+    columns = report.get("columns", {}).get("layers", [])
 
-    fig = Figure(figsize=(11, max(4.0, 0.28 * len(rows) + 1.5)), layout="constrained")
+    fig = Figure(figsize=(16, max(4.5, 0.28 * len(rows) + 1.5)), layout="constrained")
     FigureCanvasAgg(fig)  # an explicit Agg canvas: no global backend switch, no display needed
-    heat, hist = fig.subplots(1, 2, width_ratios=(max(len(types), 2), 4))
+    heat, hist, cols = fig.subplots(1, 3, width_ratios=(max(len(types), 2), 4, 5))
     image = heat.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     heat.set_xticks(range(len(types)), types)
     heat.set_yticks(range(len(rows)), [r["block"] for r in rows])
@@ -261,9 +339,56 @@ def plot_mask(report: dict[str, Any], path: str | os.PathLike, *, tx: Transactio
     hist.set_xlabel("selected entries per neuron (row)")
     hist.set_ylabel("rows")
     hist.set_title(f"per neuron: {dist['rows']:,} rows, mean {dist['mean']:.2f}")
+    _plot_columns(cols, columns)
+    cols.axhline(10, color="grey", lw=0.8, ls=":")  # the top-10% share of an even spread
+    cols.set_xticks(range(len(columns)), [_short(r["name"]) for r in columns], rotation=90, fontsize=6)
+    cols.set_ylim(0, 105)
+    cols.set_ylabel("%")
+    cols.set_title("input columns per layer")
+    cols.legend(fontsize=7, loc="lower right")
     prov = report["provenance"]
     fig.suptitle(f"{prov.get('model')} — {prov.get('method')} mask, {report['totals']['trainable_pct']:.3f}% trainable")
+    _save(fig, path, tx)
 
+
+def plot_comparison(
+    reports: Sequence[dict[str, Any]],
+    comparison: dict[str, Any],
+    path: str | os.PathLike,
+    names: Sequence[str],
+    *,
+    tx: Transaction | None = None,
+) -> None:
+    """Write a figure of two masks' differences: per layer the Jaccard of their entries and of the input columns
+    they use, and each mask's column concentration. Written atomically (PNG or SVG)."""
+    path = Path(path)
+    _check_suffix(path)
+    Figure, FigureCanvasAgg = _figure_api()
+    layers = list(comparison["columns"]["layers"])
+    fig = Figure(figsize=(13, 5.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    sim, conc = fig.subplots(1, 2)
+    x = range(len(layers))
+    sim.plot(x, [comparison["layers"].get(n, {}).get("jaccard", 0.0) for n in layers], "o-", ms=3, label="entries")
+    sim.plot(x, [comparison["columns"]["layers"][n]["columns_jaccard"] for n in layers], "s--", ms=3, label="columns")
+    sim.set_ylim(0, 1.05)
+    sim.set_title("jaccard of the two masks, per layer")
+    sim.legend(fontsize=7)
+    for report, name, marker in zip(reports, names, ("o-", "s--"), strict=True):
+        by_name = {r["name"]: r for r in report["columns"]["layers"]}
+        values = [by_name[n]["distinct_pct"] if n in by_name else 0.0 for n in layers]
+        conc.plot(x, values, marker, ms=3, label=f"{name}: columns used (%)")
+    conc.set_ylim(0, 105)
+    conc.set_title("input columns used, per layer")
+    conc.legend(fontsize=7)
+    for ax in (sim, conc):
+        ax.set_xticks(list(x), [_short(n) for n in layers], rotation=90, fontsize=6)
+    fig.suptitle(f"{names[0]} vs {names[1]}: overlap {comparison['overlap']:.3f}, jaccard {comparison['jaccard']:.3f}")
+    _save(fig, path, tx)
+
+
+def _save(fig, path: Path, tx: Transaction | None) -> None:
+    suffix = path.suffix.lower()
     # Reproducible bytes: no creation date in the file.
     metadata = {"Date": None} if suffix == ".svg" else {"Software": None}
     from .outputs import Transaction

@@ -145,7 +145,9 @@ def test_plot_errors(files, tmp_path, monkeypatch):
         == f"error: cannot write {tmp_path}/missing/mask.png: directory {tmp_path}/missing does not exist\n"
     )
     assert fps("inspect", files["mask"], "--plot", tmp_path / "mask.pdf").exit_code == 2
-    assert fps("inspect", files["mask"], files["mask2"], "--plot", tmp_path / "m.png").exit_code == 2
+    three = fps("inspect", files["mask"], files["mask2"], files["mask"], "--plot", tmp_path / "m.png")
+    assert three.exit_code == 2
+    assert "give one or two masks, not 3 files" in three.output
     args = ["inspect", str(files["scores"]), "--plot", str(tmp_path / "m.png")]
     result = runner.invoke(app, args, env={"COLUMNS": "300"})  # the usage box would wrap the message
     assert result.exit_code == 2
@@ -186,7 +188,7 @@ def test_two_masks_are_compared(files):
     report = inspect_json(files["mask"], files["mask2"])
     assert [f["kind"] for f in report["files"]] == ["mask", "mask"]
     expected = compare_masks(read_mask(files["mask"]), read_mask(files["mask2"])).to_dict()
-    assert report["comparison"] == expected  # JSON round-trips floats exactly
+    assert {k: v for k, v in report["comparison"].items() if k != "columns"} == expected  # floats round-trip exactly
     assert 0 < report["comparison"]["jaccard"] < 1
     c = report["comparison"]
     assert c["selected_a"] == report["files"][0]["totals"]["selected"]
@@ -341,3 +343,63 @@ def test_biases_take_their_layers_type():
         "norm.weight": "other",
     }
     assert list(depth_keys(shapes).values()) == ["stem", "stem", "stem", "0", "0", "top"]
+
+
+def test_column_concentration_by_hand():
+    """A 4 x 6 weight: 5 entries in column 2, 1 in column 5; the top 10% of 6 columns is 1 column."""
+    from fps_cli.formats import Mask
+    from fps_cli.inspection import column_view
+
+    idx = torch.tensor([2, 8, 14, 20, 22, 23])  # rows 0..3 column 2; row 3 columns 4 and 5
+    mask = Mask({"fc.weight": idx}, [], {"fc.weight": (4, 6), "fc.bias": (4,)})
+    view = column_view(mask)
+    (row,) = view["layers"]
+    assert row == {
+        "name": "fc.weight",
+        "selected": 6,
+        "inputs": 6,
+        "distinct": 3,
+        "distinct_pct": 50.0,
+        "top_share": 4 / 6,
+        "top": [[2, 4], [4, 1], [5, 1]],
+    }
+    assert view["summary"]["top_fraction"] == 0.1
+
+
+def test_column_view_counts_the_files_indices(files):
+    report = inspect_json(files["mask"])
+    with safe_open(str(files["mask"]), framework="pt") as f:
+        shapes = json.loads(f.metadata()["fps.param_shapes"])
+        indices = {k: f.get_tensor(k).long() for k in f.keys()}  # noqa: SIM118
+    rows = report["columns"]["layers"]
+    assert [r["name"] for r in rows] == [n for n in shapes if n in indices and len(shapes[n]) > 1]
+    for r in rows:
+        row_len = math.prod(shapes[r["name"]][1:])
+        used = set((indices[r["name"]] % row_len).tolist())
+        assert r["inputs"] == row_len and r["distinct"] == len(used)
+        assert r["selected"] == indices[r["name"]].numel()
+        assert 0.1 <= r["top_share"] <= 1.0  # at least an even spread's share, at most everything
+        assert all(c in used for c, _ in r["top"])
+    text = fps("inspect", files["mask"]).stdout
+    assert "input columns: which inputs of each layer the selection uses; mean over 25 layers: " in text
+
+
+def test_two_masks_column_differences(files, tmp_path):
+    both = inspect_json(files["mask"], files["mask2"])
+    a, b = (f["columns"]["layers"] for f in both["files"])
+    columns = both["comparison"]["columns"]["layers"]
+    for row in a:
+        c = columns[row["name"]]
+        assert c["columns_a"] == row["distinct"]
+        assert c["columns_both"] <= min(c["columns_a"], c["columns_b"])
+        union = c["columns_a"] + c["columns_b"] - c["columns_both"]
+        assert c["columns_jaccard"] == pytest.approx(c["columns_both"] / union)
+    assert {r["name"]: r["distinct"] for r in b} == {n: c["columns_b"] for n, c in columns.items() if c["columns_b"]}
+    text = fps("inspect", files["mask"], files["mask2"]).stdout
+    assert "input columns each mask uses, per layer; mean column jaccard" in text
+
+    plot = tmp_path / "diff.png"
+    result = fps("inspect", files["mask"], files["mask2"], "--plot", plot, "-q")
+    assert result.exit_code == 0, result.output
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.stdout == "" and result.stderr == ""  # -q with --plot prints nothing

@@ -207,10 +207,11 @@ def test_base_differing_only_in_untouched_tensors(inputs, tmp_path):
 def test_mismatched_shapes(inputs, tmp_path):
     result = fps("merge", "--model", "test_vit2", "-q")
     assert result.exit_code == 1
-    assert result.stderr.startswith(
-        "error: delta.safetensors does not fit test_vit2 (num_classes=3, img_size=32): 3 parameters the model lacks: "
-    )
-    assert len(result.stderr.splitlines()) == 1
+    lines = result.stderr.splitlines()
+    assert lines[0] == "error: delta.safetensors does not fit the model:"
+    assert lines[1].startswith("  made for   test_vit (num_classes=3, img_size=32), ")
+    assert lines[2].startswith("  built now  test_vit2 (num_classes=3, img_size=32), ")
+    assert lines[3] == "  3 parameters the model lacks: cls_token, norm.weight, norm.bias"
     assert leftovers(tmp_path) == []
 
 

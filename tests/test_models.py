@@ -39,10 +39,16 @@ def test_checkpoint_that_does_not_fit_lists_every_problem(tmp_path):
     save_file(state, tmp_path / "bad.safetensors")
     with pytest.raises(ModelError) as e:
         create_model(ModelSpec("test_vit", checkpoint=tmp_path / "bad.safetensors", img_size=32))
-    message = str(e.value)
-    assert "blocks.0.attn.qkv.weight: checkpoint [3, 3] vs model [192, 64]" in message
-    assert "unexpected tensor extra.weight" in message
-    assert "missing tensor blocks.1.mlp.fc1.bias" in message
+    lines = str(e.value).splitlines()
+    # The two sides with their sizes first, then every kind of problem on its own line.
+    assert lines[0] == f"checkpoint {tmp_path / 'bad.safetensors'} does not fit the model:"
+    assert lines[1].startswith(f"  checkpoint  {len(state)} tensors, ")
+    assert lines[2].startswith("  model       test_vit, ") and lines[2].endswith(" parameters")
+    assert lines[3:] == [
+        "  1 tensor the model lacks: extra.weight",
+        "  1 model tensor the checkpoint lacks: blocks.1.mlp.fc1.bias",
+        "  1 shape mismatch (checkpoint vs model): blocks.0.attn.qkv.weight [3, 3] vs [192, 64]",
+    ]
 
 
 def test_checkpoint_torch_file_is_read_weights_only(tmp_path):

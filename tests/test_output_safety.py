@@ -141,6 +141,8 @@ def hf_run(tmp_path_factory) -> Path:
 
 
 HF_FILES = {"config.json", "model.safetensors", "preprocessor_config.json"}
+# What a finished `fps train -o delta.safetensors` leaves: the delta, its metrics log and timm's run records.
+RUN_FILES = ("delta.safetensors", "delta.metrics.jsonl", "delta.summary.csv", "delta.args.yaml")
 
 
 def test_hf_merge_into_a_folder_keeps_every_file_fps_did_not_write(hf_run, tmp_path):
@@ -151,15 +153,14 @@ def test_hf_merge_into_a_folder_keeps_every_file_fps_did_not_write(hf_run, tmp_p
     assert set(before) == {
         "mask.safetensors",
         "scores.safetensors",
-        "delta.safetensors",
-        "delta.metrics.jsonl",
+        *RUN_FILES,
         "notes.txt",
     }
 
     refused = fps("merge", "--delta", "run1/delta.safetensors", "-o", "run1/", cwd=root)
     assert refused.exit_code == 1
     assert one_error_line(refused.stderr) == (
-        "error: run1 is not empty (it holds delta.metrics.jsonl, delta.safetensors, mask.safetensors and 2 more); "
+        "error: run1 is not empty (it holds delta.args.yaml, delta.metrics.jsonl, delta.safetensors and 4 more); "
         "pass --force to write into it (only config.json, model.safetensors, preprocessor_config.json are "
         "replaced; other files stay)"
     )
@@ -315,14 +316,14 @@ def test_timm_folder_merge_killed_between_its_two_renames(run):
 
 
 def test_train_killed_before_its_first_checkpoint_can_simply_be_rerun(run):
-    for name in ("delta.safetensors", "delta.metrics.jsonl"):
+    for name in RUN_FILES:
         (run / name).unlink()
     before = snapshot(run)
     killed = fps_process(*TRAIN, cwd=run, FPS_TEST_CRASH_AT="rename:1@1")  # half of the first checkpoint commit
     assert killed.returncode == -signal.SIGKILL
     rerun = fps(*TRAIN, cwd=run)
     assert rerun.exit_code == 0, rerun.output
-    assert set(snapshot(run)) == set(before) | {"delta.safetensors", "delta.metrics.jsonl"}
+    assert set(snapshot(run)) == set(before) | set(RUN_FILES)
 
 
 def test_train_force_keeps_the_old_run_until_its_first_checkpoint(run):
@@ -346,7 +347,8 @@ def test_train_force_keeps_the_old_delta_until_the_new_delta_exists(run):
     assert set(after) == set(before) | {"delta.ckpt"}
     assert after["delta.safetensors"] == before["delta.safetensors"]
     log = [json.loads(line) for line in after["delta.metrics.jsonl"].decode().splitlines()]
-    assert [e["event"] for e in log] == ["start", "step", "epoch"] and log[0]["epochs"] == 2
+    events = [e["event"] for e in log]  # the first epoch only: start, its step lines, its end
+    assert events[0] == "start" and events[-1] == "epoch" and set(events[1:-1]) == {"step"} and log[0]["epochs"] == 2
     assert (run / "delta.ckpt").stat().st_mode & 0o777 == 0o666 & ~_umask()  # not 0600
 
 
@@ -360,7 +362,7 @@ def _umask() -> int:
 
 
 def test_resume_refuses_another_data_folder_or_mask(run, built, tmp_path):
-    for name in ("delta.safetensors", "delta.metrics.jsonl"):
+    for name in RUN_FILES:
         (run / name).unlink()
     killed = fps_process(*TRAIN, "--epochs", "2", cwd=run, FPS_TEST_CRASH_AT="written@2")
     assert killed.returncode == -signal.SIGKILL

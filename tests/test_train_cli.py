@@ -14,6 +14,8 @@ from fps_cli.cli import app
 runner = CliRunner()
 FAST = ["--num-workers", "0", "--batch-size", "4"]
 QUIET = [*FAST, "-q"]
+# What a finished run leaves beside its delta (the checkpoint is gone).
+RECORDS = ["delta.args.yaml", "delta.metrics.jsonl", "delta.safetensors", "delta.summary.csv"]
 
 
 def fps(*args: str):
@@ -43,7 +45,7 @@ def test_select_train_eval_end_to_end(selected, tmp_path):
     assert summary["optimizer_state_elements"] == 2 * summary["trained"]
     assert {"train_loss", "val_top1", "val_loss"} <= set(summary["metrics"])
     assert "epoch 2 done: train loss" in result.stderr
-    assert _outputs(tmp_path) == ["delta.metrics.jsonl", "delta.safetensors"]  # the checkpoint is gone
+    assert _outputs(tmp_path) == RECORDS  # the checkpoint is gone
     log = [json.loads(line) for line in (tmp_path / "delta.metrics.jsonl").read_text().splitlines()]
     assert [r["event"] for r in log if r["event"] != "step"] == ["start", "epoch", "epoch", "end"]
 
@@ -78,7 +80,7 @@ def test_ctrl_c_then_resume_gives_the_same_delta(selected, tmp_path, monkeypatch
     assert result.stderr.endswith(
         "the last complete epoch is in b.ckpt; continue with the same command and --resume\ninterrupted\n"
     )
-    assert _outputs(tmp_path, "b") == ["b.ckpt", "b.metrics.jsonl"]
+    assert _outputs(tmp_path, "b") == ["b.args.yaml", "b.ckpt", "b.metrics.jsonl", "b.summary.csv"]
     monkeypatch.setattr(finetune, "evaluate", evaluate)
 
     result = fps(*args, "-o", "b.safetensors", "--resume")
@@ -97,13 +99,25 @@ def test_ctrl_c_then_resume_gives_the_same_delta(selected, tmp_path, monkeypatch
 def test_wrong_architecture_lists_every_mismatch(selected, tmp_path):
     result = fps("train", "--model", "test_vit2", *FAST)
     assert result.exit_code == 1
-    message = result.stderr.splitlines()[-1]
-    assert message.startswith("error: mask.safetensors does not fit test_vit2 (num_classes=3, img_size=32): ")
-    # Every unknown and every missing parameter is named, in one line.
-    assert ": 3 parameters the model lacks: cls_token, " in message
-    lacks = message.split("model parameters the file lacks: ")[1].split(", ")
-    assert "fc_norm.weight" in lacks
-    assert len(lacks) == int(message.split(" model parameters the file lacks")[0].rsplit("; ", 1)[1])
+    import timm
+
+    lines = result.stderr.splitlines()[-6:]
+    size = {
+        m: sum(p.numel() for p in timm.create_model(m, num_classes=3, img_size=32).parameters())
+        for m in ("test_vit", "test_vit2")
+    }
+    # The two models and their sizes first; then each kind of problem on its own line, the first names and a count.
+    assert lines[:3] == [
+        "error: mask.safetensors does not fit the model:",
+        f"  made for   test_vit (num_classes=3, img_size=32), {size['test_vit']:,} parameters",
+        f"  built now  test_vit2 (num_classes=3, img_size=32), {size['test_vit2']:,} parameters",
+    ]
+    assert lines[3] == "  3 parameters the model lacks: cls_token, norm.weight, norm.bias"
+    assert lines[4] == (
+        "  43 model parameters the file lacks: reg_token, blocks.0.ls1.gamma, blocks.0.ls2.gamma, blocks.1.ls1.gamma, "
+        "blocks.1.ls2.gamma … 38 more"
+    )
+    assert lines[5].startswith("  build the model the file records (drop --model")
     assert "Traceback" not in result.output
     assert _outputs(tmp_path) == []
 
@@ -111,10 +125,7 @@ def test_wrong_architecture_lists_every_mismatch(selected, tmp_path):
 def test_other_image_size_is_a_shape_mismatch(selected, tmp_path):
     result = fps("train", "--img-size", "48", *QUIET)
     assert result.exit_code == 1
-    assert result.stderr == (
-        "error: mask.safetensors does not fit test_vit (num_classes=3, img_size=48): "
-        "1 shape mismatches (file vs model): pos_embed [1, 5, 64] vs [1, 10, 64]\n"
-    )
+    assert result.stderr.splitlines()[3] == "  1 shape mismatch (file vs model): pos_embed [1, 5, 64] vs [1, 10, 64]"
     assert _outputs(tmp_path) == []
 
 
@@ -167,7 +178,7 @@ def test_existing_outputs_need_force(selected, tmp_path):
 
     result = fps("train", "--epochs", "1", *FAST, "--force", "-q")
     assert result.exit_code == 0, result.output
-    assert _outputs(tmp_path) == ["delta.metrics.jsonl", "delta.safetensors"]
+    assert _outputs(tmp_path) == RECORDS
 
 
 def test_usage_errors_exit_2(selected):

@@ -1,0 +1,226 @@
+"""A newcomer's friction points (issue 14), each pinned by its message: budgets, help, --json failures, model names,
+the offline hint, short runs' warmup, export metadata, plurals, inspect without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import DIGITS, REPO, TINY_VIT
+from typer.testing import CliRunner
+
+from fps_cli.cli import app
+
+runner = CliRunner()
+FAST = ["--num-workers", "0", "--batch-size", "4"]
+
+
+def fps(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _flat(text: str) -> str:
+    """A usage error's text without rich's box and line wrapping."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """Every command here writes (or would write) into a fresh folder."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def selected(image_folder, tmp_path, monkeypatch) -> Path:
+    data = image_folder(classes=3, per_class=4, val_per_class=1)
+    monkeypatch.chdir(tmp_path)
+    result = fps("select", *TINY_VIT, "--data", data, "--budget", "0.05", "--num-workers", "0", "-q")
+    assert result.exit_code == 0, result.output
+    return data
+
+
+# ------------------------------------------------------------------------------------------------- budgets
+
+
+@pytest.mark.parametrize(
+    ("budget", "hint"), [("5", "; did you mean 0.05?"), ("1", "; did you mean 0.01?"), ("0", ""), ("-0.1", "")]
+)
+def test_one_budget_message_with_the_fraction_meant(tmp_path, budget, hint):
+    result = fps("select", *TINY_VIT, "--data", DIGITS, "--budget", budget, "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == 2
+    expected = (
+        f"--budget is a fraction of all parameters, strictly between 0 and 1 (0.05 = 5%), got {float(budget):g}{hint}"
+    )
+    assert expected in _flat(result.output)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_library_refuses_the_same_budget_with_the_same_text():
+    from fps_cli import SelectOptions
+    from fps_cli.errors import BudgetError
+
+    with pytest.raises(BudgetError) as e:
+        SelectOptions(budget=5)
+    assert str(e.value).endswith("got 5; did you mean 0.05?")
+
+
+def test_large_budget_warns(tmp_path):
+    common = [*TINY_VIT, "--data", DIGITS, "--num-workers", "0", "-o", tmp_path / "m.safetensors", "--no-scores"]
+    result = fps("select", *common, "--budget", "0.5")
+    assert result.exit_code == 0, result.output
+    warning = "warning: --budget 0.5 makes 50% of the parameters trainable; sparse fine-tuning budgets are usually "
+    assert warning in result.stderr
+    quiet = fps("select", *common, "--budget", "0.05", "--force")
+    assert "warning" not in quiet.stderr
+
+
+def test_default_budget_on_a_tiny_model_says_why(tmp_path):
+    result = fps(
+        "select", *TINY_VIT, "--data", DIGITS, "--num-workers", "0", "-o", tmp_path / "m.safetensors", "--no-scores"
+    )
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1].startswith(
+        "error: the default budget 0.0077 is sized for ViT-B/16 (86 M parameters); on a 300,746-parameter model the "
+        "head and biases are a larger share. budget 0.0077 leaves no room"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- help text
+
+
+@pytest.mark.parametrize("command", ["select", "train", "eval", "merge", "inspect"])
+def test_help_shows_no_python_types(command):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "<bool>" not in result.output and "list[" not in result.output
+
+
+def test_train_help_says_the_mask_gives_the_defaults():
+    text = _flat(runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output)
+    assert "--num-classes <int range> [x>=1] Size of the head (default: as the mask records)." in text
+    assert "(needs pip install 'fps-cli[wandb]')" in text
+
+
+# ---------------------------------------------------------------------------------------- --json failures
+
+
+def test_json_failure_prints_one_json_object(tmp_path):
+    missing = fps("inspect", tmp_path / "nothere.safetensors", "--json")
+    assert missing.exit_code == 1
+    assert json.loads(missing.stdout) == {"error": f"{tmp_path / 'nothere.safetensors'} does not exist", "exit_code": 1}
+    assert missing.stderr == f"error: {tmp_path / 'nothere.safetensors'} does not exist\n"
+
+    usage = fps("select", *TINY_VIT, "--data", DIGITS, "--budget", "5", "--json", "-o", tmp_path / "m.safetensors")
+    assert usage.exit_code == 2
+    assert json.loads(usage.stdout)["exit_code"] == 2
+    assert json.loads(usage.stdout)["error"].endswith("did you mean 0.05?")
+
+
+def test_from_scores_reports_real_seconds(tmp_path):
+    args = [*TINY_VIT, "--data", DIGITS, "--budget", "0.05", "--num-workers", "0"]
+    first = fps("select", *args, "-o", tmp_path / "a.safetensors", "--scores", tmp_path / "s.safetensors", "-q")
+    assert first.exit_code == 0, first.output
+    again = fps(
+        "select",
+        "--from-scores",
+        tmp_path / "s.safetensors",
+        "--budget",
+        "0.03",
+        "-o",
+        tmp_path / "b.safetensors",
+        "--json",
+    )
+    assert again.exit_code == 0, again.output
+    payload = json.loads(again.stdout)
+    assert payload["pass_seconds"] == 0.0  # no data pass
+    assert payload["seconds"] > 0  # the command itself: model rebuilt, selection, file written
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def test_hub_repo_name_hints_hf_hub(tmp_path):
+    args = ["--data", DIGITS, "-o", tmp_path / "m.safetensors", "--no-scores"]
+    result = fps("select", "--model", "timm/vit_base_patch16_224.augreg_in21k", *args)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == (
+        "error: unknown model 'timm/vit_base_patch16_224.augreg_in21k'; a Hugging Face hub repo is named "
+        "hf-hub:timm/vit_base_patch16_224.augreg_in21k, or the timm name vit_base_patch16_224.augreg_in21k"
+    )
+
+
+def test_offline_error_names_the_repo_to_prefetch(tmp_path):
+    args = ["--data", DIGITS, "-o", tmp_path / "m.safetensors", "--no-scores", "--offline"]
+    result = fps("select", "--model", "vit_base_patch16_224", *args)
+    assert result.exit_code == 1
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(
+        "error: pretrained weights for vit_base_patch16_224 (the tag augreg2_in21k_ft_in1k, hub repo "
+        "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k): not in the local cache"
+    )
+    assert "prefetch them with `hf download timm/vit_base_patch16_224.augreg2_in21k_ft_in1k`" in last
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+
+def test_one_epoch_run_leaves_warmup_and_logs_its_first_step(selected, tmp_path):
+    result = fps("train", "--epochs", "1", "--log-every", "100", *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (tmp_path / "delta.metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in log if r["event"] == "step"]
+    assert steps[0]["step"] == 1  # logged after the first step, not only every --log-every steps
+    assert "progress" not in {r["event"] for r in log}  # per-step progress drives the bar only
+    assert json.loads(result.stdout)["metrics"]["lr"] < 1e-3  # the cosine decay ran: not stuck at the peak
+    assert "1 epoch x 3 steps" in result.stderr
+    assert "parameters for 1 epoch (" in fps("train", "--epochs", "1", *FAST, "--force", "-q").stdout
+
+
+def test_no_pretrained_export_records_no_hub_tag(selected, tmp_path):
+    assert fps("train", "--epochs", "1", *FAST, "-q").exit_code == 0
+    result = fps("merge", "-o", "export/", "-q")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert "tag" not in config["pretrained_cfg"]
+    assert config["architecture"] == "test_vit"
+
+
+# ----------------------------------------------------------------------------------------------- inspect
+
+
+def test_inspect_of_a_mask_imports_no_torch(selected, tmp_path):
+    code = (
+        "import sys; from fps_cli.cli import main; sys.argv = ['fps', 'inspect', 'mask.safetensors', '--json']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, file=sys.stderr)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["kind"] == "mask"
+    assert r.stderr.strip().splitlines()[-1] == "False"
+
+
+def test_progress_bar_shows_rate_and_time_left(monkeypatch):
+    import io
+    import time
+
+    from fps_cli.cli import Reporter
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    with Reporter(quiet=False, as_json=False).progress("scoring") as (on_start, on_advance):
+        on_start(64)
+        time.sleep(0.05)
+        on_advance(32)  # one batch: the rate and the time left show at once
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", err.getvalue())
+    assert re.search(r"32/64 [\d,.]+ img/s, ETA 0:00:0\d", shown), shown[-300:]
