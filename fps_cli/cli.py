@@ -24,7 +24,6 @@ from typer.core import TyperCommand
 
 from . import __version__
 from .constants import (
-    BASELINE_METHODS,
     DEFAULT_BUDGET,
     GPS_LOSSES,
     GRANULARITIES,
@@ -32,7 +31,6 @@ from .constants import (
     NORMS,
     PRECISIONS,
     SELECT_METHODS,
-    budget_problem,
 )
 
 app = typer.Typer(
@@ -144,12 +142,14 @@ def _exits(as_json: bool = False) -> Iterator[None]:
 
     Under torchrun the line names the rank; torchrun then stops the other ranks, so a failure never hangs.
     """
-    from .errors import FpsError, OutputClashError
+    from .errors import FpsError, OptionsError, OutputClashError
 
     rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     prefix = f"rank {rank}: " if rank is not None else ""
     try:
         yield
+    except OptionsError as e:  # options that do not combine: a usage error naming the flag
+        raise _usage(e.message, e.flag) from None
     except OutputClashError as e:  # two paths that must differ: a usage error, raised before any work
         raise _usage(str(e), e.flag) from None
     except FpsError as e:
@@ -187,14 +187,15 @@ def _model_folder(name: str | None) -> Path | None:
     return None
 
 
-FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch
+@contextlib.contextmanager
+def _flags() -> Iterator[None]:
+    """Options the library refuses (:class:`~fps_cli.errors.OptionsError`) are usage errors naming the flag."""
+    from .errors import OptionsError
 
-
-def _finite(**options: float | None) -> None:
-    """Refuse NaN, infinite and float32-overflowing values (click's ranges let NaN through), naming the flag."""
-    for name, value in options.items():
-        if value is not None and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
-            raise _usage(f"must be a finite number within float32 range, got {value!r}", f"--{name.replace('_', '-')}")
+    try:
+        yield
+    except OptionsError as e:
+        raise _usage(e.message, e.flag) from None
 
 
 # Options shared by the commands that load a model.
@@ -346,28 +347,27 @@ def select_cmd(
 
     --method gps is the GPS baseline (a backward pass, needs class folders); --anchor is experimental.
     """
-    _finite(budget=budget)
     started = time.perf_counter()
-    if from_scores is None and (model is None or data is None):
-        raise _usage("--model and --data are required (or re-select with --from-scores FILE)", "--model/--data")
-    if budget is not None and budget_problem(budget):
-        raise _usage(budget_problem(budget))
-    if budget is not None and topk_per_neuron is not None:
-        raise _usage("give --budget or --topk-per-neuron, not both", "--topk-per-neuron")
-    if topk_per_neuron is not None and granularity != "neuron":
-        raise _usage("--topk-per-neuron selects per neuron; it cannot be used with --granularity", "--granularity")
-    if method != "gps" and from_scores is None and (gps_loss is not None or no_augment):
-        flag = "--gps-loss" if gps_loss is not None else "--no-augment"
-        raise _usage(f"{flag} only applies to --method gps", flag)
-    if anchor is not None and method not in (None, "fps", "activation"):
-        raise _usage(f"--anchor scales the activation statistic of fps and activation, not of {method}", "--anchor")
-    if method in BASELINE_METHODS and from_scores is not None:
-        raise _usage(f"--method {method} needs no scores; give --model and --data instead", "--from-scores")
-    if method in ("full", "bias") and not train_bias:
-        raise _usage(f"--method {method} trains every bias; --no-train-bias contradicts it", "--no-train-bias")
-    if from_scores is not None and (gps_loss is not None or no_augment):
-        flag = "--gps-loss" if gps_loss is not None else "--no-augment"
-        raise _usage(f"{flag} shapes a new GPS pass; a score file keeps the settings it was made with", flag)
+    with _flags():
+        from .options import SelectOptions, check_finite
+
+        check_finite(budget=budget)
+        if from_scores is None and (model is None or data is None):
+            raise _usage("--model and --data are required (or re-select with --from-scores FILE)", "--model/--data")
+        select_options = functools.partial(
+            SelectOptions,
+            norm=norm,
+            granularity=granularity,
+            budget=budget,
+            topk_per_neuron=topk_per_neuron,
+            train_bias=train_bias,
+            seed=seed,
+            gps_loss=gps_loss,
+            augment=not no_augment,
+            from_scores=from_scores is not None,
+            anchor=anchor is not None,
+        )
+        options = select_options(method=method or "fps")  # every rule but the one a score file's kind decides
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     with _exits(as_json):
@@ -375,19 +375,16 @@ def select_cmd(
         from .formats import save_mask, score_statistic
         from .models import ModelSpec
         from .outputs import OutputPlan
-        from .selector import SelectOptions, reselect, resolve_device, run_baseline, run_select
+        from .selector import reselect, resolve_device, run_baseline, run_select
         from .selector import write_scores as write_score_file
 
-        if method is None:
+        if method is None:  # fps; gps for a gradient score file
             gradient_file = from_scores is not None and score_statistic(from_scores) == "gradient"
-            method = "gps" if gradient_file else "fps"
-        if anchor is not None and method not in ("fps", "activation"):
-            raise _usage(f"--anchor scales the activation statistic of fps and activation, not of {method}", "--anchor")
+            options = select_options(method="gps" if gradient_file else "fps")
 
         dist = from_env()  # under torchrun only rank 0 checks and writes outputs, and prints
         report = Reporter(quiet=quiet or not dist.is_main, as_json=as_json)
-        baseline = method in BASELINE_METHODS
-        write_scores = not no_scores and from_scores is None and not baseline
+        write_scores = not no_scores and from_scores is None and not options.baseline
         plan = OutputPlan(force=force)
         for path, flag in ((from_scores, "--from-scores"), (checkpoint, "--checkpoint"), (anchor, "--anchor")):
             plan.input(path, flag)
@@ -397,27 +394,14 @@ def select_cmd(
             plan.file(scores, "--scores")
         if dist.is_main:
             plan.check()
-        if budget is not None and budget > LARGE_BUDGET and not baseline:
+        if budget is not None and budget > LARGE_BUDGET and not options.baseline:
             report.log(
                 f"warning: --budget {budget:g} makes {budget:.0%} of the parameters trainable; sparse fine-tuning "
                 f"budgets are usually below 0.01 (the default is {DEFAULT_BUDGET}); --method full trains everything"
             )
-        if baseline and (budget is not None or topk_per_neuron is not None):
+        if options.baseline and (budget is not None or topk_per_neuron is not None):
             flag = "--budget" if budget is not None else "--topk-per-neuron"
-            report.log(f"{flag} is ignored: --method {method} has a fixed trainable set")
-        options = None  # a baseline has no selection options
-        if not baseline:
-            options = SelectOptions(
-                method=method,
-                norm=norm,
-                granularity=granularity,
-                budget=budget if budget is not None or topk_per_neuron is not None else DEFAULT_BUDGET,
-                topk_per_neuron=topk_per_neuron,
-                train_bias=train_bias,
-                seed=seed,
-                gps_loss=gps_loss or "supcon",
-                augment=not no_augment,
-            )
+            report.log(f"{flag} is ignored: --method {options.method} has a fixed trainable set")
         try:
             dev = resolve_device(device)
         except ValueError as e:
@@ -426,8 +410,8 @@ def select_cmd(
         spec = None
         if model is not None:
             spec = ModelSpec(model, pretrained, checkpoint, num_classes, img_size, offline, trust_remote_code)
-        if baseline:
-            result = run_baseline(spec, data, method, seed=seed)
+        if options.baseline:
+            result = run_baseline(spec, data, options.method, seed=seed)
         elif from_scores is not None:
             result = reselect(
                 from_scores, options, spec=spec, device=dev, anchor=anchor, trust_remote_code=trust_remote_code
@@ -458,11 +442,22 @@ def select_cmd(
         if not dist.is_main:
             return
 
+    prov = result.mask.provenance
+    if dist.enabled:
+        report.log(f"{dist.world_size} processes, {prov['num_samples']} images in all")
+    if result.skipped_images:
+        report.log(f"skipped {_count(len(result.skipped_images), 'unreadable image')}")
+    # seconds: the whole command (model, data pass, selection, files); pass_seconds: the data pass alone.
+    report.result(*_select_summary(result, out, scores if write_scores else None, time.perf_counter() - started))
+
+
+def _select_summary(result: Any, out: Path, scores: Path | None, seconds: float) -> tuple[dict[str, Any], str]:
+    """``fps select``'s result: the JSON payload and the human summary."""
     mask = result.mask
     prov = mask.provenance
     payload = {
         "mask": str(out),
-        "scores": str(scores) if write_scores else None,
+        "scores": str(scores) if scores is not None else None,
         "model": prov["model"],
         "method": prov["method"],
         "norm": prov["norm"],
@@ -482,8 +477,8 @@ def select_cmd(
         "num_classes": prov["num_classes"],
         "num_samples": prov["num_samples"],
         "skipped_images": prov["skipped_images"],
-        "seconds": round(time.perf_counter() - started, 3),  # the whole command: model, data pass, selection, files
-        "pass_seconds": round(result.pass_seconds, 3),  # the data pass alone (0 with --from-scores or a baseline)
+        "seconds": round(seconds, 3),
+        "pass_seconds": round(result.pass_seconds, 3),  # 0 with --from-scores or a baseline
     }
     human = (
         f"--method {prov['method']}: trainable {mask.trainable:,} of {mask.total_params:,} parameters "
@@ -492,13 +487,9 @@ def select_cmd(
         else f"selected {_count(mask.selected, 'entry', 'entries')} in {_count(len(mask.indices), 'layer')}; "
         f"trainable {mask.trainable:,} of "
         f"{mask.total_params:,} parameters ({payload['trainable_fraction']:.2%}) with head and biases\n"
-        f"wrote {out}" + (f" and {scores}" if write_scores else "")
+        f"wrote {out}" + (f" and {scores}" if scores is not None else "")
     )
-    if dist.enabled:
-        report.log(f"{dist.world_size} processes, {prov['num_samples']} images in all")
-    if result.skipped_images:
-        report.log(f"skipped {_count(len(result.skipped_images), 'unreadable image')}")
-    report.result(payload, human)
+    return payload, human
 
 
 # The training commands default every model option to what the mask (or delta) records: None means "as recorded".
@@ -633,25 +624,32 @@ def train_cmd(
     ctx: typer.Context = None,
 ) -> None:
     """Fine-tune only the weights a mask selects (plus head and biases) and write a delta file."""
-    _finite(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing)
-    _finite(clip_grad=clip_grad)
-    if lr <= 0:
-        raise _usage(f"must be positive, got {lr:g}", "--lr")
-    if clip_grad is not None and clip_grad <= 0:
-        raise _usage(f"must be positive, got {clip_grad:g}", "--clip-grad")
+    with _flags():
+        from .options import TrainConfig
+
+        config = TrainConfig(
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            optimizer=optimizer,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            label_smoothing=label_smoothing,
+            clip_grad=clip_grad,
+            augment=not no_augment,
+            precision=precision,
+            seed=seed,
+        )
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    ckpt = out.with_suffix(".ckpt")
-    metrics_path = out.with_suffix(".metrics.jsonl")
-    summary_path, args_path = out.with_suffix(".summary.csv"), out.with_suffix(".args.yaml")
     arguments = dict(ctx.params)
     with _exits(as_json):
         from .distributed import from_env, init
-        from .errors import OutputExistsError
-        from .finetune import RunFiles, TrainConfig, run_train, spec_from_provenance
+        from .finetune import RunFiles, run_train, spec_from_provenance
         from .formats import read_mask
         from .outputs import OutputPlan
-        from .records import WandbLog, require_wandb
+        from .records import require_wandb
         from .selector import resolve_device
 
         dist = from_env()  # under torchrun only rank 0 checks and writes outputs, logs and prints
@@ -667,27 +665,18 @@ def train_cmd(
             offline=offline,
             trust_remote_code=trust_remote_code,
         )
-        # The delta, checkpoint and metrics log are one unit (finetune.RunFiles): checked together, before any work.
+        # The delta, checkpoint and records are one unit (finetune.RunFiles): checked together, before any work.
+        run_files = RunFiles(out, force=force, args=arguments)
         plan = OutputPlan(force=force)
         plan.input(mask, "--mask")
         plan.input(spec.checkpoint, "--checkpoint")
         plan.input(_model_folder(spec.name), "--model")
         plan.file(out, "--out")
-        plan.file(ckpt, "--out", "the training checkpoint (beside --out)")
-        plan.file(metrics_path, "--out", "the metrics log (beside --out)")
-        plan.file(summary_path, "--out", "the summary (beside --out)")
-        plan.file(args_path, "--out", "the arguments record (beside --out)")
+        for path, what in zip(run_files.files, RUN_FILE_ROLES, strict=True):
+            plan.file(path, "--out", f"{what} (beside --out)")
         if dist.is_main:
             plan.check(exists=False)
-            if out.exists() and not force:
-                raise OutputExistsError(f"{out} already exists; pass --force to replace it")
-            if not resume and not force and ckpt.exists():
-                raise OutputExistsError(
-                    f"{ckpt} exists (an interrupted run?); pass --resume to continue it or --force to start over"
-                )
-            for record in (metrics_path, summary_path, args_path):
-                if not resume and not force and record.exists():
-                    raise OutputExistsError(f"{record} already exists; pass --force to replace it")
+            run_files.check_exists(resume=resume)
         if log_wandb and dist.is_main:
             require_wandb()
         try:
@@ -695,20 +684,6 @@ def train_cmd(
         except ValueError as e:
             raise _usage(str(e), "--device") from None
         dev = init(dist, dev)
-        config = TrainConfig(
-            epochs=epochs,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs,
-            optimizer=optimizer,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            label_smoothing=label_smoothing,
-            clip_grad=clip_grad,
-            augment=not no_augment,
-            precision=precision,
-            seed=seed,
-        )
         # The resolved arguments (timm's args.yaml): what was given, with the mask's recorded values filled in.
         arguments.update(
             model=spec.name,
@@ -719,36 +694,13 @@ def train_cmd(
             data=data if data is not None else the_mask.provenance.get("data"),
             device=str(dev),
         )
-        run_files = RunFiles(out, force=force, args=arguments)
-        started: list[bool] = []
-        wandb_run: list[WandbLog] = []
-
-        def on_event(event: dict[str, Any]) -> None:
-            if not dist.is_main:
-                return
-            if event["event"] == "start":
-                # Validation is over; the log and records are written with the first checkpoint, never before.
-                run_files.begin(event["resumed_from"] if resume else None)
-                started.append(True)
-                if log_wandb:
-                    wandb_run.append(WandbLog(arguments, name=out.stem))
-            if event["event"] == "progress":  # every optimizer step: the bar only, not the records
-                on_images(event["images"])
-                return
-            if event["event"] == "start":
-                on_total(event["epochs"] * event["train_samples"])
-                on_images(event["resumed_from"] * event["train_samples"])
-            if started:
-                run_files.record(event)
-            for run in wandb_run:
-                run(event)
-            if event["event"] != "step" or not quiet:
-                report.log(_describe(event))
-
+        run_files.set_args(arguments)
         report.log(f"fps train: {spec.name} with {mask} ({dev.type}, {precision})")
         bar = report.progress("training") if dist.is_main else contextlib.nullcontext(((lambda n: None),) * 2)
+        events = _TrainEvents(report, run_files, resume=resume, quiet=quiet, dist=dist)
+        events.wandb_args = (arguments, out.stem) if log_wandb else None
         try:
-            with bar as (on_total, on_images):
+            with bar as events.bar:
                 result = run_train(
                     the_mask,
                     config,
@@ -756,26 +708,82 @@ def train_cmd(
                     data_dir=data,
                     device=dev,
                     num_workers=num_workers,
-                    checkpoint_path=ckpt,
+                    checkpoint_path=run_files.checkpoint,
                     resume=resume,
                     mask_path=mask,
                     log_every=log_every,
-                    on_event=on_event,
+                    on_event=events,
                     dist=dist,
                     run=run_files,
                 )
         except KeyboardInterrupt:
-            if ckpt.exists():
-                report.log(f"the last complete epoch is in {ckpt}; continue with the same command and --resume")
+            if run_files.checkpoint.exists():
+                report.log(
+                    f"the last complete epoch is in {run_files.checkpoint}; continue with the same command and --resume"
+                )
             raise
         finally:
-            if wandb_run:
-                wandb_run[0].finish()
+            events.close()
         if not dist.is_main:
             return
         run_files.finish(result.delta, {"event": "end", "delta": str(out), **result.metrics})
+    report.result(*_train_summary(result, run_files, epochs))
 
+
+# What each file of a run unit is, in RunFiles.files' order (for the output checks' messages).
+RUN_FILE_ROLES = ("the training checkpoint", "the metrics log", "the summary", "the arguments record")
+
+
+class _TrainEvents:
+    """``fps train``'s ``on_event``: the progress bar, the run's records, wandb and the stderr lines.
+
+    Attributes:
+        bar: the progress bar's ``(on_total, on_images)`` callbacks, set while training runs.
+        wandb_args: ``(arguments, run name)`` to log to Weights & Biases once training starts; ``None``: off.
+    """
+
+    def __init__(self, report: Reporter, run_files: Any, *, resume: bool, quiet: bool, dist: Any) -> None:
+        self.report, self.run_files, self.resume, self.quiet, self.dist = report, run_files, resume, quiet, dist
+        self.bar: tuple[Callable[[int], None], Callable[[int], None]] = ((lambda n: None),) * 2
+        self.wandb_args: tuple[dict[str, Any], str] | None = None
+        self.started = False
+        self.wandb: list[Any] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        on_total, on_images = self.bar
+        if event["event"] == "start":
+            # Validation is over; the log and records are written with the first checkpoint, never before.
+            self.run_files.begin(event["resumed_from"] if self.resume else None)
+            self.started = True
+            if self.wandb_args is not None:
+                from .records import WandbLog
+
+                arguments, name = self.wandb_args
+                self.wandb.append(WandbLog(arguments, name=name))
+        if event["event"] == "progress":  # every optimizer step: the bar only, not the records
+            on_images(event["images"])
+            return
+        if event["event"] == "start":
+            on_total(event["epochs"] * event["train_samples"])
+            on_images(event["resumed_from"] * event["train_samples"])
+        if self.started:
+            self.run_files.record(event)
+        for run in self.wandb:
+            run(event)
+        if event["event"] != "step" or not self.quiet:
+            self.report.log(_describe(event))
+
+    def close(self) -> None:
+        for run in self.wandb:
+            run.finish()
+
+
+def _train_summary(result: Any, run_files: Any, epochs: int) -> tuple[dict[str, Any], str]:
+    """``fps train``'s result: the JSON payload and the human summary."""
     delta = result.delta
+    out, metrics_path, summary_path, args_path = run_files.delta, run_files.log, run_files.summary, run_files.args
     payload = {
         "delta": str(out),
         "metrics_log": str(metrics_path),
@@ -797,7 +805,7 @@ def train_cmd(
         f"(train loss {final['train_loss']:.4f}; {score})\n"
         f"wrote {out} (log {metrics_path}, summary {summary_path}, arguments {args_path})"
     )
-    report.result(payload, human)
+    return payload, human
 
 
 @app.command("eval", cls=_Command)

@@ -11,6 +11,7 @@ GPS_LOSSES = ("supcon", "ce")
 NORMS = ("l1", "l2")
 GRANULARITIES = ("neuron", "layer", "global")
 PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "sgd")
 DEFAULT_BUDGET = 0.0077
 # Above this, a budget is unusual for sparse fine-tuning (the paper's budgets are below 1%): fps warns.
 LARGE_BUDGET = 0.1

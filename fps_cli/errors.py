@@ -43,3 +43,23 @@ class OutputClashError(OutputExistsError):
 
 class OutputWriteError(FpsError):
     """The operating system refused a write: no space left, permission denied, read-only file system."""
+
+
+class OptionsError(FpsError, ValueError):
+    """Options that are out of range or do not combine: a usage error (exit code 2), raised by the option objects
+    (:class:`~fps_cli.options.SelectOptions`, :class:`~fps_cli.options.TrainConfig`) with the command line's text.
+
+    Also a ``ValueError``, as the option objects raised before.
+
+    Attributes:
+        message: the text the command line prints after the flag.
+        flag: the command-line flag at fault (``None``: the message names it).
+    """
+
+    def __init__(self, message: str, flag: str | None = None) -> None:
+        super().__init__(message if flag is None else f"{flag}: {message}")
+        self.message, self.flag = message, flag
+
+
+class BudgetOptionsError(OptionsError, BudgetError):
+    """A ``budget`` (or ``topk_per_neuron``) out of range: both a usage error and a :class:`BudgetError`."""

@@ -32,71 +32,19 @@ from . import records
 from .activations import autocast
 from .data import ImageStream, default_num_workers, discover, eval_transform, make_loader, transform_config
 from .distributed import Dist, average_gradients, batch_shard, sum_floats
-from .errors import DataError, FileFormatError, TrainingError
+from .errors import DataError, FileFormatError, OutputExistsError, TrainingError
 from .formats import Delta, Mask, weights_digest
 from .models import ModelSpec, create_model, model_name, model_num_classes, output_logits
+from .options import TrainConfig as TrainConfig  # re-exported: the training options live in options.py
 from .outputs import Transaction
 from .selector import base_digest, seed_everything
 from .sparse import SparseParams, attach, extract, recompute_sparse_weights
 
-OPTIMIZERS = ("adamw", "sgd")
 CHECKPOINT_VERSION = 1
 # Provenance keys that identify the base model a mask or delta belongs to.
 IDENTITY_KEYS = ("model", "pretrained", "pretrained_tag", "checkpoint", "init_seed", "num_classes", "img_size")
 
 Event = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to fine-tune. The defaults follow sparse-PEFT practice on VTAB-1k / FGVC (AdamW, lr 1e-3, weight
-    decay 1e-4, cosine schedule with warmup) at a length suited to small folders.
-
-    Attributes:
-        epochs: passes over the training split.
-        lr: peak learning rate (after warmup).
-        weight_decay: decoupled weight decay of the selected deltas (pulling them back to the pretrained values)
-            and of fully trained matrices; never of biases or other 1-D tensors, never of a frozen weight.
-        warmup_epochs: linear warmup length, in epochs (counted in optimizer steps); at most half the run.
-        optimizer: ``adamw`` (betas 0.9, 0.999) or ``sgd`` (momentum 0.9, Nesterov off).
-        batch_size: images per forward pass.
-        grad_accum: forward passes per optimizer step (effective batch ``batch_size * grad_accum``).
-        label_smoothing: cross-entropy label smoothing.
-        clip_grad: clip the global gradient norm of the trainable values to this value; ``None``: no clipping.
-        augment: timm's train transform (random resized crop, flip, colour jitter); off: the eval transform.
-        precision: ``fp32``, ``bf16`` or ``fp16`` autocast (weights, deltas and optimizer state stay fp32).
-        seed: seed of shuffling, augmentation and everything random in the loop.
-    """
-
-    epochs: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    optimizer: str = "adamw"
-    batch_size: int = 32
-    grad_accum: int = 1
-    label_smoothing: float = 0.1
-    clip_grad: float | None = None
-    augment: bool = True
-    precision: str = "fp32"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
-        checks = {
-            "--epochs": self.epochs >= 1,
-            "--lr": self.lr > 0,
-            "--weight-decay": self.weight_decay >= 0,
-            "--warmup-epochs": self.warmup_epochs >= 0,
-            "--batch-size": self.batch_size >= 1,
-            "--grad-accum": self.grad_accum >= 1,
-            "--label-smoothing": 0 <= self.label_smoothing < 1,
-            "--clip-grad": self.clip_grad is None or self.clip_grad > 0,
-        }
-        bad = [flag for flag, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"out of range: {', '.join(bad)}")
 
 
 # Options that may change when resuming: a run that hit a NaN loss can go on from its last good epoch with a
@@ -468,6 +416,32 @@ class RunFiles:
         self.records: list[str] = []
         self.rows: list[dict[str, Any]] = []
         self._owned = False  # the checkpoint, log and records are this run's after its first commit
+
+    def set_args(self, args: Mapping[str, Any]) -> None:
+        """The resolved arguments for ``args.yaml`` (known once the model and device are)."""
+        self.args = self.delta.with_suffix(".args.yaml")
+        self._args_text = records.args_yaml(args)
+
+    def check_exists(self, *, resume: bool = False) -> None:
+        """Refuse to replace the unit's files without ``force``; on ``resume`` the checkpoint and records are the
+        run's own.
+
+        Raises:
+            OutputExistsError: a file of the unit exists, with the way out (``--force`` or ``--resume``).
+        """
+        if self.force:
+            return
+        if self.delta.exists():
+            raise OutputExistsError(f"{self.delta} already exists; pass --force to replace it")
+        if resume:
+            return
+        if self.checkpoint.exists():
+            raise OutputExistsError(
+                f"{self.checkpoint} exists (an interrupted run?); pass --resume to continue it or --force to start over"
+            )
+        for record in (self.log, self.summary, self.args):
+            if record is not None and record.exists():
+                raise OutputExistsError(f"{record} already exists; pass --force to replace it")
 
     @property
     def files(self) -> list[Path]:

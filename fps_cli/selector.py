@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .activations import InputStats, collect_input_stats
 from .candidates import ParameterRoles, baseline_trainable, find_head, parameter_roles
-from .constants import BASELINE_METHODS, DEFAULT_BUDGET, GPS_LOSSES, GRANULARITIES, METHODS, budget_problem
+from .constants import BASELINE_METHODS, DEFAULT_BUDGET
 from .data import ImageStream, default_num_workers, discover, eval_transform, make_loader, subsample
 from .distributed import Dist, all_reduce, batch_shard, reduce_input_stats, sum_over_ranks
 from .errors import BudgetError, DataError, FileFormatError
@@ -36,52 +36,12 @@ from .formats import (
     weights_digest,
 )
 from .models import ModelSpec, create_model, model_name, model_num_classes
+from .options import SelectOptions as SelectOptions  # re-exported: the selection options live in options.py
 from .scoring import make_scores
 from .selection import select, select_topk_per_neuron
 
 if TYPE_CHECKING:
     from .outputs import Transaction
-
-
-@dataclass(frozen=True)
-class SelectOptions:
-    """How to turn scores into a mask.
-
-    Attributes:
-        method: ``fps``, ``gps``, ``weight``, ``activation`` or ``random``.
-        norm: ``l1`` or ``l2`` activation statistic.
-        granularity: ``neuron``, ``layer`` or ``global``.
-        budget: fraction of all parameters trainable in total (selected + fully trainable).
-        topk_per_neuron: instead of ``budget``, exactly this many entries per candidate row.
-        train_bias: biases of Linear / Conv layers fully trainable.
-        seed: seed of the ``random`` method (and of everything else in a run).
-        gps_loss: ``supcon`` (GPS's supervised contrastive loss) or ``ce`` (cross-entropy on the head).
-        augment: GPS's random two-view augmentation; ``False`` uses the eval transform for both views.
-    """
-
-    method: str = "fps"
-    norm: str = "l1"
-    granularity: str = "neuron"
-    budget: float | None = DEFAULT_BUDGET
-    topk_per_neuron: int | None = None
-    train_bias: bool = True
-    seed: int = 0
-    gps_loss: str = "supcon"
-    augment: bool = True
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
-        if self.gps_loss not in GPS_LOSSES:
-            raise ValueError(f"unknown GPS loss {self.gps_loss!r}; expected one of {GPS_LOSSES}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {self.granularity!r}; expected one of {GRANULARITIES}")
-        if self.topk_per_neuron is None and self.budget is None:
-            raise ValueError("give a budget or topk_per_neuron")
-        if self.topk_per_neuron is not None and self.topk_per_neuron < 1:
-            raise BudgetError(f"--topk-per-neuron must be at least 1, got {self.topk_per_neuron}")
-        if self.topk_per_neuron is None and budget_problem(self.budget):
-            raise BudgetError(budget_problem(self.budget))
 
 
 @dataclass
@@ -222,10 +182,14 @@ def _model_provenance(
     }
 
 
-def _selection_provenance(options: SelectOptions, anchor: str | Path | None = None) -> dict[str, Any]:
+def _selection_provenance(
+    options: SelectOptions, anchor: str | Path | None = None, gps: tuple[str, bool] | None = None
+) -> dict[str, Any]:
+    """``gps``: the GPS loss and augmentation the scores were made with (default: ``options``')."""
     extra: dict[str, Any] = {}
     if options.method == "gps":
-        extra = {"gps_loss": options.gps_loss, "augment": options.augment}
+        loss, augment = gps or (options.loss, options.augment)
+        extra = {"gps_loss": loss, "augment": augment}
     if anchor is not None:
         extra["anchor"] = str(Path(anchor).resolve())
     return {
@@ -275,6 +239,7 @@ def run_select(
         dist: this process's rank under torchrun: it reads every ``world_size``-th batch, and the statistics
             are summed over ranks before selection (default: a single process).
     """
+    _check_method(options, anchor)
     dist = dist or Dist()
     device = torch.device(device)
     folder = discover(data_dir)
@@ -327,7 +292,7 @@ def run_select(
             model,
             weights,
             stream,
-            loss=options.gps_loss,
+            loss=options.loss,
             device=device,
             precision=precision,
             on_batch=on_batch,
@@ -356,7 +321,7 @@ def run_select(
         "precision": precision,
     }
     if gps:
-        data_provenance.update(gps_loss=options.gps_loss, augment=options.augment, batch_size=batch_size)
+        data_provenance.update(gps_loss=options.loss, augment=options.augment, batch_size=batch_size)
     score_provenance = {**_model_provenance(spec, model, num_classes, spec.img_size, options.seed), **data_provenance}
     mask = _mask_from(roles, options, stats, gradients, anchor_stats)
     mask.provenance = {**score_provenance, **_selection_provenance(options, anchor)}
@@ -368,6 +333,14 @@ def run_select(
         stream.skipped,
         {k: v.cpu() for k, v in gradients.items()} if gradients is not None else None,
     )
+
+
+def _check_method(options: SelectOptions, anchor: str | Path | None) -> None:
+    """A selection needs scores (not a baseline), and an anchor only fits a method with an activation statistic."""
+    if options.baseline:
+        raise ValueError(f"--method {options.method} has a fixed trainable set: use run_baseline, not a selection")
+    if anchor is not None:
+        replace(options, anchor=True)  # raises OptionsError, with the command line's text, when it does not fit
 
 
 def run_baseline(spec: ModelSpec, data_dir: str | Path, method: str, *, seed: int = 0) -> SelectResult:
@@ -489,6 +462,7 @@ def reselect(
         anchor: an anchor score file (experimental; see :func:`run_select`).
         trust_remote_code: let the recorded ``hf:`` model run code from its repository (never read from the file).
     """
+    _check_method(options, anchor)
     statistic = score_statistic(scores_path)
     if statistic == "gradient" and options.method in ("fps", "activation"):
         raise FileFormatError(
@@ -502,6 +476,7 @@ def reselect(
         )
     stats: dict[str, InputStats] | None = None
     gradients: dict[str, Tensor] | None = None
+    gps = None
     if statistic == "gradient":
         gradients, prov = read_gradient_scores(scores_path)
     else:
@@ -540,15 +515,13 @@ def reselect(
     if gradients is not None:
         gradients = {n: g.to(device) for n, g in gradients.items()}
         # The GPS settings a gradient file was made with are part of its scores; a new mask keeps them.
-        options = replace(
-            options, gps_loss=prov.get("gps_loss", options.gps_loss), augment=prov.get("augment", options.augment)
-        )
+        gps = (prov.get("gps_loss", options.loss), prov.get("augment", options.augment))
     mask = _mask_from(roles, options, stats, gradients, anchor_stats)
     score_keys = ("data", "num_samples", "skipped_images", "classes", "precision")
     mask.provenance = {
         **_model_provenance(spec, model, recorded.num_classes, spec.img_size, init_seed),
         **{k: prov.get(k) for k in score_keys},
-        **_selection_provenance(options, anchor),
+        **_selection_provenance(options, anchor, gps),
         "from_scores": str(Path(scores_path).resolve()),
     }
     return SelectResult(mask, None, prov)
