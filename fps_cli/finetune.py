@@ -491,6 +491,342 @@ class RunFiles:
             tx.remove(self.checkpoint)
 
 
+@dataclass
+class RunInputs:
+    """The model and data of a run, checked against the mask (:func:`build_run`).
+
+    Attributes:
+        spec: the base model as built.
+        prov: the mask's provenance.
+        source: how messages name the mask (its path, or "the mask").
+        data_dir: the image folder.
+        folder: its splits (``train``, and ``val`` when present).
+        model: the base model, on the CPU, nothing attached yet.
+        num_classes: the head's size.
+        touched_sha256: digest of the base weights the mask selects from (a resumed run must share it).
+    """
+
+    spec: ModelSpec
+    prov: Mapping[str, Any]
+    source: str
+    data_dir: Path
+    folder: Any
+    model: nn.Module
+    num_classes: int
+    touched_sha256: str
+
+
+@dataclass
+class Loaders:
+    """A run's data loaders (:func:`make_loaders`); ``sampler`` sets each epoch's order."""
+
+    train: torch.utils.data.DataLoader
+    val: torch.utils.data.DataLoader | None
+    sampler: DistributedSampler
+
+
+@dataclass
+class TrainState:
+    """What one optimizer step changes (:func:`make_train_state`): the trainable values and the optimizer, its
+    schedule and GradScaler, and where the run stands.
+
+    Attributes:
+        sparse: the trainable values attached to the model (see :mod:`.sparse`).
+        steps_per_epoch: optimizer steps per epoch; ``total_steps``: of the whole run.
+        step: optimizer steps taken so far; ``start_epoch``: the epoch a resumed run continues after.
+        history: one record per completed epoch.
+    """
+
+    model: nn.Module
+    sparse: SparseParams
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_run(
+    mask: Mask,
+    *,
+    spec: ModelSpec | None = None,
+    data_dir: str | os.PathLike | None = None,
+    mask_path: str | os.PathLike | None = None,
+    emit: Callable[[Event], None] = lambda event: None,
+) -> RunInputs:
+    """Find the data and rebuild the base model the mask was made on, and check that they fit it.
+
+    Raises:
+        FileFormatError: the mask does not fit the model (every mismatch listed) or was made on other weights.
+        DataError: the data folder does not fit the mask's classes.
+    """
+    source = str(mask_path) if mask_path is not None else "the mask"
+    prov = mask.provenance
+    spec = spec or spec_from_provenance(prov)
+    data_dir, folder = _data_split(data_dir, prov, source)
+    classes = folder.train.classes
+    if spec.num_classes is not None:  # fail before the model is built
+        _check_classes(classes, spec.num_classes, folder.train.root, source)
+    recorded_classes = prov.get("classes")
+    if recorded_classes and len(recorded_classes) == len(classes) and list(recorded_classes) != classes:
+        emit({"event": "warning", "message": f"class names of {folder.train.root} differ from the mask's"})
+
+    model = build_base(spec, mask.shapes, prov, source)
+    num_classes = _num_classes(model) or len(classes)
+    _check_classes(classes, num_classes, folder.train.root, source)
+    base_params = dict(model.named_parameters())
+    touched_sha256 = weights_digest((n, base_params[n]) for n in mask.indices)
+    return RunInputs(spec, prov, source, data_dir, folder, model, num_classes, touched_sha256)
+
+
+def make_loaders(
+    run: RunInputs, config: TrainConfig, *, device: torch.device, num_workers: int | None = None, dist: Dist
+) -> Loaders:
+    """timm's train transform (or the eval transform with ``augment`` off) over the train split, in an order that
+    depends only on the seed and the epoch; the eval transform over the validation split, sharded over ranks."""
+    folder, img_size = run.folder, run.spec.img_size
+    if config.augment:
+        from timm.data import create_transform
+
+        train_tf = create_transform(**transform_config(run.model, img_size), is_training=True)
+    else:
+        train_tf = eval_transform(run.model, img_size)
+    workers = default_num_workers(device) if num_workers is None else num_workers
+    # Every world size, one included, takes an epoch's order from (seed, epoch): a resumed or a multi-process run
+    # sees the same global batches as a plain one.
+    sampler = DistributedSampler(
+        range(len(folder.train.samples)), num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=config.seed
+    )
+    train_loader = make_loader(
+        folder.train.samples,
+        train_tf,
+        batch_size=config.batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        sampler=sampler,
+        seed=config.seed,
+    )
+    val_loader = None
+    if folder.val is not None:
+        val_loader = make_loader(
+            folder.val.samples,
+            eval_transform(run.model, img_size),
+            batch_size=config.batch_size,
+            num_workers=workers,
+            batches=batch_shard(len(folder.val.samples), config.batch_size, dist),
+        )
+    return Loaders(train_loader, val_loader, sampler)
+
+
+def make_train_state(
+    model: nn.Module, mask: Mask, config: TrainConfig, *, device: torch.device, batches_per_epoch: int
+) -> TrainState:
+    """Attach the mask's trainable values to ``model`` (moved to ``device``) and build the optimizer, its per-step
+    warmup + cosine schedule, the GradScaler (``fp16``) and the label-smoothed loss."""
+    model.to(device)
+    sparse = attach(model, mask.indices, mask.fully_trainable)
+    optimizer = make_optimizer(sparse, config)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    # Warmup takes at most half the run, so a short run (one epoch, warmup one epoch) still decays its rate.
+    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps // 2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    return TrainState(model, sparse, optimizer, scheduler, scaler, criterion, steps_per_epoch, total_steps)
+
+
+def train_one_epoch(
+    state: TrainState,
+    loader: torch.utils.data.DataLoader,
+    epoch: int,
+    config: TrainConfig,
+    *,
+    device: torch.device,
+    dist: Dist,
+    log_every: int = 10,
+    first_step: int = 1,
+    checkpoint_path: str | os.PathLike | None = None,
+    root: str | os.PathLike = "the data folder",
+    emit: Callable[[Event], None] = lambda event: None,
+) -> dict[str, Any]:
+    """One pass over ``loader``: forward under autocast, backward, gradients averaged over ranks, clipping, an
+    optimizer and a schedule step every ``grad_accum`` batches. Emits ``progress`` every step and ``step`` every
+    ``log_every`` steps, at the epoch's last step and at ``first_step``. ``checkpoint_path`` and ``root`` only
+    name things in error messages.
+
+    Returns:
+        the epoch's record: ``train_loss``, ``train_top1`` (over every rank) and the final ``lr``.
+
+    Raises:
+        TrainingError: the loss became NaN or infinite (the message says what to do next).
+        DataError: no image of the epoch could be read.
+    """
+    model, optimizer, scheduler, scaler = state.model, state.optimizer, state.scheduler, state.scaler
+    model.train()
+    freeze_norm_statistics(model)
+    pin = device.type == "cuda"
+    params = state.sparse.parameters()
+    window_start, window_images = time.perf_counter(), 0
+    # Running sums stay on the device and a non-finite loss is only noted there (first step, value): the loop
+    # synchronises with the host at logging steps and at the end of the epoch, not at every step.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # optimizer step of the first bad loss; 0: none
+    bad_loss = torch.zeros((), dtype=torch.float32, device=device)
+    seen = 0
+
+    def check_finite() -> None:
+        _check_finite(first_bad, bad_loss, epoch, checkpoint_path, state.start_epoch, state.history)
+
+    stream = ImageStream(loader, with_labels=True)
+    micro = step_images = 0
+    for images, labels in stream:
+        images, labels = images.to(device, non_blocking=pin), labels.to(device, non_blocking=pin)
+        with recompute_sparse_weights(), autocast(device, config.precision):
+            logits = output_logits(model(images))
+        loss = state.criterion(logits.float(), labels)
+        scaler.scale(loss / config.grad_accum).backward()
+        detached = loss.detach()
+        newly_bad = ~torch.isfinite(detached) & (first_bad == 0)
+        first_bad = torch.where(newly_bad, state.step + 1, first_bad)
+        bad_loss = torch.where(newly_bad, detached, bad_loss)
+        loss_sum += detached.double() * labels.numel()
+        correct += logits.detach().argmax(dim=1).eq(labels).sum()
+        seen += labels.numel()
+        window_images += labels.numel()
+        micro += 1
+        step_images += labels.numel()
+        if micro % config.grad_accum and micro != len(loader):
+            continue
+        if dist.enabled:
+            average_gradients(params, dist.world_size)
+        if config.clip_grad is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        state.step += 1
+        step = state.step
+        # A cheap event every step (a progress bar: no host synchronisation), images counted over all ranks.
+        emit(
+            {
+                "event": "progress",
+                "step": step,
+                "total_steps": state.total_steps,
+                "images": step_images * dist.world_size,
+            }
+        )
+        step_images = 0
+        # A full step event every log_every steps, at the end of each epoch, and after the run's first step (a
+        # large model can take minutes to get there: the log shows it has started).
+        if step % log_every == 0 or micro == len(loader) or step == first_step:
+            check_finite()
+            elapsed = time.perf_counter() - window_start
+            emit(
+                {
+                    "event": "step",
+                    "epoch": epoch,
+                    "step": step,
+                    "total_steps": state.total_steps,
+                    "loss": float(detached),
+                    "lr": lr,
+                    "images_per_s": window_images / elapsed if elapsed > 0 else None,
+                }
+            )
+            window_start, window_images = time.perf_counter(), 0
+    check_finite()
+    loss_sum, correct = float(loss_sum), int(correct)
+    if dist.enabled:
+        loss_sum, correct, seen = sum_floats([loss_sum, correct, seen], device)
+        correct, seen = int(correct), int(seen)
+    if seen == 0:
+        raise DataError(f"no readable images in {root}")
+    return {
+        "event": "epoch",
+        "epoch": epoch,
+        "step": state.step,
+        "train_loss": loss_sum / seen,
+        "train_top1": 100.0 * correct / seen,
+        "lr": optimizer.param_groups[0]["lr"],
+    }
+
+
+def validate(
+    state: TrainState,
+    loader: torch.utils.data.DataLoader,
+    config: TrainConfig,
+    *,
+    device: torch.device,
+    num_classes: int,
+    dist: Dist,
+    epoch: int,
+    checkpoint_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Top-1 / top-5 and loss on the validation split, as ``val_*`` entries of the epoch's record.
+
+    Raises:
+        TrainingError: the validation loss is NaN or infinite.
+    """
+    val = evaluate(
+        state.model,
+        ImageStream(loader, with_labels=True),
+        device=device,
+        precision=config.precision,
+        num_classes=num_classes,
+        dist=dist,
+    )
+    metrics = {f"val_{k}": v for k, v in val.items()}
+    if "val_loss" in metrics and not math.isfinite(metrics["val_loss"]):
+        raise TrainingError(
+            _nan_message(
+                metrics["val_loss"], epoch, state.step, checkpoint_path, state.start_epoch, state.history, "validation"
+            )
+        )
+    return metrics
+
+
+def checkpoint_state(
+    state: TrainState, epoch: int, config: TrainConfig, mask: Mask, loader: torch.utils.data.DataLoader, run_id: dict
+) -> dict[str, Any]:
+    """Everything a resumed run needs to continue bit for bit after ``epoch`` (see :func:`restore_checkpoint`):
+    the trainable values, the optimizer, schedule, scaler and random states, the history, and what identifies the
+    run (``run_id``: the inputs a resume must share, see :func:`_run_identity`)."""
+    return {
+        "fps_checkpoint": CHECKPOINT_VERSION,
+        "epoch": epoch,
+        "config": asdict(config),
+        "mask": mask_digest(mask),
+        "trainable": {n: p.detach().cpu() for n, p in state.sparse.named_parameters()},
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "rng": _rng_state(loader.generator),
+        "history": state.history,
+        "run": run_id,
+    }
+
+
+def restore_checkpoint(
+    saved: Mapping[str, Any], state: TrainState, loader: torch.utils.data.DataLoader, config: TrainConfig
+) -> None:
+    """Continue ``state`` from a checkpoint: the trainable values, optimizer, schedule (at a new peak ``lr`` when it
+    changed), scaler and random states, the epoch and the history."""
+    state.start_epoch, state.history = _restore(
+        saved, state.sparse, state.optimizer, state.scheduler, state.scaler, loader, config
+    )
+    state.step = state.start_epoch * state.steps_per_epoch
+
+
 def run_train(
     mask: Mask,
     config: TrainConfig,
@@ -508,6 +844,10 @@ def run_train(
     run: RunFiles | None = None,
 ) -> TrainResult:
     """Fine-tune the entries ``mask`` selects (and its fully trainable tensors) on the images in ``data_dir``.
+
+    The steps are timm's train.py's: :func:`build_run` (the model and data), :func:`make_loaders`,
+    :func:`make_train_state` (optimizer, schedule), :func:`restore_checkpoint` on ``resume``, then per epoch
+    :func:`train_one_epoch`, :func:`validate` and a checkpoint (:func:`checkpoint_state`).
 
     Under torchrun (``dist``) every rank trains on its share of each epoch with ``config.batch_size`` images per
     step, the gradients of the trainable tensors are averaged over ranks before each optimizer step, and
@@ -541,242 +881,115 @@ def run_train(
     device = torch.device(device)
     if run is not None:
         checkpoint_path = run.checkpoint
-    source = str(mask_path) if mask_path is not None else "the mask"
-    prov = mask.provenance
-    spec = spec or spec_from_provenance(prov)
-    data_dir, folder = _data_split(data_dir, prov, source)
-    classes = folder.train.classes
-    if spec.num_classes is not None:  # fail before the model is built
-        _check_classes(classes, spec.num_classes, folder.train.root, source)
-    recorded_classes = prov.get("classes")
-    if recorded_classes and len(recorded_classes) == len(classes) and list(recorded_classes) != classes:
-        emit({"event": "warning", "message": f"class names of {folder.train.root} differ from the mask's"})
+    inputs = build_run(mask, spec=spec, data_dir=data_dir, mask_path=mask_path, emit=emit)
+    spec, folder = inputs.spec, inputs.folder
+    run_id = _run_identity(inputs.data_dir, spec, mask_path, inputs.touched_sha256, mask_digest(mask))
 
-    model = build_base(spec, mask.shapes, prov, source)
-    num_classes = _num_classes(model) or len(classes)
-    _check_classes(classes, num_classes, folder.train.root, source)
-    base_params = dict(model.named_parameters())
-    touched_sha256 = weights_digest((n, base_params[n]) for n in mask.indices)
-
-    resume_state = None
+    saved = None
     if resume:
         if checkpoint_path is None:
             raise TrainingError("--resume needs a checkpoint path")
-        resume_state = load_checkpoint(checkpoint_path)
-        identity = _run_identity(data_dir, spec, mask_path, touched_sha256, mask_digest(mask))
-        _check_same_run(resume_state, identity, checkpoint_path)
-        _check_resumable(resume_state, config, mask, checkpoint_path, emit)
+        saved = load_checkpoint(checkpoint_path)
+        _check_same_run(saved, run_id, checkpoint_path)
+        _check_resumable(saved, config, mask, checkpoint_path, emit)
 
-    # Data: timm's train transform (or the eval transform with augment off); validation with the eval transform.
-    img_size = spec.img_size
-    if config.augment:
-        from timm.data import create_transform
-
-        train_tf = create_transform(**transform_config(model, img_size), is_training=True)
-    else:
-        train_tf = eval_transform(model, img_size)
-    workers = default_num_workers(device) if num_workers is None else num_workers
-    pin = device.type == "cuda"
-    # Every world size, one included, takes an epoch's order from (seed, epoch): a resumed or a multi-process run
-    # sees the same global batches as a plain one.
-    sampler = DistributedSampler(
-        range(len(folder.train.samples)), num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=config.seed
-    )
-    train_loader = make_loader(
-        folder.train.samples,
-        train_tf,
-        batch_size=config.batch_size,
-        num_workers=workers,
-        pin_memory=pin,
-        sampler=sampler,
-        seed=config.seed,
-    )
-    val_loader = None
-    if folder.val is not None:
-        val_loader = make_loader(
-            folder.val.samples,
-            eval_transform(model, img_size),
-            batch_size=config.batch_size,
-            num_workers=workers,
-            batches=batch_shard(len(folder.val.samples), config.batch_size, dist),
-        )
-
-    model.to(device)
-    sparse = attach(model, mask.indices, mask.fully_trainable)
-    optimizer = make_optimizer(sparse, config)
-    steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
-    total_steps = steps_per_epoch * config.epochs
-    # Warmup takes at most half the run, so a short run (one epoch, warmup one epoch) still decays its rate.
-    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps // 2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps)
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    loaders = make_loaders(inputs, config, device=device, num_workers=num_workers, dist=dist)
+    state = make_train_state(inputs.model, mask, config, device=device, batches_per_epoch=len(loaders.train))
     seed_everything(config.seed + dist.rank)  # each rank its own augmentation stream, as timm does
-
-    start_epoch, history = 0, []
-    if resume_state is not None:
-        start_epoch, history = _restore(resume_state, sparse, optimizer, scheduler, scaler, train_loader, config)
+    if saved is not None:
+        restore_checkpoint(saved, state, loaders.train, config)
 
     emit(
         {
             "event": "start",
             "epochs": config.epochs,
-            "steps_per_epoch": steps_per_epoch,
+            "steps_per_epoch": state.steps_per_epoch,
             "train_samples": len(folder.train.samples),
             "val_samples": len(folder.val.samples) if folder.val is not None else 0,
-            "trainable": sparse.numel,
+            "trainable": state.sparse.numel,
             "total_params": mask.total_params,
-            "resumed_from": start_epoch,
+            "resumed_from": state.start_epoch,
             "world_size": dist.world_size,
         }
     )
     started = time.perf_counter()
-    step = start_epoch * steps_per_epoch
-    first_step = step + 1
-    params = sparse.parameters()
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        sampler.set_epoch(epoch)
-        model.train()
-        freeze_norm_statistics(model)
+    first_step = state.step + 1
+    save = run.save_checkpoint if run is not None else partial(save_checkpoint, checkpoint_path)
+    for epoch in range(state.start_epoch + 1, config.epochs + 1):
+        loaders.sampler.set_epoch(epoch)
         epoch_start = time.perf_counter()
-        window_start, window_images = time.perf_counter(), 0
-        # Running sums stay on the device and a non-finite loss is only noted there (first step, value): the loop
-        # synchronises with the host at logging steps and at the end of the epoch, not at every step.
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        first_bad = torch.zeros((), dtype=torch.long, device=device)  # optimizer step of the first bad loss; 0: none
-        bad_loss = torch.zeros((), dtype=torch.float32, device=device)
-        seen = 0
-
-        stream = ImageStream(train_loader, with_labels=True)
-        micro = step_images = 0
-        for images, labels in stream:
-            images, labels = images.to(device, non_blocking=pin), labels.to(device, non_blocking=pin)
-            with recompute_sparse_weights(), autocast(device, config.precision):
-                logits = output_logits(model(images))
-            loss = criterion(logits.float(), labels)
-            scaler.scale(loss / config.grad_accum).backward()
-            detached = loss.detach()
-            newly_bad = ~torch.isfinite(detached) & (first_bad == 0)
-            first_bad = torch.where(newly_bad, step + 1, first_bad)
-            bad_loss = torch.where(newly_bad, detached, bad_loss)
-            loss_sum += detached.double() * labels.numel()
-            correct += logits.detach().argmax(dim=1).eq(labels).sum()
-            seen += labels.numel()
-            window_images += labels.numel()
-            micro += 1
-            step_images += labels.numel()
-            if micro % config.grad_accum and micro != len(train_loader):
-                continue
-            if dist.enabled:
-                average_gradients(params, dist.world_size)
-            if config.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            step += 1
-            # A cheap event every step (a progress bar: no host synchronisation), images counted over all ranks.
-            emit(
-                {"event": "progress", "step": step, "total_steps": total_steps, "images": step_images * dist.world_size}
-            )
-            step_images = 0
-            # A full step event every log_every steps, at the end of each epoch, and after the run's first step (a
-            # large model can take minutes to get there: the log shows it has started).
-            if step % log_every == 0 or micro == len(train_loader) or step == first_step:
-                _check_finite(first_bad, bad_loss, epoch, checkpoint_path, start_epoch, history)
-                elapsed = time.perf_counter() - window_start
-                emit(
-                    {
-                        "event": "step",
-                        "epoch": epoch,
-                        "step": step,
-                        "total_steps": total_steps,
-                        "loss": float(detached),
-                        "lr": lr,
-                        "images_per_s": window_images / elapsed if elapsed > 0 else None,
-                    }
+        record = train_one_epoch(
+            state,
+            loaders.train,
+            epoch,
+            config,
+            device=device,
+            dist=dist,
+            log_every=log_every,
+            first_step=first_step,
+            checkpoint_path=checkpoint_path,
+            root=folder.train.root,
+            emit=emit,
+        )
+        if loaders.val is not None:
+            record.update(
+                validate(
+                    state,
+                    loaders.val,
+                    config,
+                    device=device,
+                    num_classes=inputs.num_classes,
+                    dist=dist,
+                    epoch=epoch,
+                    checkpoint_path=checkpoint_path,
                 )
-                window_start, window_images = time.perf_counter(), 0
-        _check_finite(first_bad, bad_loss, epoch, checkpoint_path, start_epoch, history)
-        loss_sum, correct = float(loss_sum), int(correct)
-        if dist.enabled:
-            loss_sum, correct, seen = sum_floats([loss_sum, correct, seen], device)
-            correct, seen = int(correct), int(seen)
-        if seen == 0:
-            raise DataError(f"no readable images in {folder.train.root}")
-
-        record: dict[str, Any] = {
-            "event": "epoch",
-            "epoch": epoch,
-            "step": step,
-            "train_loss": loss_sum / seen,
-            "train_top1": 100.0 * correct / seen,
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        if val_loader is not None:
-            val = evaluate(
-                model,
-                ImageStream(val_loader, with_labels=True),
-                device=device,
-                precision=config.precision,
-                num_classes=num_classes,
-                dist=dist,
             )
-            record.update({f"val_{k}": v for k, v in val.items()})
-            if "val_loss" in record and not math.isfinite(record["val_loss"]):
-                raise TrainingError(
-                    _nan_message(record["val_loss"], epoch, step, checkpoint_path, start_epoch, history, "validation")
-                )
         record["seconds"] = time.perf_counter() - epoch_start
-        history.append(record)
+        state.history.append(record)
         emit(record)  # before the checkpoint, so that the log committed with it holds this epoch
         if checkpoint_path is not None and dist.is_main:
-            (run.save_checkpoint if run is not None else partial(save_checkpoint, checkpoint_path))(
-                {
-                    "fps_checkpoint": CHECKPOINT_VERSION,
-                    "epoch": epoch,
-                    "config": asdict(config),
-                    "mask": mask_digest(mask),
-                    "trainable": {n: p.detach().cpu() for n, p in sparse.named_parameters()},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": _rng_state(train_loader.generator),
-                    "history": history,
-                    "run": _run_identity(data_dir, spec, mask_path, touched_sha256, mask_digest(mask)),
-                },
-            )
+            save(checkpoint_state(state, epoch, config, mask, loaders.train, run_id))
 
-    final = {k: v for k, v in history[-1].items() if k not in ("event", "seconds")}
-    indices, values, full = extract(sparse)
+    seconds = time.perf_counter() - started
+    delta = _trained_delta(state, mask, config, inputs, mask_path)
+    return TrainResult(
+        delta,
+        delta.provenance["metrics"],
+        state.history,
+        state.start_epoch,
+        seconds,
+        state.model,
+        optimizer_state_numel(state.optimizer),
+    )
+
+
+def _trained_delta(
+    state: TrainState, mask: Mask, config: TrainConfig, inputs: RunInputs, mask_path: str | os.PathLike | None
+) -> Delta:
+    """The trained change with its provenance: the base identity, checksums, configuration and final metrics."""
+    prov, spec, folder = inputs.prov, inputs.spec, inputs.folder
+    final = {k: v for k, v in state.history[-1].items() if k not in ("event", "seconds")}
+    indices, values, full = extract(state.sparse)
     provenance = {
         **{k: prov.get(k) for k in IDENTITY_KEYS},
         "model": model_name(spec.name),
         "pretrained": bool(spec.pretrained and spec.checkpoint is None),
         "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
-        "num_classes": num_classes,
+        "num_classes": inputs.num_classes,
         "img_size": spec.img_size,
         "base_sha256": prov.get("base_sha256"),
-        "touched_sha256": touched_sha256,
+        "touched_sha256": inputs.touched_sha256,
         "mask": str(Path(mask_path).resolve()) if mask_path is not None else None,
         "mask_sha256": mask_digest(mask),
         "selection": {k: prov.get(k) for k in ("method", "norm", "granularity", "budget", "topk_per_neuron")},
-        "data": str(Path(data_dir).expanduser().resolve()),
-        "classes": classes,
+        "data": str(Path(inputs.data_dir).expanduser().resolve()),
+        "classes": folder.train.classes,
         "train_samples": len(folder.train.samples),
         "val_samples": len(folder.val.samples) if folder.val is not None else 0,
         "train_config": asdict(config),
         "metrics": final,
     }
-    delta = Delta(indices, values, full, dict(mask.shapes), provenance)
-    seconds = time.perf_counter() - started
-    return TrainResult(delta, final, history, start_epoch, seconds, model, optimizer_state_numel(optimizer))
+    return Delta(indices, values, full, dict(mask.shapes), provenance)
 
 
 def _check_finite(
