@@ -29,9 +29,19 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 from .errors import ModelError
+from .hub import (
+    ensure_available,
+    hf_endpoint,
+    hub_offline,
+    is_offline,
+    load_checkpoint,
+    quiet_hub,
+    unreachable_reason,
+    ways_out_hint,
+)
 
 if TYPE_CHECKING:
-    from .models import ModelSpec
+    from .hub import ModelSpec
     from .outputs import Transaction
 
 HF_PREFIX = "hf:"
@@ -135,8 +145,6 @@ def create_hf_model(spec: ModelSpec) -> nn.Module:
         ModelError: transformers missing, unreachable or missing files, remote code not allowed, not an
             image-classification model, pretrained weights that do not fit (other than the head).
     """
-    from .models import _ensure_available, _hub_offline, _quiet_hub, _ways_out, is_offline, load_checkpoint
-
     name = spec.name
     _require_transformers(name)
     source, revision, local = _source(name)
@@ -149,22 +157,20 @@ def create_hf_model(spec: ModelSpec) -> nn.Module:
             f"with network access so the Hugging Face cache (HF_HOME) holds {source}."
         )
         cached = _known_in_cache(source, revision, "config.json")
-        cache_only = _ensure_available("the model config", source, cached, offline, name, ways_out=config_ways_out)
+        cache_only = ensure_available("the model config", source, cached, offline, name, ways_out=config_ways_out)
         if pretrained:
             cached = any(_known_in_cache(source, revision, f) for f in HF_MODEL_WEIGHT_FILES)
-            cache_only = _ensure_available("pretrained weights", source, cached, offline, name) and cache_only
+            cache_only = ensure_available("pretrained weights", source, cached, offline, name) and cache_only
         if cache_only and not offline and not _known_in_cache(source, revision, PROCESSOR_FILE):
-            from .models import _hf_endpoint, _reachable
-
             # Only the image processor is missing: fetch it if the hub answers, else use the defaults.
-            cache_only = _reachable(_hf_endpoint()) is not None
+            cache_only = unreachable_reason(hf_endpoint()) is not None
 
     from transformers import AutoConfig, AutoModelForImageClassification
 
     trust = spec.trust_remote_code
     common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust}
     try:
-        with _quiet_hub(), _quiet_transformers(), _hub_offline(cache_only):
+        with quiet_hub(), _quiet_transformers(), hub_offline(cache_only):
             config = AutoConfig.from_pretrained(source, **common)
             if spec.num_classes is not None:
                 config.num_labels = spec.num_classes  # a new id2label / label2id when the count changes
@@ -191,7 +197,7 @@ def create_hf_model(spec: ModelSpec) -> nn.Module:
         raise ModelError(f"could not load {name}: {_one_line(e)}") from None
     except (OSError, RuntimeError, ImportError, KeyError) as e:
         # Anything the pre-flight checks could not foresee (a partial cache, a hub error): one line, no page.
-        raise ModelError(f"could not load {name}: {_one_line(e)}. {_ways_out(name)}") from None
+        raise ModelError(f"could not load {name}: {_one_line(e)}. {ways_out_hint(name)}") from None
 
     if info is not None:
         _check_loading_info(model, info, name, spec.img_size)
