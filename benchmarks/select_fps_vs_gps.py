@@ -89,7 +89,8 @@ def run_worker(args: argparse.Namespace) -> dict:
             start_memory["peak_before_mib"] = _rss_mib("VmHWM")
 
     spec = ModelSpec(args.model, pretrained=args.pretrained, img_size=args.img_size)
-    options = SelectOptions(method=args.worker, budget=args.budget, seed=args.seed, augment=not args.no_augment)
+    augment = not (args.no_augment and args.worker == "gps")  # --no-augment is a GPS option: fps has no views
+    options = SelectOptions(method=args.worker, budget=args.budget, seed=args.seed, augment=augment)
     wall = time.perf_counter()
     result = run_select(
         spec,
