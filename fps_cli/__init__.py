@@ -20,7 +20,8 @@ _EXPORTS = {
     "Mask": ".formats",
     "ModelSpec": ".models",
     "create_model": ".models",
-    "SelectOptions": ".selector",
+    "SelectOptions": ".options",
+    "TrainConfig": ".options",
     "run_select": ".selector",
     "reselect": ".selector",
     "build_mask": ".selector",
@@ -39,6 +40,7 @@ _EXPORTS = {
     "select_indices": ".indices",
     "export_peft": ".peft_adapter",
     "FpsError": ".errors",
+    "OptionsError": ".errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]

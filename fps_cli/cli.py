@@ -179,6 +179,16 @@ def _usage(message: str, param: str | None = None) -> typer.BadParameter:
     return typer.BadParameter(message, param_hint=param)
 
 
+def _device(name: str) -> Any:
+    """``--device`` as a torch device (``auto``: CUDA when present); an unknown name is a usage error."""
+    from .selector import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as e:
+        raise _usage(str(e), "--device") from None
+
+
 def _model_folder(name: str | None) -> Path | None:
     """The local folder a ``local-dir:PATH`` or ``hf:PATH`` model reads (an input no output may replace)."""
     for prefix in ("local-dir:", "hf:"):
@@ -375,7 +385,7 @@ def select_cmd(
         from .formats import save_mask, score_statistic
         from .models import ModelSpec
         from .outputs import OutputPlan
-        from .selector import reselect, resolve_device, run_baseline, run_select
+        from .selector import reselect, run_baseline, run_select
         from .selector import write_scores as write_score_file
 
         if method is None:  # fps; gps for a gradient score file
@@ -394,18 +404,9 @@ def select_cmd(
             plan.file(scores, "--scores")
         if dist.is_main:
             plan.check()
-        if budget is not None and budget > LARGE_BUDGET and not options.baseline:
-            report.log(
-                f"warning: --budget {budget:g} makes {budget:.0%} of the parameters trainable; sparse fine-tuning "
-                f"budgets are usually below 0.01 (the default is {DEFAULT_BUDGET}); --method full trains everything"
-            )
-        if options.baseline and (budget is not None or topk_per_neuron is not None):
-            flag = "--budget" if budget is not None else "--topk-per-neuron"
-            report.log(f"{flag} is ignored: --method {options.method} has a fixed trainable set")
-        try:
-            dev = resolve_device(device)
-        except ValueError as e:
-            raise _usage(str(e), "--device") from None
+        for warning in _select_warnings(options, budget, topk_per_neuron):
+            report.log(warning)
+        dev = _device(device)
         dev = init(dist, dev)
         spec = None
         if model is not None:
@@ -449,6 +450,19 @@ def select_cmd(
         report.log(f"skipped {_count(len(result.skipped_images), 'unreadable image')}")
     # seconds: the whole command (model, data pass, selection, files); pass_seconds: the data pass alone.
     report.result(*_select_summary(result, out, scores if write_scores else None, time.perf_counter() - started))
+
+
+def _select_warnings(options: Any, budget: float | None, topk_per_neuron: int | None) -> list[str]:
+    """What ``fps select`` accepts but says something about: an unusually large budget, an ignored one."""
+    if options.baseline and (budget is not None or topk_per_neuron is not None):
+        flag = "--budget" if budget is not None else "--topk-per-neuron"
+        return [f"{flag} is ignored: --method {options.method} has a fixed trainable set"]
+    if budget is not None and budget > LARGE_BUDGET:
+        return [
+            f"warning: --budget {budget:g} makes {budget:.0%} of the parameters trainable; sparse fine-tuning "
+            f"budgets are usually below 0.01 (the default is {DEFAULT_BUDGET}); --method full trains everything"
+        ]
+    return []
 
 
 def _select_summary(result: Any, out: Path, scores: Path | None, seconds: float) -> tuple[dict[str, Any], str]:
@@ -650,7 +664,6 @@ def train_cmd(
         from .formats import read_mask
         from .outputs import OutputPlan
         from .records import require_wandb
-        from .selector import resolve_device
 
         dist = from_env()  # under torchrun only rank 0 checks and writes outputs, logs and prints
         report = Reporter(quiet=quiet or not dist.is_main, as_json=as_json)
@@ -679,10 +692,7 @@ def train_cmd(
             run_files.check_exists(resume=resume)
         if log_wandb and dist.is_main:
             require_wandb()
-        try:
-            dev = resolve_device(device)
-        except ValueError as e:
-            raise _usage(str(e), "--device") from None
+        dev = _device(device)
         dev = init(dist, dev)
         # The resolved arguments (timm's args.yaml): what was given, with the mask's recorded values filled in.
         arguments.update(
@@ -841,12 +851,8 @@ def eval_cmd(
     with _exits(as_json):
         from .finetune import run_eval, spec_from_provenance
         from .formats import read_delta
-        from .selector import resolve_device
 
-        try:
-            dev = resolve_device(device)
-        except ValueError as e:
-            raise _usage(str(e), "--device") from None
+        dev = _device(device)
         the_delta = read_delta(delta)
         spec = spec_from_provenance(
             the_delta.provenance,
