@@ -28,18 +28,22 @@ accelerate's hooks do it; ``nn.Module.__call__`` still runs every forward hook a
   time (CPU and CUDA's cuSPARSE SDDMM; in fp32 or fp64, over chunks of tokens), or, on other devices, the same
   sums gathered in chunks of selected entries. Bias gradient ``dy.sum``.
 
-No dense weight-sized tensor is created in fp32 (no effective-weight copy, none saved for backward, no dense weight
-gradient); under bf16 / fp16 autocast only the transient low-precision cast any Linear layer makes, rebuilt in
-the backward instead of being saved. A measured alternative, ``x · W_baseᵀ + x · Sᵀ`` with ``S`` a CSR matrix,
-costs a sparse matmul in the forward and another in the backward (each about a fifth of the dense GEMM at ViT-B
-shapes on the CPU, benchmarks/RESULTS.md), where the overlay costs O(selected).
+No dense weight-sized tensor is created in an fp32 training step (no effective-weight copy, none saved for
+backward, no dense weight gradient); under bf16 / fp16 autocast only the transient low-precision cast any Linear
+layer makes, rebuilt in the backward instead of being saved. A measured alternative, ``x · W_baseᵀ + x · Sᵀ``
+with ``S`` a CSR matrix, costs a sparse matmul in the forward and another in the backward (each about a fifth of
+the dense GEMM at ViT-B shapes on the CPU, benchmarks/RESULTS.md), where the overlay costs O(selected).
 
 The overlay writes into the frozen base tensor for the duration of one GEMM, so it is only used where nothing
-else can read that tensor meanwhile. **These keep the dense path** (the parametrization, with the dense effective
-weight recomputed rather than saved inside :func:`recompute_sparse_weights`): convolutions; ``nn.Linear``
-subclasses (e.g. ``nn.MultiheadAttention.out_proj``, whose weight its parent reads directly instead of calling
-it); a weight shared by several modules; a non-contiguous weight; a masked tensor other than ``weight``; and
-every layer when ``attach(..., path="dense")`` (kept for benchmarks/train_memory.py's comparison).
+else can read that tensor meanwhile: in a training step (with gradients), one thread per model. Without
+gradients (``fps eval``, validation) the layer builds the effective weight as a transient copy, as the dense path
+does, so that several threads may evaluate one model.
+
+**These keep the dense path** (the parametrization, with the dense effective weight recomputed rather than saved
+inside :func:`recompute_sparse_weights`): convolutions; ``nn.Linear`` subclasses (e.g.
+``nn.MultiheadAttention.out_proj``, whose weight its parent reads directly instead of calling it); a weight shared
+by several modules; a non-contiguous weight; a masked tensor other than ``weight``; and every layer when
+``attach(..., path="dense")`` (kept for benchmarks/train_memory.py's comparison).
 
 Attaching changes the parameter names of the masked modules (``blocks.0.attn.qkv.parametrizations.weight.
 original`` instead of ``blocks.0.attn.qkv.weight``) on both paths; :class:`SparseParams` keeps everything keyed by
@@ -105,20 +109,20 @@ class SparseAdd(nn.Module):
         self.shape = tuple(shape)
 
     @contextlib.contextmanager
-    def effective(self, base: Tensor, dtype: torch.dtype | None = None) -> Iterator[Tensor]:
-        """The effective weight ``base + scatter(delta)`` (cast to ``dtype``), without a copy where possible.
+    def effective(self, base: Tensor, dtype: torch.dtype | None = None, copy: bool = False) -> Iterator[Tensor]:
+        """The effective weight ``base + scatter(delta)`` (cast to ``dtype``), without a copy unless asked.
 
         In the base's own dtype the selected entries of ``base`` are overwritten in place for the duration of the
-        context and restored bit for bit afterwards (also after an exception). For another ``dtype`` (autocast)
-        the cast is built with the effective entries written into it.
+        context and restored bit for bit afterwards (also after an exception). For another ``dtype`` (autocast),
+        or with ``copy``, a new tensor is built with the effective entries written into it.
         """
         with torch.no_grad():
             flat = base.view(-1)
             # index_select, not flat[index]: advanced indexing took 8 ms here for what index_select does in 10 us.
             saved = flat.index_select(0, self.index)  # [selected]
             values = saved + self.delta.to(base.dtype)  # exactly the parametrization's sums
-            if dtype is not None and dtype != base.dtype:
-                weight = base.to(dtype)
+            if copy or (dtype is not None and dtype != base.dtype):
+                weight = base.to(dtype or base.dtype, copy=True)
                 weight.view(-1).index_copy_(0, self.index, values.to(dtype))
             else:
                 weight = None
@@ -222,7 +226,9 @@ def sparse_linear(module: nn.Linear, x: Tensor) -> Tensor:
             x.requires_grad or owner.delta.requires_grad or (bias is not None and bias.requires_grad)
         ):
             return _SparseLinear.apply(x, base, bias, owner.delta, owner, dtype)
-        with owner.effective(base, dtype) as weight:
+        # Without gradients (evaluation, possibly from several threads at once) a copy, as the dense path makes:
+        # the in-place overlay is for training steps, where the memory matters and one thread runs the model.
+        with owner.effective(base, dtype, copy=True) as weight:
             return F.linear(x, weight, bias)
 
 

@@ -93,6 +93,19 @@ def test_the_sparse_path_is_taken_and_hooks_survive(tiny_mlp):
     kept.remove()
 
 
+def test_evaluation_never_writes_into_the_base(tiny_mlp):
+    params = sparse.attach(tiny_mlp, {"fc1.weight": torch.tensor([0, 7])}, [])
+    with torch.no_grad():
+        params.deltas["fc1.weight"].delta.fill_(0.5)
+    base = tiny_mlp.fc1.parametrizations.weight.original
+    version, x = base._version, torch.randn(3, 6)
+    with torch.inference_mode():
+        out = tiny_mlp(x)
+    assert base._version == version  # a copy without gradients: several threads may evaluate one model
+    assert torch.equal(out, tiny_mlp(x))  # the same numbers as the training path's overlay
+    assert base._version > version
+
+
 def test_an_exception_mid_layer_restores_the_base(tiny_mlp):
     params = sparse.attach(tiny_mlp, {"fc2.weight": torch.tensor([1, 2])}, [])
     with torch.no_grad():
