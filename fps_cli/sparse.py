@@ -31,8 +31,9 @@ accelerate's hooks do it; ``nn.Module.__call__`` still runs every forward hook a
 No dense weight-sized tensor is created in an fp32 training step (no effective-weight copy, none saved for
 backward, no dense weight gradient); under bf16 / fp16 autocast only the transient low-precision cast any Linear
 layer makes, rebuilt in the backward instead of being saved. A measured alternative, ``x · W_baseᵀ + x · Sᵀ``
-with ``S`` a CSR matrix, costs a sparse matmul in the forward and another in the backward (each about a fifth of
-the dense GEMM at ViT-B shapes on the CPU, benchmarks/RESULTS.md), where the overlay costs O(selected).
+with ``S`` a CSR matrix, costs a sparse matmul in the forward and another in the backward (a third and a sixth of
+the dense GEMM at a ViT-B layer's shapes on the CPU, benchmarks/sparse_ops.py), where the overlay costs
+O(selected).
 
 The overlay writes into the frozen base tensor for the duration of one GEMM, so it is only used where nothing
 else can read that tensor meanwhile: in a training step (with gradients), one thread per model. Without
