@@ -114,11 +114,17 @@ class Scratch:
 def _abs_and_square_sums(x: Tensor, scratch: Scratch | None) -> tuple[Tensor, Tensor]:
     """fp32 sums of ``|x|`` and ``x**2`` over the first dimension of ``x``, shaped ``x.shape[1:]``.
 
-    Taken in chunks of rows, in fp32 whatever the input's dtype, so that no temporary the size of ``x`` exists (the
-    FPS pass keeps inference's peak memory). On the CPU each chunk's column sums are a BLAS matrix-vector product,
-    a third faster than ``sum(0)``; elsewhere ``sum(0)`` (a CUDA float32 matmul may run in TF32).
+    In fp32 whatever the input's dtype, and without a temporary the size of ``x`` (the FPS pass keeps inference's
+    peak memory): on CUDA as two fused reductions (``vector_norm``, ord 1 and 2); elsewhere in chunks of rows. On
+    the CPU each chunk's column sums are a BLAS matrix-vector product, a third faster than ``sum(0)``.
     """
     rows = x.reshape(x.shape[0], -1)  # [n, cols], a view of a contiguous input
+    if x.device.type == "cuda":
+        # Fused: CUDA reductions read bf16 / fp16 and accumulate in fp32 without a cast copy (ATen's
+        # make_reduction), and |x| / x**2 are taken inside the kernel; chunks would cost launches here.
+        abs_sum = torch.linalg.vector_norm(rows, 1, dim=0, dtype=torch.float32)
+        sq_sum = torch.linalg.vector_norm(rows, 2, dim=0, dtype=torch.float32).square()
+        return abs_sum.view(x.shape[1:]), sq_sum.view(x.shape[1:])
     n, cols = rows.shape
     budget = CHUNK_ELEMENTS.get(x.device.type, DEFAULT_CHUNK_ELEMENTS)
     # At least four chunks, so that a small input does not get a temporary its own size either.
