@@ -9,8 +9,8 @@ random batch, at the same precision:
   not change the cost, only how many per row), head and biases trained in full, as ``fps train`` does.
 - ``sparse_dense``: the same mask on the old dense-gradient path (``attach(..., path="dense")``).
 - ``lora``: PEFT LoRA, r = 8 (alpha 8, no dropout) on every block's qkv / proj / fc1 / fc2, head trained in full.
-- ``shira``: PEFT SHiRA (random sparse mask) on the same layers with ``r`` chosen so that its count is closest to
-  fps's selected count, head trained in full.
+- ``shira``: PEFT SHiRA (random sparse mask) on the same layers with ``r`` chosen so that its trainable count
+  (head included) is closest to fps's, head trained in full.
 
 Each variant runs in its own subprocess (a fresh process per variant and repeat, the variants alternated), so that
 peak RSS (the CPU figure) of one cannot mask another's; on CUDA the figure is ``torch.cuda.max_memory_allocated``.
@@ -172,7 +172,8 @@ def child(args: argparse.Namespace) -> dict:
 def write_mask(args: argparse.Namespace, path: Path) -> dict:
     """A neuron-level mask at ``args.budget``, scored by ``|W|`` (no data needed), saved to ``path``.
 
-    Also returns SHiRA's ``r`` whose count (``r * (out + in)`` per targeted layer) is closest to the mask's.
+    Also returns SHiRA's ``r`` whose trainable count (``r * (out + in)`` per targeted layer, plus the head) is
+    closest to fps's (selected entries, head and biases).
     """
     import re
 
@@ -195,13 +196,14 @@ def write_mask(args: argparse.Namespace, path: Path) -> dict:
     per_r = sum(
         sum(m.weight.shape) for n, m in model.named_modules() if re.fullmatch(PEFT_TARGETS, n) and hasattr(m, "weight")
     )
-    shira_r = max(1, round(mask.selected / per_r)) if per_r else 1
+    head = sum(p.numel() for p in model.get_classifier().parameters())
+    shira_r = max(1, round((mask.trainable - head) / per_r)) if per_r else 1
     return {
         "selected": mask.selected,
         "trainable": mask.trainable,
         "total_params": mask.total_params,
         "shira_r": shira_r,
-        "shira_selected": shira_r * per_r,
+        "shira_trainable": shira_r * per_r + head,
     }
 
 
