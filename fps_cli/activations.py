@@ -86,44 +86,73 @@ def _conv_padding(module: nn.Module, x: Tensor) -> list[int]:
     return list(module._reversed_padding_repeated_twice)
 
 
-class Scratch:
-    """One reusable buffer for the element-wise temporaries of the statistics (``|x|``, ``x**2``).
+# Rows per chunk are chosen so that a chunk holds at most this many elements: on the CPU the chunk and its two fp32
+# temporaries stay in the L2 cache, and on any device no temporary approaches the size of a layer's input.
+CHUNK_ELEMENTS = {"cpu": 1 << 18}
+DEFAULT_CHUNK_ELEMENTS = 1 << 20
 
-    A fresh temporary the size of a layer's input per call costs page faults on the CPU (three times the
-    reduction itself for a ViT-B MLP input) and raises peak memory; one buffer, grown to the largest input, does
-    not. Hooks run one at a time, so one buffer serves them all.
+
+class Scratch:
+    """Two reusable chunk-sized fp32 buffers for the element-wise temporaries of the statistics (``|x|``, ``x**2``).
+
+    A fresh temporary per chunk costs page faults on the CPU; one pair of buffers, grown to the largest chunk, does
+    not. Hooks run one at a time, so one pair serves them all.
     """
 
     def __init__(self) -> None:
         self._buffer: Tensor | None = None
 
-    def like(self, x: Tensor) -> Tensor:
+    def pair(self, rows: int, cols: int, device: torch.device, both: bool = True) -> tuple[Tensor | None, Tensor]:
+        """(an fp32 copy of a chunk, if ``both``; the temporary), each ``[rows, cols]``."""
+        n = rows * cols
         b = self._buffer
-        if b is None or b.numel() < x.numel() or b.dtype != x.dtype or b.device != x.device:
-            b = self._buffer = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
-        return b[: x.numel()].view(x.shape)
+        if b is None or b.numel() < (1 + both) * n or b.device != device:
+            b = self._buffer = torch.empty((1 + both) * n, dtype=torch.float32, device=device)
+        return (b[n : 2 * n].view(rows, cols) if both else None), b[:n].view(rows, cols)
 
 
-def _abs_and_square_sums(x: Tensor, dim: int, scratch: Scratch | None) -> tuple[Tensor, Tensor]:
-    """fp32 sums of ``|x|`` and ``x**2`` over ``dim``; squares of low-precision inputs are taken in fp32."""
-    tmp = scratch.like(x) if scratch is not None else torch.empty_like(x)
-    if x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and dim == 0:
-        # Column sums as a BLAS matrix-vector product: a third faster than sum(0) on the CPU. (Not on CUDA,
-        # where a float32 matmul may run in TF32.)
-        ones = torch.ones(x.shape[0], dtype=x.dtype)
-        return ones @ torch.abs(x, out=tmp), ones @ torch.mul(x, x, out=tmp)
-    abs_sum = torch.abs(x, out=tmp).sum(dim, dtype=torch.float32)  # |x| is exact in any dtype
-    if x.dtype == torch.float32:
-        sq_sum = torch.mul(x, x, out=tmp).sum(dim)
-    else:
-        sq_sum = torch.linalg.vector_norm(x, 2, dim=dim, dtype=torch.float32).square()
-    return abs_sum, sq_sum
+def _abs_and_square_sums(x: Tensor, scratch: Scratch | None) -> tuple[Tensor, Tensor]:
+    """fp32 sums of ``|x|`` and ``x**2`` over the first dimension of ``x``, shaped ``x.shape[1:]``.
+
+    In fp32 whatever the input's dtype, and without a temporary the size of ``x`` (the FPS pass keeps inference's
+    peak memory): on CUDA as two fused reductions (``vector_norm``, ord 1 and 2); elsewhere in chunks of rows. On
+    the CPU each chunk's column sums are a BLAS matrix-vector product, a third faster than ``sum(0)``.
+    """
+    rows = x.reshape(x.shape[0], -1)  # [n, cols], a view of a contiguous input
+    if x.device.type == "cuda":
+        # Fused: CUDA reductions read bf16 / fp16 and accumulate in fp32 without a cast copy (ATen's
+        # make_reduction), and |x| / x**2 are taken inside the kernel; chunks would cost launches here.
+        abs_sum = torch.linalg.vector_norm(rows, 1, dim=0, dtype=torch.float32)
+        sq_sum = torch.linalg.vector_norm(rows, 2, dim=0, dtype=torch.float32).square()
+        return abs_sum.view(x.shape[1:]), sq_sum.view(x.shape[1:])
+    n, cols = rows.shape
+    budget = CHUNK_ELEMENTS.get(x.device.type, DEFAULT_CHUNK_ELEMENTS)
+    # At least four chunks, so that a small input does not get a temporary its own size either.
+    step = max(1, min(-(-n // 4), budget // max(cols, 1)))
+    scratch = scratch if scratch is not None else Scratch()
+    as_fp32, tmp = scratch.pair(step, cols, x.device, x.dtype != torch.float32)
+    abs_sum = torch.zeros(cols, dtype=torch.float32, device=x.device)
+    sq_sum = torch.zeros(cols, dtype=torch.float32, device=x.device)
+    gemv = x.device.type == "cpu"
+    ones = torch.ones(step, dtype=torch.float32, device=x.device) if gemv else None
+    for start in range(0, n, step):
+        chunk = rows[start : start + step]  # [c, cols]
+        c = chunk.shape[0]
+        if chunk.dtype != torch.float32:  # squares of low-precision inputs are taken in fp32
+            chunk = as_fp32[:c].copy_(chunk)
+        for total, op in ((abs_sum, torch.abs), (sq_sum, torch.square)):
+            value = op(chunk, out=tmp[:c])  # one temporary, reused: each value is reduced before the next
+            if gemv:
+                total.addmv_(value.t(), ones[:c])
+            else:
+                total += value.sum(0)
+    return abs_sum.view(x.shape[1:]), sq_sum.view(x.shape[1:])
 
 
 def linear_input_sums(x: Tensor, scratch: Scratch | None = None) -> tuple[Tensor, Tensor, int]:
     """Sums of ``|x|`` and ``x**2`` over every token of a Linear layer's input ``[..., in]``."""
     rows = x.reshape(-1, x.shape[-1])  # [tokens, in]
-    abs_sum, sq_sum = _abs_and_square_sums(rows, 0, scratch)
+    abs_sum, sq_sum = _abs_and_square_sums(rows, scratch)
     return abs_sum, sq_sum, rows.shape[0]
 
 
@@ -133,14 +162,14 @@ def conv_input_sums(module: nn.Module, x: Tensor, scratch: Scratch | None = None
     Args:
         module: a ``Conv1d`` or ``Conv2d`` (any stride, padding, padding mode, dilation and groups).
         x: its input, ``[batch, in, *spatial]`` (an unbatched input is treated as a batch of one).
-        scratch: a reusable buffer for the element-wise temporaries.
+        scratch: reusable buffers for the element-wise temporaries.
     """
     dims = len(module.kernel_size)
     if x.dim() == dims + 1:
         x = x.unsqueeze(0)
     # Sums commute, so reduce the batch first: [in, *spatial]. Padding the batch sums equals summing the padded
     # batch for every padding mode, and |pad(x)| == pad(|x|).
-    planes = _abs_and_square_sums(x, 0, scratch)
+    planes = _abs_and_square_sums(x, scratch)
     pads = _conv_padding(module, x)
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
 

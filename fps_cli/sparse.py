@@ -3,34 +3,73 @@
 For every partially trained parameter ``W`` (a mask entry), :func:`attach` registers a
 :mod:`torch.nn.utils.parametrize` parametrization on its module, so that every access to ``module.weight``
 computes ``W = W_base + scatter(delta)`` where ``W_base`` is the frozen original (``requires_grad=False``) and
-``delta`` is a 1-D ``nn.Parameter`` of the values at the mask's flat indices, zero at first. The module's own
-``forward`` is untouched, so module forward hooks keep working. The head and the fully trainable tensors stay
-ordinary parameters with ``requires_grad=True``; everything else is frozen.
+``delta`` is a 1-D ``nn.Parameter`` of the values at the mask's flat indices, zero at first. The head and the
+fully trainable tensors stay ordinary parameters with ``requires_grad=True``; everything else is frozen.
 
 Only the deltas and the fully trainable tensors require gradients, so an optimizer built over
-:meth:`SparseParams.parameters` holds state for exactly the trainable elements, weight decay can never reach a
-frozen weight, and no dense gradient of a masked weight is kept between steps (the dense gradient of the
-effective weight exists only transiently inside the layer's backward, as for any layer).
+:meth:`SparseParams.parameters` holds state for exactly the trainable elements, and weight decay can never reach a
+frozen weight.
 
-One more copy is avoidable: a layer saves its effective weight for the backward pass, which would keep one
-dense copy of every masked weight alive from forward to backward. Inside :func:`recompute_sparse_weights` the
-effective weights are not saved but recomputed from base and delta when the backward needs them.
+**The sparse path (masked ``nn.Linear`` weights, the default).** Reading ``module.weight`` through the
+parametrization would make autograd compute the *dense* ``[out, in]`` gradient of the effective weight in every
+backward, and then gather the selected entries: a step would cost what a full fine-tuning step costs. So for a
+masked weight of a plain ``nn.Linear`` the module's ``forward`` is swapped (an instance attribute, the way
+accelerate's hooks do it; ``nn.Module.__call__`` still runs every forward hook and pre-hook around it) for
+:func:`sparse_linear`, a custom autograd function that never reads ``module.weight``:
+
+- forward ``y = x · (W_base ⊕ delta)ᵀ + b`` as one dense GEMM. ``W_base ⊕ delta`` is not a copy: the selected
+  entries of the frozen base are overwritten in place with ``base + delta`` (O(selected) work), the GEMM runs, and
+  the saved base values are written back, bit for bit (:meth:`SparseAdd.effective`, ``try/finally``). The
+  effective entries are computed exactly as the parametrization computes them, so the outputs are bitwise
+  those of the dense path. Under autocast the low-precision cast that any Linear makes is built the same way.
+- backward: the input gradient ``dy · (W_base ⊕ delta)``, one dense GEMM (the same in-place overlay); the delta's
+  gradient only at the selected entries, a sampled dense-dense product (for entry ``(i, j)`` the sum over tokens
+  of ``dy[:, i] · x[:, j]``): ``torch.sparse.sampled_addmm`` over a CSR pattern built once per layer at attach
+  time (CPU and CUDA's cuSPARSE SDDMM; in fp32 or fp64, over chunks of tokens), or, on other devices, the same
+  sums gathered in chunks of selected entries. Bias gradient ``dy.sum``.
+
+No dense weight-sized tensor is created in an fp32 training step (no effective-weight copy, none saved for
+backward, no dense weight gradient); under bf16 / fp16 autocast only the transient low-precision cast any Linear
+layer makes, rebuilt in the backward instead of being saved. A measured alternative, ``x · W_baseᵀ + x · Sᵀ``
+with ``S`` a CSR matrix, costs a sparse matmul in the forward and another in the backward (a third and a sixth of
+the dense GEMM at a ViT-B layer's shapes on the CPU, benchmarks/sparse_ops.py), where the overlay costs
+O(selected).
+
+The overlay writes into the frozen base tensor for the duration of one GEMM, so it is only used where nothing
+else can read that tensor meanwhile: in a training step (with gradients), one thread per model. Without
+gradients (``fps eval``, validation) the layer builds the effective weight as a transient copy, as the dense path
+does, so that several threads may evaluate one model.
+
+**These keep the dense path** (the parametrization, with the dense effective weight recomputed rather than saved
+inside :func:`recompute_sparse_weights`): convolutions; ``nn.Linear`` subclasses (e.g.
+``nn.MultiheadAttention.out_proj``, whose weight its parent reads directly instead of calling it); a weight shared
+by several modules; a non-contiguous weight; a masked tensor other than ``weight``; and every layer when
+``attach(..., path="dense")`` (kept for benchmarks/train_memory.py's comparison).
 
 Attaching changes the parameter names of the masked modules (``blocks.0.attn.qkv.parametrizations.weight.
-original`` instead of ``blocks.0.attn.qkv.weight``); :class:`SparseParams` keeps everything keyed by the
-original names, and :func:`detach` restores the model exactly.
+original`` instead of ``blocks.0.attn.qkv.weight``) on both paths; :class:`SparseParams` keeps everything keyed by
+the original names, and :func:`detach` restores the model exactly (class, forward, values).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn.utils import parametrize
+
+PATHS = ("sparse", "dense")
+
+# The sampled product's temporaries (per chunk of tokens, or of entries) hold at most this many elements.
+_CHUNK_ELEMENTS = 1 << 24
 
 
 class SparseAdd(nn.Module):
@@ -39,6 +78,7 @@ class SparseAdd(nn.Module):
     Attributes:
         index: sorted flat (row-major) indices of the trainable entries, int64 buffer.
         delta: the change at those entries, a 1-D fp32 parameter.
+        sparse_path: whether the owning Linear layer runs :func:`sparse_linear` (set by :func:`attach`).
     """
 
     def __init__(self, index: Tensor, values: Tensor | None = None) -> None:
@@ -47,6 +87,7 @@ class SparseAdd(nn.Module):
         self.register_buffer("index", index)
         init = torch.zeros(index.numel(), dtype=torch.float32) if values is None else values.detach().float().clone()
         self.delta = nn.Parameter(init.to(index.device))
+        self.sparse_path = False
 
     def forward(self, base: Tensor) -> Tensor:
         weight = base.reshape(-1).index_add(0, self.index, self.delta.to(base.dtype)).view_as(base)
@@ -56,6 +97,148 @@ class SparseAdd(nn.Module):
     def recompute(self, base: Tensor) -> Tensor:
         with torch.no_grad():
             return base.reshape(-1).index_add(0, self.index, self.delta.to(base.dtype)).view_as(base)
+
+    def build_pattern(self, shape: torch.Size) -> None:
+        """The CSR pattern of the selected entries of a ``[out, in]`` weight, for the sampled product (once)."""
+        rows, cols = self.index // shape[1], self.index % shape[1]  # row-major sorted: CSR order is delta order
+        # crow[i]: how many entries lie in rows before i (a fixed-size op, so it also runs on fake tensors).
+        crow = torch.searchsorted(rows, torch.arange(shape[0] + 1, device=rows.device))
+        # Not persistent: the state_dict keeps today's names (index, delta); .to() still moves them.
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        self.register_buffer("crow", crow, persistent=False)
+        self.shape = tuple(shape)
+
+    @contextlib.contextmanager
+    def effective(self, base: Tensor, dtype: torch.dtype | None = None, copy: bool = False) -> Iterator[Tensor]:
+        """The effective weight ``base + scatter(delta)`` (cast to ``dtype``), without a copy unless asked.
+
+        In the base's own dtype the selected entries of ``base`` are overwritten in place for the duration of the
+        context and restored bit for bit afterwards (also after an exception). For another ``dtype`` (autocast),
+        or with ``copy``, a new tensor is built with the effective entries written into it.
+        """
+        with torch.no_grad():
+            flat = base.view(-1)
+            # index_select, not flat[index]: advanced indexing took 8 ms here for what index_select does in 10 us.
+            saved = flat.index_select(0, self.index)  # [selected]
+            values = saved + self.delta.to(base.dtype)  # exactly the parametrization's sums
+            if copy or (dtype is not None and dtype != base.dtype):
+                weight = base.to(dtype or base.dtype, copy=True)
+                weight.view(-1).index_copy_(0, self.index, values.to(dtype))
+            else:
+                weight = None
+                flat.index_copy_(0, self.index, values)
+        if weight is not None:
+            yield weight
+            return
+        try:
+            yield base
+        finally:
+            with torch.no_grad():
+                flat.index_copy_(0, self.index, saved)
+
+    def sampled_grad(self, dy: Tensor, x: Tensor) -> Tensor:
+        """The delta's gradient: for each selected entry ``(i, j)``, ``sum_t dy[t, i] * x[t, j]``, in fp32 or better.
+
+        Taken over chunks of tokens, so that the fp32 copies (and the transposed copy the CPU kernel is fastest
+        with) are bounded, not the size of the layer's input or output.
+
+        Args:
+            dy: output gradient ``[tokens, out]``.
+            x: layer input ``[tokens, in]``.
+        """
+        dtype = torch.promote_types(torch.promote_types(dy.dtype, x.dtype), torch.float32)
+        step = max(1, _CHUNK_ELEMENTS // (dy.shape[1] + x.shape[1]))
+        total = None
+        for start in range(0, dy.shape[0], step):
+            part = self._sampled_product(dy[start : start + step].to(dtype), x[start : start + step].to(dtype))
+            total = part if total is None else total.add_(part)
+        return total if total is not None else torch.zeros(self.index.numel(), dtype=dtype, device=dy.device)
+
+    def _sampled_product(self, dy: Tensor, x: Tensor) -> Tensor:
+        if is_fake(dy) or is_fake(x):
+            # Fake tensors (benchmarks/memory_estimate.py) have shapes, no values and no sparse kernels: stand in
+            # with what sampled_addmm returns, the values of the selected entries (its workspace is not counted).
+            return dy.new_empty(self.index.numel())
+        if dy.device.type in ("cpu", "cuda"):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+                pattern = torch.sparse_csr_tensor(
+                    self.crow, self.cols, dy.new_zeros(self.cols.numel()), self.shape, check_invariants=False
+                )
+            # On the CPU, dyᵀ contiguous: its rows are read once per selected entry (twice as fast as a strided
+            # view). cuSPARSE takes the transposed view as a column-major matrix, without a copy.
+            dy_t = dy.t().contiguous() if dy.device.type == "cpu" else dy.t()
+            return torch.sparse.sampled_addmm(pattern, dy_t, x, beta=0.0).values()
+        return self._gathered_product(dy, x)
+
+    def _gathered_product(self, dy: Tensor, x: Tensor) -> Tensor:
+        """The sampled product as gathered columns, in chunks of entries (devices without ``sampled_addmm``)."""
+        out = torch.empty(self.index.numel(), dtype=dy.dtype, device=dy.device)
+        step = max(1, _CHUNK_ELEMENTS // max(1, dy.shape[0]))
+        for start in range(0, out.numel(), step):
+            rows, cols = self.rows[start : start + step], self.cols[start : start + step]
+            products = dy.index_select(1, rows) * x.index_select(1, cols)  # [tokens, chunk]
+            out[start : start + step] = products.sum(0)
+        return out
+
+
+class _SparseLinear(torch.autograd.Function):
+    """``F.linear`` with the effective weight overlaid on the frozen base and the delta's gradient sampled."""
+
+    @staticmethod
+    def forward(ctx, x, base, bias, delta, owner, dtype):
+        with owner.effective(base, dtype) as weight:
+            y = F.linear(x, weight, bias)
+        # delta is saved so that autograd rejects a backward after the delta changed in place (an optimizer step
+        # between forward and backward); base is frozen and restored, so it is kept by reference only.
+        ctx.save_for_backward(x, delta)
+        ctx.owner, ctx.base, ctx.dtype = owner, base, dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, _ = ctx.saved_tensors
+        owner = ctx.owner
+        dy2 = dy.reshape(-1, dy.shape[-1])  # [tokens, out]
+        dx = dbias = ddelta = None
+        if ctx.needs_input_grad[0]:
+            with owner.effective(ctx.base, ctx.dtype) as weight:
+                dx = (dy2 @ weight).view(x.shape)  # [tokens, in]
+        if ctx.needs_input_grad[2]:
+            dbias = dy2.sum(0)
+        if ctx.needs_input_grad[3]:
+            ddelta = owner.sampled_grad(dy2, x.reshape(-1, x.shape[-1]))
+        return dx, None, dbias, ddelta, None, None
+
+
+def sparse_linear(module: nn.Linear, x: Tensor) -> Tensor:
+    """The forward of a masked ``nn.Linear`` on the sparse path (see the module docstring)."""
+    parametrization = module.parametrizations.weight
+    base, owner = parametrization.original, parametrization[0]
+    bias = module.bias
+    dtype = None
+    if torch.is_autocast_enabled(x.device.type):  # cast as autocast would, then compute without it
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+        if torch.is_grad_enabled() and (
+            x.requires_grad or owner.delta.requires_grad or (bias is not None and bias.requires_grad)
+        ):
+            return _SparseLinear.apply(x, base, bias, owner.delta, owner, dtype)
+        # Without gradients (evaluation, possibly from several threads at once) a copy, as the dense path makes:
+        # the in-place overlay is for training steps, where the memory matters and one thread runs the model.
+        with owner.effective(base, dtype, copy=True) as weight:
+            return F.linear(x, weight, bias)
+
+
+def _sparse_path_ok(model: nn.Module, module: nn.Module, attr: str, param: Tensor) -> bool:
+    """Whether a masked tensor can take the sparse path (see the module docstring for what keeps the dense one)."""
+    if type(module) is not nn.Linear or attr != "weight" or not param.is_contiguous():
+        return False
+    owners = [n for n, p in model.named_parameters(remove_duplicate=False) if p is param]
+    return len(owners) == 1
 
 
 @dataclass
@@ -95,6 +278,7 @@ def attach(
     indices: Mapping[str, Tensor],
     fully_trainable: list[str],
     values: Mapping[str, Tensor] | None = None,
+    path: str = "sparse",
 ) -> SparseParams:
     """Freeze ``model`` and make only the given entries and tensors trainable.
 
@@ -104,10 +288,14 @@ def attach(
         indices: partially trained parameter name -> sorted flat indices of its trainable entries.
         fully_trainable: parameters trained in full (head, biases).
         values: optional starting deltas (``<name>`` -> 1-D values), e.g. from a delta file; default zeros.
+        path: ``sparse`` (plain Linear weights compute only the selected entries' gradients) or ``dense`` (every
+            layer through the parametrization, the dense gradient gathered: kept for benchmark comparisons).
 
     Returns:
         The trainable parameters, keyed by the original names.
     """
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
     params = dict(model.named_parameters())
     unknown = [n for n in [*indices, *fully_trainable] if n not in params]
     if unknown:
@@ -124,16 +312,24 @@ def attach(
         module = model.get_submodule(module_name)
         start = None if values is None else values[name]
         deltas[name] = SparseAdd(index.to(params[name].device), start)
+        fast = path == "sparse" and _sparse_path_ok(model, module, attr, params[name])
         # unsafe: skip the consistency call at registration, which would compute and discard one weight.
         parametrize.register_parametrization(module, attr, deltas[name], unsafe=True)
+        if fast:
+            deltas[name].build_pattern(params[name].shape)
+            deltas[name].sparse_path = True
+            module.forward = functools.partial(sparse_linear, module)
     return SparseParams(deltas, full)
 
 
 def detach(model: nn.Module, sparse: SparseParams) -> None:
     """Remove the parametrizations: the masked parameters become their frozen base values again."""
-    for name in sparse.deltas:
+    for name, owner in sparse.deltas.items():
         module_name, attr = _split(name)
-        parametrize.remove_parametrizations(model.get_submodule(module_name), attr, leave_parametrized=False)
+        module = model.get_submodule(module_name)
+        if owner.sparse_path:
+            del module.forward  # the class's forward again
+        parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
 
 
 def extract(sparse: SparseParams) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
@@ -171,7 +367,7 @@ _EFFECTIVE: dict[int, tuple[weakref.ref, SparseAdd, Tensor]] | None = None
 
 
 def _register_effective(weight: Tensor, owner: SparseAdd, base: Tensor) -> None:
-    if _EFFECTIVE is not None and torch.is_grad_enabled():
+    if _EFFECTIVE is not None and torch.is_grad_enabled() and not is_fake(weight):
         _EFFECTIVE[weight.untyped_storage().data_ptr()] = (weakref.ref(weight), owner, base)
 
 
@@ -191,7 +387,9 @@ def recompute_sparse_weights() -> Iterator[None]:
     registry = _EFFECTIVE
 
     def pack(t: Tensor):
-        found = registry.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
+        found = None
+        if t.device.type != "meta" and not is_fake(t):  # (fake tensors: the memory estimate) have no pointer
+            found = registry.get(t.untyped_storage().data_ptr())
         if found is not None:
             ref, owner, base = found
             weight = ref()

@@ -60,3 +60,31 @@ def test_select_gps_train_merge_on_cuda(tmp_path, image_folder, monkeypatch, pre
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["metrics"]["val_samples"] == 6
     assert fps("merge", "-q").exit_code == 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sparse_path_on_cuda_follows_the_dense_path(precision):
+    """cuSPARSE's sampled product and the overlay on the device give the dense path's gradients."""
+    import timm
+
+    from fps_cli import sparse
+
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    grads = {}
+    for path in ("dense", "sparse"):
+        torch.manual_seed(0)
+        model = timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=32).cuda()
+        indices = {
+            f"{n}.weight": torch.arange(0, m.weight.numel(), 7)
+            for n, m in model.named_modules()
+            if type(m) is torch.nn.Linear and n != "head"
+        }
+        params = sparse.attach(model, indices, ["head.weight"], path=path)
+        assert all(d.sparse_path == (path == "sparse") for d in params.deltas.values())
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            model(x).float().square().mean().backward()
+        grads[path] = {n: p.grad.float().cpu() for n, p in params.named_parameters()}
+    tolerance = {"rtol": 1e-4, "atol": 1e-6} if dtype is None else {"rtol": 0.05, "atol": 1e-3}
+    for name, value in grads["dense"].items():
+        torch.testing.assert_close(grads["sparse"][name], value, **tolerance, msg=name)

@@ -1,0 +1,217 @@
+"""The sparse path of masked Linear layers: the delta's gradient at the selected entries only, no dense weight."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from conftest import TinyMLP
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fps_cli import sparse
+from fps_cli.finetune import TrainConfig, make_optimizer
+
+
+def _random_indices(model: nn.Module, per_row: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """``per_row`` random entries in every row of every Linear weight except the head's."""
+    indices = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not model.get_classifier():
+            out, fan_in = module.weight.shape
+            cols = torch.stack([torch.randperm(fan_in, generator=generator)[:per_row] for _ in range(out)])
+            flat = (torch.arange(out)[:, None] * fan_in + cols).reshape(-1)
+            indices[f"{name}.weight"] = flat.sort().values
+    return indices
+
+
+def _vit() -> nn.Module:
+    return timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=32)
+
+
+def _gradients(model, indices, full, x, path, values):
+    """Loss gradients of every trainable tensor (and of the input) with the deltas attached on ``path``."""
+    params = sparse.attach(model, indices, full, values=values, path=path)
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    (out.square().sum() + out.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in params.named_parameters()}
+    grads["input"] = x.grad.clone()
+    for p in params.parameters():
+        p.grad = None
+    sparse.detach(model, params)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("kind", ["mlp", "vit"])
+def test_sparse_gradients_equal_autograd_of_the_dense_formulation(kind):
+    generator = torch.Generator().manual_seed(0)
+    torch.set_default_dtype(torch.float64)
+    if kind == "mlp":
+        model, x = TinyMLP(dims=(12, 9, 7)), torch.randn(5, 3, 12)  # a token dimension, as in a transformer
+    else:
+        model, x = _vit(), torch.randn(2, 3, 32, 32)
+    full = ["head.weight", "head.bias"]
+    indices = _random_indices(model, 2, generator)
+    values = {n: torch.randn(i.numel(), generator=generator) for n, i in indices.items()}
+    out_dense, dense = _gradients(model, indices, full, x, "dense", values)
+    out_sparse, fast = _gradients(model, indices, full, x, "sparse", values)
+
+    assert torch.equal(out_sparse, out_dense)  # the same effective weights, the same GEMMs
+    assert dense.keys() == fast.keys()
+    for name in dense:
+        torch.testing.assert_close(fast[name], dense[name], rtol=1e-6, atol=1e-9, msg=name)
+        assert fast[name].abs().sum() > 0, name
+
+
+def test_the_sparse_path_is_taken_and_hooks_survive(tiny_mlp):
+    indices = {"fc1.weight": torch.tensor([0, 7, 29]), "fc2.weight": torch.tensor([3, 4])}
+    before = copy.deepcopy(tiny_mlp.state_dict())
+    seen = []
+    kept = tiny_mlp.fc1.register_forward_hook(lambda m, i, o: seen.append("fc1"))
+    params = sparse.attach(tiny_mlp, indices, ["head.weight"])
+    assert all(d.sparse_path for d in params.deltas.values())
+    added = tiny_mlp.fc2.register_forward_pre_hook(lambda m, i: seen.append("fc2-pre"))
+    try:
+        tiny_mlp(torch.randn(4, 6)).sum().backward()
+    finally:
+        added.remove()
+    assert seen == ["fc1", "fc2-pre"]
+    # The frozen base is restored after every forward and backward, bit for bit, and got no gradient.
+    for name, module in (("fc1", tiny_mlp.fc1), ("fc2", tiny_mlp.fc2)):
+        original = module.parametrizations.weight.original
+        assert torch.equal(original, before[f"{name}.weight"]) and original.grad is None
+    assert all(d.delta.grad is not None for d in params.deltas.values())
+
+    sparse.detach(tiny_mlp, params)
+    assert type(tiny_mlp.fc1) is nn.Linear and "forward" not in vars(tiny_mlp.fc1)
+    assert all(torch.equal(v, before[k]) for k, v in tiny_mlp.state_dict().items())
+    tiny_mlp(torch.randn(2, 6))
+    assert seen[-1] == "fc1"  # the hook registered before attaching is still there
+    kept.remove()
+
+
+def test_evaluation_never_writes_into_the_base(tiny_mlp):
+    params = sparse.attach(tiny_mlp, {"fc1.weight": torch.tensor([0, 7])}, [])
+    with torch.no_grad():
+        params.deltas["fc1.weight"].delta.fill_(0.5)
+    base = tiny_mlp.fc1.parametrizations.weight.original
+    version, x = base._version, torch.randn(3, 6)
+    with torch.inference_mode():
+        out = tiny_mlp(x)
+    assert base._version == version  # a copy without gradients: several threads may evaluate one model
+    assert torch.equal(out, tiny_mlp(x))  # the same numbers as the training path's overlay
+    assert base._version > version
+
+
+def test_an_exception_mid_layer_restores_the_base(tiny_mlp):
+    params = sparse.attach(tiny_mlp, {"fc2.weight": torch.tensor([1, 2])}, [])
+    with torch.no_grad():
+        params.deltas["fc2.weight"].delta.fill_(3.0)
+    base = tiny_mlp.fc2.parametrizations.weight.original.clone()
+    with pytest.raises(RuntimeError):
+        tiny_mlp.fc2(torch.randn(2, 7))  # wrong input width: the GEMM raises with the overlay in place
+    assert torch.equal(tiny_mlp.fc2.parametrizations.weight.original, base)
+
+
+def test_dense_path_and_unusual_layers_keep_the_parametrization():
+    mha = nn.MultiheadAttention(8, 2)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 4))
+    params = sparse.attach(model, {"0.weight": torch.tensor([0, 5]), "1.weight": torch.tensor([1])}, [])
+    assert [d.sparse_path for d in params.deltas.values()] == [False, True]
+    params = sparse.attach(mha, {"out_proj.weight": torch.tensor([0, 9])}, [])  # a Linear subclass read directly
+    assert not params.deltas["out_proj.weight"].sparse_path
+    dense = sparse.attach(TinyMLP(), {"fc1.weight": torch.tensor([0])}, [], path="dense")
+    assert not dense.deltas["fc1.weight"].sparse_path
+    with pytest.raises(ValueError, match="unknown path 'fast'"):
+        sparse.attach(TinyMLP(), {}, [], path="fast")
+
+
+def test_the_sampled_product_in_chunks_and_by_gather(monkeypatch):
+    torch.set_default_dtype(torch.float64)
+    owner = sparse.SparseAdd(torch.tensor([0, 3, 4, 11, 17, 18, 19]))
+    owner.build_pattern(torch.Size([4, 5]))
+    assert owner.crow.tolist() == [0, 3, 3, 4, 7]  # rows 0, 0, 0, 2, 3, 3, 3
+    dy, x = torch.randn(13, 4), torch.randn(13, 5)
+    expected = (dy.t() @ x).reshape(-1)[owner.index]
+    torch.testing.assert_close(owner.sampled_grad(dy, x), expected, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(sparse, "_CHUNK_ELEMENTS", 20)  # 2 tokens, or 1 entry, per chunk
+    torch.testing.assert_close(owner.sampled_grad(dy, x), expected, rtol=1e-12, atol=1e-12)
+    # The gather used on devices without sampled_addmm, run here on the CPU.
+    torch.testing.assert_close(owner._gathered_product(dy, x), expected, rtol=1e-12, atol=1e-12)
+
+
+class _LargestNewTensor(TorchDispatchMode):
+    """The largest strided tensor an op creates (in-place results, which return an input, do not count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            a.untyped_storage().data_ptr()
+            for a in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(a, torch.Tensor) and a.layout == torch.strided
+        }
+        for t in torch.utils._pytree.tree_leaves(out):
+            # A CSR tensor is a view of its index and value tensors, each counted where it is made.
+            if (
+                isinstance(t, torch.Tensor)
+                and t.layout == torch.strided
+                and t.untyped_storage().data_ptr() not in inputs
+            ):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_a_training_step_makes_no_dense_weight_sized_tensor(path):
+    model = TinyMLP(dims=(64, 256, 8))  # fc1: 16384 weights; a batch of 2 has at most 512 activations
+    indices = {"fc1.weight": torch.arange(0, 16384, 41), "fc2.weight": torch.arange(0, 2048, 7)}
+    params = sparse.attach(model, indices, ["head.weight"], path=path)
+    optimizer = make_optimizer(params, TrainConfig())
+    with _LargestNewTensor() as mode:
+        for _ in range(2):
+            with sparse.recompute_sparse_weights():
+                loss = model(torch.randn(2, 64)).square().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    if path == "sparse":
+        assert mode.largest < 2048
+    else:  # the benchmark's baseline: the dense effective weight and its dense gradient exist transiently
+        assert mode.largest == 16384
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_training_steps_follow_the_dense_path(precision):
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    x = torch.randn(2, 3, 32, 32)
+    generator = torch.Generator().manual_seed(1)
+    trained = {}
+    for path in ("dense", "sparse"):
+        torch.manual_seed(0)
+        model = _vit()
+        indices = _random_indices(model, 2, generator.manual_seed(1))
+        params = sparse.attach(model, indices, ["head.weight", "head.bias"], path=path)
+        optimizer = make_optimizer(params, TrainConfig(lr=1e-3))
+        scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
+        for _ in range(3):
+            with sparse.recompute_sparse_weights(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                loss = model(x).float().logsumexp(1).mean()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params.parameters(), 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        trained[path] = {n: p.detach().clone() for n, p in params.named_parameters()}
+    # fp32: only the order of the delta gradient's sums differs. bf16 / fp16: the sparse path sums it in fp32 where
+    # the dense one rounds a low-precision GEMM.
+    tolerance = {"rtol": 1e-5, "atol": 1e-7} if dtype is None else {"rtol": 0.05, "atol": 2e-4}
+    for name, value in trained["dense"].items():
+        torch.testing.assert_close(trained["sparse"][name], value, **tolerance, msg=name)
