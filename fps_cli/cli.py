@@ -361,7 +361,7 @@ def select_cmd(
     with _flags():
         from .options import SelectOptions, check_finite
 
-        check_finite(budget=budget)
+        check_finite(budget=budget)  # before the inputs, as always: a NaN budget is what the user hears about first
         if from_scores is None and (model is None or data is None):
             raise _usage("--model and --data are required (or re-select with --from-scores FILE)", "--model/--data")
         select_options = functools.partial(
@@ -406,8 +406,7 @@ def select_cmd(
             plan.check()
         for warning in _select_warnings(options, budget, topk_per_neuron):
             report.log(warning)
-        dev = _device(device)
-        dev = init(dist, dev)
+        dev = init(dist, _device(device))
         spec = None
         if model is not None:
             spec = ModelSpec(model, pretrained, checkpoint, num_classes, img_size, offline, trust_remote_code)
@@ -692,8 +691,7 @@ def train_cmd(
             run_files.check_exists(resume=resume)
         if log_wandb and dist.is_main:
             require_wandb()
-        dev = _device(device)
-        dev = init(dist, dev)
+        dev = init(dist, _device(device))
         # The resolved arguments (timm's args.yaml): what was given, with the mask's recorded values filled in.
         arguments.update(
             model=spec.name,
