@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# One BLAS / OpenMP thread per process (this one and every fps subprocess a test starts): the models here are tiny,
+# and on a busy 2-core machine threads of several processes spinning against each other made single tests 100x
+# slower. Set before torch is imported; a value given in the environment wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import random
 from collections.abc import Callable
 from pathlib import Path
