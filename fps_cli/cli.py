@@ -197,6 +197,18 @@ def _model_folder(name: str | None) -> Path | None:
     return None
 
 
+def _plan_on_base(source: Path, flag: str, spec: Any, *, force: bool) -> Any:
+    """An :class:`~fps_cli.outputs.OutputPlan` whose inputs are ``source`` (the mask or delta, given by ``flag``)
+    and the files the base model ``spec`` is read from: no output of the command may replace any of them."""
+    from .outputs import OutputPlan
+
+    plan = OutputPlan(force=force)
+    plan.input(source, flag)
+    plan.input(spec.checkpoint, "--checkpoint")
+    plan.input(_model_folder(spec.name), "--model")
+    return plan
+
+
 @contextlib.contextmanager
 def _flags() -> Iterator[None]:
     """Options the library refuses (:class:`~fps_cli.errors.OptionsError`) are usage errors naming the flag."""
@@ -661,7 +673,6 @@ def train_cmd(
         from .distributed import from_env, init
         from .finetune import RunFiles, run_train, spec_from_provenance
         from .formats import read_mask
-        from .outputs import OutputPlan
         from .records import require_wandb
 
         dist = from_env()  # under torchrun only rank 0 checks and writes outputs, logs and prints
@@ -679,10 +690,7 @@ def train_cmd(
         )
         # The delta, checkpoint and records are one unit (finetune.RunFiles): checked together, before any work.
         run_files = RunFiles(out, force=force, args=arguments)
-        plan = OutputPlan(force=force)
-        plan.input(mask, "--mask")
-        plan.input(spec.checkpoint, "--checkpoint")
-        plan.input(_model_folder(spec.name), "--model")
+        plan = _plan_on_base(mask, "--mask", spec, force=force)
         plan.file(out, "--out")
         for path, what in zip(run_files.files, RUN_FILE_ROLES, strict=True):
             plan.file(path, "--out", f"{what} (beside --out)")
@@ -919,7 +927,6 @@ def merge_cmd(
         from .finetune import spec_from_provenance
         from .formats import read_delta
         from .merge import folder_files, resolve_target, run_merge
-        from .outputs import OutputPlan
 
         the_delta = read_delta(delta)
         spec = spec_from_provenance(
@@ -931,10 +938,7 @@ def merge_cmd(
             trust_remote_code=trust_remote_code,
         )
         target = resolve_target(out)
-        plan = OutputPlan(force=force)
-        plan.input(delta, "--delta")
-        plan.input(spec.checkpoint, "--checkpoint")
-        plan.input(_model_folder(spec.name), "--model")
+        plan = _plan_on_base(delta, "--delta", spec, force=force)
         if target.directory:
             plan.folder(target.path, "--out", folder_files(spec.name.startswith("hf:")))
         else:
@@ -994,7 +998,6 @@ def export_cmd(
     with _exits(as_json):
         from .finetune import spec_from_provenance
         from .formats import read_delta
-        from .outputs import OutputPlan
         from .peft_adapter import ADAPTER_FILES, export_peft, require_peft
 
         require_peft()
@@ -1007,10 +1010,7 @@ def export_cmd(
             offline=offline,
             trust_remote_code=trust_remote_code,
         )
-        plan = OutputPlan(force=force)
-        plan.input(delta, "--delta")
-        plan.input(spec.checkpoint, "--checkpoint")
-        plan.input(_model_folder(spec.name), "--model")
+        plan = _plan_on_base(delta, "--delta", spec, force=force)
         plan.folder(out, "--out", ADAPTER_FILES)
         plan.check()
         report.log(f"fps export: {spec.name} + {delta} -> {out}/ (PEFT SHiRA adapter)")
