@@ -44,7 +44,18 @@ app = typer.Typer(
 
 
 class _Command(TyperCommand):
-    """A typer command whose help shows no ``<bool>`` after a flag and no ``<list[Path]>`` after ``FILE``."""
+    """A typer command whose help shows no ``<bool>`` after a flag and no ``<list[Path]>`` after ``FILE``, and
+    whose own parse errors (an unknown option, a value of the wrong type) are one JSON object on stdout too under
+    ``--json``."""
+
+    def parse_args(self, ctx, args):
+        json_requested = "--json" in args
+        try:
+            return super().parse_args(ctx, args)
+        except typer.TyperException as e:  # typer's (vendored) click UsageError and its subclasses: exit code 2
+            if json_requested and getattr(e, "exit_code", None) == 2:
+                _json_error(e.format_message(), 2)
+            raise
 
     def get_params(self, ctx):
         params = super().get_params(ctx)

@@ -121,6 +121,24 @@ def test_json_failure_prints_one_json_object(tmp_path):
     assert json.loads(usage.stdout)["error"].endswith("did you mean 0.05?")
 
 
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["select", "--json", "--bogus"], "No such option: --bogus"),
+        (["train", "--epochs", "abc", "--json"], "Invalid value for '--epochs': Input should be a valid integer"),
+        (["merge", "--json", "--dtype", "fp8"], "Invalid value for '--dtype'"),
+    ],
+)
+def test_json_parse_errors_print_one_json_object(args, error):
+    """click's own parse errors (before the command runs) are a JSON object too, with the usage text on stderr."""
+    r = fps(*args)
+    assert r.exit_code == 2
+    payload = json.loads(r.stdout)
+    assert payload["exit_code"] == 2 and payload["error"].startswith(error)
+    assert "Usage: fps" in r.stderr
+    assert fps(*[a for a in args if a != "--json"]).stdout == ""  # without --json stdout stays empty
+
+
 def test_from_scores_reports_real_seconds(tmp_path):
     args = [*TINY_VIT, "--data", DIGITS, "--budget", "0.05", "--num-workers", "0"]
     first = fps("select", *args, "-o", tmp_path / "a.safetensors", "--scores", tmp_path / "s.safetensors", "-q")
