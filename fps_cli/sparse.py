@@ -58,7 +58,7 @@ import functools
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -183,6 +183,60 @@ class SparseAdd(nn.Module):
         return out
 
 
+# ------------------------------------------------------------- an activation's output rebuilt, not saved by fc2
+
+
+# Activation modules whose output a sparse Linear may rebuild instead of saving: their forward is one elementwise,
+# deterministic op (the same op on the same tensor gives the same bits), and their own backward node keeps their
+# *input*, so that keeping it costs nothing. ReLU, Tanh and Sigmoid keep their output instead: nothing to gain.
+RECOMPUTED_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Mish)
+
+
+def _exact_activation(module: nn.Module):
+    """The function a supported activation module computes, or None (see :data:`RECOMPUTED_ACTIVATIONS`)."""
+    if type(module) not in RECOMPUTED_ACTIVATIONS or "forward" in vars(module) or getattr(module, "inplace", False):
+        return None
+    if type(module) is nn.GELU:
+        return functools.partial(F.gelu, approximate=module.approximate)
+    return F.silu if type(module) is nn.SiLU else F.mish
+
+
+# How many sparse Linear forwards saved an activation's recipe instead of their input (for tests and benchmarks).
+_RECIPES_TAKEN = [0]
+
+
+def _record_activation(module: nn.Module, args: tuple, output) -> None:
+    """Forward hook on a supported activation: mark its output with how to rebuild it from its input."""
+    function = _exact_activation(module)
+    if function is None or len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+        return
+    source = args[0]
+    # Only where autograd keeps the input anyway (its backward node saves it) and no cast happened (autocast).
+    if not (torch.is_grad_enabled() and source.requires_grad) or output is source or output.dtype != source.dtype:
+        return
+    output._fps_activation = (function, source, output._version, source._version)
+
+
+def _activation_recipe(x: Tensor):
+    """``(function, input)`` if ``x`` is, unmodified, the output of a recorded activation; else None."""
+    record = getattr(x, "_fps_activation", None)
+    if record is None:
+        return None
+    function, source, x_version, source_version = record
+    if x._version != x_version or source._version != source_version:
+        return None  # changed in place since the activation ran: save x itself
+    return function, source
+
+
+def _recompute_activation(function, source: Tensor, meta) -> Tensor:
+    """The activation's output again: the same op on the same tensor in the same dtype (autocast off)."""
+    with torch.autocast(source.device.type, enabled=False), torch.no_grad():
+        x = function(source)
+    if (x.shape, x.stride(), x.dtype) != meta:
+        raise RuntimeError(f"recomputed activation differs in layout: {(x.shape, x.stride(), x.dtype)} vs {meta}")
+    return x
+
+
 class _SparseLinear(torch.autograd.Function):
     """``F.linear`` with the effective weight overlaid on the frozen base and the delta's gradient sampled."""
 
@@ -192,19 +246,34 @@ class _SparseLinear(torch.autograd.Function):
             y = F.linear(x, weight, bias)
         # delta is saved so that autograd rejects a backward after the delta changed in place (an optimizer step
         # between forward and backward); base is frozen and restored, so it is kept by reference only.
-        ctx.save_for_backward(x, delta)
+        recipe = _activation_recipe(x)
+        if recipe is None:
+            ctx.save_for_backward(x, delta)
+        else:
+            # x is an activation's output: keep the activation's input (which its own backward node keeps anyway,
+            # so no memory) and rebuild x in the backward. Saved through autograd, so an in-place change of the
+            # input between forward and backward is rejected (its version counter), as for any saved tensor.
+            function, source = recipe
+            ctx.save_for_backward(source, delta)
+            ctx.recompute, ctx.x_meta = function, (x.shape, x.stride(), x.dtype)
+            _RECIPES_TAKEN[0] += 1
+        ctx.recipe = recipe is not None
         ctx.owner, ctx.base, ctx.dtype = owner, base, dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, _ = ctx.saved_tensors
+        if ctx.recipe and ctx.needs_input_grad[3]:
+            x = _recompute_activation(ctx.recompute, x, ctx.x_meta)
+        elif ctx.recipe:
+            x = None  # only the delta's gradient reads x
         owner = ctx.owner
         dy2 = dy.reshape(-1, dy.shape[-1])  # [tokens, out]
         dx = dbias = ddelta = None
         if ctx.needs_input_grad[0]:
             with owner.effective(ctx.base, ctx.dtype) as weight:
-                dx = (dy2 @ weight).view(x.shape)  # [tokens, in]
+                dx = (dy2 @ weight).view(*dy.shape[:-1], weight.shape[1])  # [..., in]
         if ctx.needs_input_grad[2]:
             dbias = dy2.sum(0)
         if ctx.needs_input_grad[3]:
@@ -248,10 +317,12 @@ class SparseParams:
     Attributes:
         deltas: partially trained parameter name -> its parametrization (``.index``, ``.delta``).
         full: fully trained parameter name -> the parameter itself.
+        hooks: handles of the forward hooks :func:`attach` put on activation modules (removed by :func:`detach`).
     """
 
     deltas: dict[str, SparseAdd]
     full: dict[str, nn.Parameter]
+    hooks: list = field(default_factory=list)
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Every trainable parameter: ``<name>::values`` for a delta, ``<name>`` for a fully trained tensor."""
@@ -319,11 +390,21 @@ def attach(
             deltas[name].build_pattern(params[name].shape)
             deltas[name].sparse_path = True
             module.forward = functools.partial(sparse_linear, module)
-    return SparseParams(deltas, full)
+    hooks = []
+    if any(d.sparse_path for d in deltas.values()):
+        # Every supported activation is marked (a cheap attribute on its output); only a sparse Linear fed that
+        # very output uses the mark. prepend: see the output before any other hook could replace or change it.
+        for module in model.modules():
+            if _exact_activation(module) is not None:
+                hooks.append(module.register_forward_hook(_record_activation, prepend=True))
+    return SparseParams(deltas, full, hooks)
 
 
 def detach(model: nn.Module, sparse: SparseParams) -> None:
     """Remove the parametrizations: the masked parameters become their frozen base values again."""
+    for handle in sparse.hooks:
+        handle.remove()
+    sparse.hooks.clear()
     for name, owner in sparse.deltas.items():
         module_name, attr = _split(name)
         module = model.get_submodule(module_name)

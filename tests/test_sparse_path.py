@@ -215,3 +215,101 @@ def test_training_steps_follow_the_dense_path(precision):
     tolerance = {"rtol": 1e-5, "atol": 1e-7} if dtype is None else {"rtol": 0.05, "atol": 2e-4}
     for name, value in trained["dense"].items():
         torch.testing.assert_close(trained["sparse"][name], value, **tolerance, msg=name)
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of one forward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+        (out.square().sum() + out.sum()).backward()  # the loss of _gradients
+    return sum(storages.values())
+
+
+def test_fc2_rebuilds_the_gelu_output_instead_of_saving_it(monkeypatch):
+    torch.set_default_dtype(torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    model, x = _vit(), torch.randn(2, 3, 32, 32)
+    assert all(type(b.mlp.act) is nn.GELU for b in model.blocks)
+    indices = _random_indices(model, 2, generator)
+    values = {n: torch.randn(i.numel(), generator=generator) for n, i in indices.items()}
+    full = ["head.weight", "head.bias"]
+    _, dense = _gradients(model, indices, full, x, "dense", values)
+    params = sparse.attach(model, indices, full, values=values)
+    outputs = []  # every GELU output: what fc2 no longer keeps
+    for block in model.blocks:
+        block.mlp.act.register_forward_hook(lambda m, i, o: outputs.append(o.numel() * o.element_size()))
+
+    taken = sparse._RECIPES_TAKEN[0]
+    with_recipe = _saved_bytes(model, x.clone().requires_grad_(True))
+    assert sparse._RECIPES_TAKEN[0] - taken == len(model.blocks)  # every block's fc2
+    grads = {n: p.grad.clone() for n, p in params.named_parameters()}
+    for p in params.parameters():
+        p.grad = None
+    monkeypatch.setattr(sparse, "_activation_recipe", lambda x: None)
+    without = _saved_bytes(model, x.clone().requires_grad_(True))
+    assert without - with_recipe == sum(outputs[: len(model.blocks)]) > 0  # exactly the GELU outputs
+    for name, value in grads.items():  # fp64: the same gradients as autograd of the dense formulation
+        torch.testing.assert_close(value, dense[name], rtol=1e-6, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_recipe_changes_no_bit_of_a_training_run(monkeypatch, precision):
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+    x = torch.randn(2, 3, 32, 32)
+    trained = {}
+    for recipe in (True, False):
+        if not recipe:
+            monkeypatch.setattr(sparse, "_activation_recipe", lambda x: None)
+        torch.manual_seed(0)
+        model = _vit()
+        indices = _random_indices(model, 2, torch.Generator().manual_seed(1))
+        params = sparse.attach(model, indices, ["head.weight", "head.bias"])
+        optimizer = make_optimizer(params, TrainConfig(lr=1e-3))
+        taken = sparse._RECIPES_TAKEN[0]
+        for _ in range(3):
+            with sparse.recompute_sparse_weights(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                loss = model(x).float().logsumexp(1).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        assert (sparse._RECIPES_TAKEN[0] - taken > 0) == recipe
+        trained[recipe] = {n: p.detach().clone() for n, p in params.named_parameters()}
+    for name, value in trained[False].items():
+        assert torch.equal(trained[True][name], value), name
+
+
+def test_no_recipe_when_something_lies_between_the_activation_and_fc2():
+    torch.manual_seed(0)
+    model, x = _vit(), torch.randn(2, 3, 32, 32)
+    model.blocks[0].mlp.drop1 = nn.Dropout(0.1)  # a new tensor between GELU and fc2
+    model.blocks[1].mlp.act.register_forward_hook(lambda m, i, o: o.mul_(1.0))  # changed in place after GELU
+    params = sparse.attach(model, _random_indices(model, 2, torch.Generator().manual_seed(0)), [])
+    taken = sparse._RECIPES_TAKEN[0]
+    model(x).sum().backward()
+    assert sparse._RECIPES_TAKEN[0] - taken == len(model.blocks) - 2
+    with torch.no_grad():  # evaluation: nothing recorded
+        hidden = model.blocks[2].mlp.act(torch.randn(3, 4, requires_grad=True))
+    assert not hasattr(hidden, "_fps_activation")
+
+    sparse.detach(model, params)
+    assert not any(b.mlp.act._forward_hooks for b in model.blocks[2:])
+    assert len(model.blocks[1].mlp.act._forward_hooks) == 1  # the user's hook stays
+    hidden = model.blocks[2].mlp.act(torch.randn(3, 4, requires_grad=True))
+    assert not hasattr(hidden, "_fps_activation")
+
+
+def test_an_activation_input_changed_before_the_backward_is_rejected():
+    model = nn.Sequential(nn.Linear(5, 8), nn.GELU(), nn.Linear(8, 3))
+    sparse.attach(model, {"2.weight": torch.tensor([0, 9, 17])}, [])
+    x = torch.randn(4, 5, requires_grad=True)
+    hidden = model[0](x)
+    out = model[2](model[1](hidden))
+    hidden.add_(1.0)  # the tensor fc2's backward would rebuild its input from
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
