@@ -35,6 +35,22 @@ with ``S`` a CSR matrix, costs a sparse matmul in the forward and another in the
 the dense GEMM at a ViT-B layer's shapes on the CPU, benchmarks/sparse_ops.py), where the overlay costs
 O(selected).
 
+**An activation's output is rebuilt, not saved.** In a transformer MLP (timm's ``Mlp``: fc1 -> GELU -> dropout ->
+norm -> fc2) fc2 would save its input, the GELU output (4·D per token), while GELU's own backward node already keeps
+GELU's input (fc1's output, also 4·D). :func:`attach` puts a forward hook (first in line, ``prepend=True``) on every
+activation module of an exactly recomputable kind, :data:`RECOMPUTED_ACTIVATIONS` (``nn.GELU`` either
+approximation, ``nn.SiLU``, ``nn.Mish``; not in place, forward not swapped), that marks the output tensor with
+``(function, input, both version counters)`` — only with gradients on and an input that requires them (so that
+autograd keeps it anyway) and no cast (output dtype = input dtype). When :func:`sparse_linear` is fed *that very
+tensor* (same object: a dropout with p > 0, a norm, a cast or any op in between makes a new one) with neither
+version changed, it saves the activation's input instead of its own and reruns the activation in its backward:
+the same op on the same tensor in the same dtype, autocast off, so the bits are those of the forward. Saved
+through ``save_for_backward``, so an in-place change of that input before the backward is rejected as autograd
+rejects any. This drops about a quarter of a ViT block's saved activations. Not covered: ReLU / Tanh / Sigmoid
+(their backward keeps their output, so fc2's saved input costs nothing extra), activations called as functions
+(no module to hook), and transformers' ``GELUActivation`` (its forward may be swapped for a hub kernel).
+:func:`detach` removes the hooks.
+
 The overlay writes into the frozen base tensor for the duration of one GEMM, so it is only used where nothing
 else can read that tensor meanwhile: in a training step (with gradients), one thread per model. Without
 gradients (``fps eval``, validation) the layer builds the effective weight as a transient copy, as the dense path
