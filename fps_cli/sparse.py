@@ -78,6 +78,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm as TimmLayerNorm
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.nn.utils import parametrize
@@ -207,49 +208,78 @@ class SparseAdd(nn.Module):
 # *input*, so that keeping it costs nothing. ReLU, Tanh and Sigmoid keep their output instead: nothing to gain.
 RECOMPUTED_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Mish)
 
+# Norms whose output a sparse Linear may rebuild: ``F.layer_norm`` of the input (which layer_norm's backward keeps),
+# the weight and the bias (parameters). timm's subclass only without its "fast norm" (which runs in low precision
+# under autocast).
+RECOMPUTED_NORMS = (nn.LayerNorm, TimmLayerNorm)
 
-def _exact_activation(module: nn.Module):
-    """The function a supported activation module computes, or None (see :data:`RECOMPUTED_ACTIVATIONS`)."""
-    if type(module) not in RECOMPUTED_ACTIVATIONS or "forward" in vars(module) or getattr(module, "inplace", False):
+
+def _layer_norm(shape: tuple[int, ...], eps: float, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    return F.layer_norm(x, shape, weight, bias, eps)
+
+
+def _exact_recipe(module: nn.Module):
+    """``input -> (function, tensors)`` with ``function(*tensors)`` the module's output, or None if unsupported.
+
+    See :data:`RECOMPUTED_ACTIVATIONS` and :data:`RECOMPUTED_NORMS`.
+    """
+    kind = type(module)
+    if kind not in RECOMPUTED_ACTIVATIONS + RECOMPUTED_NORMS or "forward" in vars(module):
         return None
-    if type(module) is nn.GELU:
-        return functools.partial(F.gelu, approximate=module.approximate)
-    return F.silu if type(module) is nn.SiLU else F.mish
+    if kind in RECOMPUTED_NORMS:
+        if getattr(module, "_fast_norm", False):
+            return None
+        function = functools.partial(_layer_norm, tuple(module.normalized_shape), module.eps)
+        return lambda x: (function, (x, module.weight, module.bias))
+    if getattr(module, "inplace", False):
+        return None
+    if kind is nn.GELU:
+        function = functools.partial(F.gelu, approximate=module.approximate)
+    else:
+        function = F.silu if kind is nn.SiLU else F.mish
+    return lambda x: (function, (x,))
 
 
-# How many sparse Linear forwards saved an activation's recipe instead of their input (for tests and benchmarks).
+# How many sparse Linear forwards saved a recipe instead of their input (for tests and benchmarks).
 _RECIPES_TAKEN = [0]
 
 
-def _record_activation(module: nn.Module, args: tuple, output) -> None:
-    """Forward hook on a supported activation: mark its output with how to rebuild it from its input."""
-    function = _exact_activation(module)
-    if function is None or len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+def _record_recipe(module: nn.Module, args: tuple, output) -> None:
+    """Forward hook on a supported module: mark its output with how to rebuild it from tensors autograd keeps."""
+    recipe = _exact_recipe(module)
+    if recipe is None or len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
         return
     source = args[0]
     # Only where autograd keeps the input anyway (its backward node saves it) and no cast happened (autocast).
-    if not (torch.is_grad_enabled() and source.requires_grad) or output is source or output.dtype != source.dtype:
+    if not (torch.is_grad_enabled() and source.requires_grad) or output is source:
         return
-    output._fps_activation = (function, source, output._version, source._version)
+    function, tensors = recipe(source)
+    if any(t is not None and t.dtype != output.dtype for t in tensors):
+        return
+    versions = tuple(None if t is None else t._version for t in tensors)
+    output._fps_recipe = (function, tensors, output._version, versions)
 
 
-def _activation_recipe(x: Tensor):
-    """``(function, input)`` if ``x`` is, unmodified, the output of a recorded activation; else None."""
-    record = getattr(x, "_fps_activation", None)
+def _input_recipe(x: Tensor):
+    """``(function, tensors)`` if ``x`` is, unmodified, the output of a recorded module; else None."""
+    record = getattr(x, "_fps_recipe", None)
     if record is None:
         return None
-    function, source, x_version, source_version = record
-    if x._version != x_version or source._version != source_version:
-        return None  # changed in place since the activation ran: save x itself
-    return function, source
+    function, tensors, x_version, versions = record
+    changed = any(t is not None and t._version != v for t, v in zip(tensors, versions, strict=True))
+    if changed or x._version != x_version:
+        return None  # something changed in place since the module ran: save x itself
+    return function, tensors
 
 
-def _recompute_activation(function, source: Tensor, meta) -> Tensor:
-    """The activation's output again: the same op on the same tensor in the same dtype (autocast off)."""
-    with torch.autocast(source.device.type, enabled=False), torch.no_grad():
-        x = function(source)
+def _recompute(function, tensors: tuple, meta) -> Tensor:
+    """The module's output again (the same op on the same tensors in the same dtype, autocast off), then cast to
+    the dtype the Linear computed in, as :func:`sparse_linear` cast it."""
+    dtype = meta[2]
+    with torch.autocast(tensors[0].device.type, enabled=False), torch.no_grad():
+        x = function(*tensors).to(dtype)
     if (x.shape, x.stride(), x.dtype) != meta:
-        raise RuntimeError(f"recomputed activation differs in layout: {(x.shape, x.stride(), x.dtype)} vs {meta}")
+        raise RuntimeError(f"recomputed input differs in layout: {(x.shape, x.stride(), x.dtype)} vs {meta}")
     return x
 
 
@@ -257,20 +287,20 @@ class _SparseLinear(torch.autograd.Function):
     """``F.linear`` with the effective weight overlaid on the frozen base and the delta's gradient sampled."""
 
     @staticmethod
-    def forward(ctx, x, base, bias, delta, owner, dtype):
+    def forward(ctx, x, base, bias, delta, owner, dtype, recipe):
         with owner.effective(base, dtype) as weight:
             y = F.linear(x, weight, bias)
         # delta is saved so that autograd rejects a backward after the delta changed in place (an optimizer step
         # between forward and backward); base is frozen and restored, so it is kept by reference only.
-        recipe = _activation_recipe(x)
         if recipe is None:
-            ctx.save_for_backward(x, delta)
+            ctx.save_for_backward(delta, x)
         else:
-            # x is an activation's output: keep the activation's input (which its own backward node keeps anyway,
-            # so no memory) and rebuild x in the backward. Saved through autograd, so an in-place change of the
-            # input between forward and backward is rejected (its version counter), as for any saved tensor.
-            function, source = recipe
-            ctx.save_for_backward(source, delta)
+            # x is (the autocast cast of) an activation's or a norm's output: keep that module's inputs (its own
+            # backward node keeps them anyway, or they are parameters: no memory) and rebuild x in the backward.
+            # Saved through autograd, so an in-place change of any of them between forward and backward is
+            # rejected (their version counters), as for any saved tensor.
+            function, tensors = recipe
+            ctx.save_for_backward(delta, *tensors)
             ctx.recompute, ctx.x_meta = function, (x.shape, x.stride(), x.dtype)
             _RECIPES_TAKEN[0] += 1
         ctx.recipe = recipe is not None
@@ -279,11 +309,12 @@ class _SparseLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, _ = ctx.saved_tensors
-        if ctx.recipe and ctx.needs_input_grad[3]:
-            x = _recompute_activation(ctx.recompute, x, ctx.x_meta)
-        elif ctx.recipe:
-            x = None  # only the delta's gradient reads x
+        _, *saved = ctx.saved_tensors
+        x = None  # only the delta's gradient reads x
+        if not ctx.recipe:
+            x = saved[0]
+        elif ctx.needs_input_grad[3]:
+            x = _recompute(ctx.recompute, tuple(saved), ctx.x_meta)
         owner = ctx.owner
         dy2 = dy.reshape(-1, dy.shape[-1])  # [tokens, out]
         dx = dbias = ddelta = None
@@ -294,7 +325,7 @@ class _SparseLinear(torch.autograd.Function):
             dbias = dy2.sum(0)
         if ctx.needs_input_grad[3]:
             ddelta = owner.sampled_grad(dy2, x.reshape(-1, x.shape[-1]))
-        return dx, None, dbias, ddelta, None, None
+        return dx, None, dbias, ddelta, None, None, None
 
 
 def sparse_linear(module: nn.Linear, x: Tensor) -> Tensor:
@@ -303,6 +334,8 @@ def sparse_linear(module: nn.Linear, x: Tensor) -> Tensor:
     base, owner = parametrization.original, parametrization[0]
     bias = module.bias
     dtype = None
+    # Looked up before autocast's cast, which makes a new tensor: the rebuilt input is cast the same way.
+    recipe = _input_recipe(x) if torch.is_grad_enabled() else None
     if torch.is_autocast_enabled(x.device.type):  # cast as autocast would, then compute without it
         dtype = torch.get_autocast_dtype(x.device.type)
         x = x.to(dtype)
@@ -311,7 +344,7 @@ def sparse_linear(module: nn.Linear, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() and (
             x.requires_grad or owner.delta.requires_grad or (bias is not None and bias.requires_grad)
         ):
-            return _SparseLinear.apply(x, base, bias, owner.delta, owner, dtype)
+            return _SparseLinear.apply(x, base, bias, owner.delta, owner, dtype, recipe)
         # Without gradients (evaluation, possibly from several threads at once) a copy, as the dense path makes:
         # the in-place overlay is for training steps, where the memory matters and one thread runs the model.
         with owner.effective(base, dtype, copy=True) as weight:
@@ -408,11 +441,11 @@ def attach(
             module.forward = functools.partial(sparse_linear, module)
     hooks = []
     if any(d.sparse_path for d in deltas.values()):
-        # Every supported activation is marked (a cheap attribute on its output); only a sparse Linear fed that
-        # very output uses the mark. prepend: see the output before any other hook could replace or change it.
+        # Every supported activation and norm is marked (a cheap attribute on its output); only a sparse Linear fed
+        # that very output uses the mark. prepend: see the output before any other hook could replace or change it.
         for module in model.modules():
-            if _exact_activation(module) is not None:
-                hooks.append(module.register_forward_hook(_record_activation, prepend=True))
+            if _exact_recipe(module) is not None:
+                hooks.append(module.register_forward_hook(_record_recipe, prepend=True))
     return SparseParams(deltas, full, hooks)
 
 

@@ -231,29 +231,33 @@ def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
     return sum(storages.values())
 
 
-def test_fc2_rebuilds_the_gelu_output_instead_of_saving_it(monkeypatch):
+def test_qkv_fc1_and_fc2_rebuild_the_norm_and_gelu_outputs_instead_of_saving_them(monkeypatch):
     torch.set_default_dtype(torch.float64)
     generator = torch.Generator().manual_seed(0)
     model, x = _vit(), torch.randn(2, 3, 32, 32)
     assert all(type(b.mlp.act) is nn.GELU for b in model.blocks)
+    assert all(isinstance(b.norm1, nn.LayerNorm) and isinstance(b.norm2, nn.LayerNorm) for b in model.blocks)
     indices = _random_indices(model, 2, generator)
     values = {n: torch.randn(i.numel(), generator=generator) for n, i in indices.items()}
     full = ["head.weight", "head.bias"]
     _, dense = _gradients(model, indices, full, x, "dense", values)
     params = sparse.attach(model, indices, full, values=values)
-    outputs = []  # every GELU output: what fc2 no longer keeps
+    outputs = {"gelu": [], "norm": []}  # every GELU and block norm output: what fc2, qkv and fc1 no longer keep
     for block in model.blocks:
-        block.mlp.act.register_forward_hook(lambda m, i, o: outputs.append(o.numel() * o.element_size()))
+        for kind, module in (("gelu", block.mlp.act), ("norm", block.norm1), ("norm", block.norm2)):
+            module.register_forward_hook(lambda m, i, o, kind=kind: outputs[kind].append(o.numel() * o.element_size()))
 
     taken = sparse._RECIPES_TAKEN[0]
     with_recipe = _saved_bytes(model, x.clone().requires_grad_(True))
-    assert sparse._RECIPES_TAKEN[0] - taken == len(model.blocks)  # every block's fc2
+    assert sparse._RECIPES_TAKEN[0] - taken == 3 * len(model.blocks)  # every block's qkv, fc1 and fc2
     grads = {n: p.grad.clone() for n, p in params.named_parameters()}
     for p in params.parameters():
         p.grad = None
-    monkeypatch.setattr(sparse, "_activation_recipe", lambda x: None)
+    monkeypatch.setattr(sparse, "_input_recipe", lambda x: None)
     without = _saved_bytes(model, x.clone().requires_grad_(True))
-    assert without - with_recipe == sum(outputs[: len(model.blocks)]) > 0  # exactly the GELU outputs
+    gelu, norm = sum(outputs["gelu"][: len(model.blocks)]), sum(outputs["norm"][: 2 * len(model.blocks)])
+    assert gelu > 0 and norm > 0
+    assert without - with_recipe == gelu + norm  # exactly the GELU and the LayerNorm outputs
     for name, value in grads.items():  # fp64: the same gradients as autograd of the dense formulation
         torch.testing.assert_close(value, dense[name], rtol=1e-6, atol=1e-9, msg=name)
 
@@ -265,7 +269,7 @@ def test_the_recipe_changes_no_bit_of_a_training_run(monkeypatch, precision):
     trained = {}
     for recipe in (True, False):
         if not recipe:
-            monkeypatch.setattr(sparse, "_activation_recipe", lambda x: None)
+            monkeypatch.setattr(sparse, "_input_recipe", lambda x: None)
         torch.manual_seed(0)
         model = _vit()
         indices = _random_indices(model, 2, torch.Generator().manual_seed(1))
@@ -278,30 +282,41 @@ def test_the_recipe_changes_no_bit_of_a_training_run(monkeypatch, precision):
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        assert (sparse._RECIPES_TAKEN[0] - taken > 0) == recipe
+        # 3 steps; not block 0's qkv: its norm's input (image + frozen embeddings) needs no gradient, so that norm's
+        # backward does not run and nothing keeps the input.
+        assert sparse._RECIPES_TAKEN[0] - taken == (3 * (3 * len(model.blocks) - 1) if recipe else 0)
         trained[recipe] = {n: p.detach().clone() for n, p in params.named_parameters()}
     for name, value in trained[False].items():
         assert torch.equal(trained[True][name], value), name
 
 
-def test_no_recipe_when_something_lies_between_the_activation_and_fc2():
+def test_no_recipe_when_something_lies_between_the_activation_or_norm_and_the_linear():
     torch.manual_seed(0)
     model, x = _vit(), torch.randn(2, 3, 32, 32)
     model.blocks[0].mlp.drop1 = nn.Dropout(0.1)  # a new tensor between GELU and fc2
     model.blocks[1].mlp.act.register_forward_hook(lambda m, i, o: o.mul_(1.0))  # changed in place after GELU
+    model.blocks[2].norm1 = nn.Sequential(model.blocks[2].norm1, nn.Dropout(0.1))  # between norm1 and qkv
+    model.blocks[3].norm2.register_forward_hook(lambda m, i, o: o.mul_(1.0))  # changed in place after norm2
+    model.blocks[5].norm2._fast_norm = True  # timm's fast norm: not an exact recipe
     params = sparse.attach(model, _random_indices(model, 2, torch.Generator().manual_seed(0)), [])
     taken = sparse._RECIPES_TAKEN[0]
     model(x).sum().backward()
-    assert sparse._RECIPES_TAKEN[0] - taken == len(model.blocks) - 2
+    assert (
+        sparse._RECIPES_TAKEN[0] - taken == 3 * len(model.blocks) - 6
+    )  # and block 0's qkv: no gradient reaches its norm
     with torch.no_grad():  # evaluation: nothing recorded
         hidden = model.blocks[2].mlp.act(torch.randn(3, 4, requires_grad=True))
-    assert not hasattr(hidden, "_fps_activation")
+        normed = model.blocks[1].norm1(torch.randn(3, 64, requires_grad=True))
+    assert not hasattr(hidden, "_fps_recipe") and not hasattr(normed, "_fps_recipe")
 
     sparse.detach(model, params)
     assert not any(b.mlp.act._forward_hooks for b in model.blocks[2:])
-    assert len(model.blocks[1].mlp.act._forward_hooks) == 1  # the user's hook stays
+    assert not any(b.norm2._forward_hooks for b in model.blocks[4:])
+    assert len(model.blocks[1].mlp.act._forward_hooks) == 1  # the user's hooks stay
+    assert len(model.blocks[3].norm2._forward_hooks) == 1
     hidden = model.blocks[2].mlp.act(torch.randn(3, 4, requires_grad=True))
-    assert not hasattr(hidden, "_fps_activation")
+    normed = model.blocks[1].norm1(torch.randn(3, 64, requires_grad=True))
+    assert not hasattr(hidden, "_fps_recipe") and not hasattr(normed, "_fps_recipe")
 
 
 def test_an_activation_input_changed_before_the_backward_is_rejected():
@@ -313,3 +328,25 @@ def test_an_activation_input_changed_before_the_backward_is_rejected():
     hidden.add_(1.0)  # the tensor fc2's backward would rebuild its input from
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_a_norm_weight_changed_before_the_backward_is_rejected():
+    model = nn.Sequential(nn.LayerNorm(5), nn.Linear(5, 3))
+    sparse.attach(model, {"1.weight": torch.tensor([0, 9, 14])}, ["0.weight"])
+    x = torch.randn(4, 5, requires_grad=True)
+    taken = sparse._RECIPES_TAKEN[0]
+    out = model(x)
+    assert sparse._RECIPES_TAKEN[0] - taken == 1  # torch's own LayerNorm, too
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)  # what the Linear's backward would rebuild its input with
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+    def bump(module, args):
+        with torch.no_grad():
+            model[0].weight.add_(0.0)  # between the norm and the Linear: the rebuild could differ, no recipe
+
+    model[1].register_forward_pre_hook(bump)
+    taken = sparse._RECIPES_TAKEN[0]
+    model(x)
+    assert sparse._RECIPES_TAKEN[0] == taken
