@@ -35,21 +35,28 @@ with ``S`` a CSR matrix, costs a sparse matmul in the forward and another in the
 the dense GEMM at a ViT-B layer's shapes on the CPU, benchmarks/sparse_ops.py), where the overlay costs
 O(selected).
 
-**An activation's output is rebuilt, not saved.** In a transformer MLP (timm's ``Mlp``: fc1 -> GELU -> dropout ->
-norm -> fc2) fc2 would save its input, the GELU output (4·D per token), while GELU's own backward node already keeps
-GELU's input (fc1's output, also 4·D). :func:`attach` puts a forward hook (first in line, ``prepend=True``) on every
-activation module of an exactly recomputable kind, :data:`RECOMPUTED_ACTIVATIONS` (``nn.GELU`` either
-approximation, ``nn.SiLU``, ``nn.Mish``; not in place, forward not swapped), that marks the output tensor with
-``(function, input, both version counters)`` — only with gradients on and an input that requires them (so that
-autograd keeps it anyway) and no cast (output dtype = input dtype). When :func:`sparse_linear` is fed *that very
-tensor* (same object: a dropout with p > 0, a norm, a cast or any op in between makes a new one) with neither
-version changed, it saves the activation's input instead of its own and reruns the activation in its backward:
-the same op on the same tensor in the same dtype, autocast off, so the bits are those of the forward. Saved
-through ``save_for_backward``, so an in-place change of that input before the backward is rejected as autograd
-rejects any. This drops about a quarter of a ViT block's saved activations. Not covered: ReLU / Tanh / Sigmoid
-(their backward keeps their output, so fc2's saved input costs nothing extra), activations called as functions
-(no module to hook), and transformers' ``GELUActivation`` (its forward may be swapped for a hub kernel).
-:func:`detach` removes the hooks.
+**An activation's or a norm's output is rebuilt, not saved.** In a transformer MLP (timm's ``Mlp``: fc1 -> GELU ->
+dropout -> norm -> fc2) fc2 would save its input, the GELU output (4·D per token), while GELU's own backward node
+already keeps GELU's input (fc1's output, also 4·D). Likewise in a ViT block ``attn.qkv`` is fed ``norm1``'s output
+and ``mlp.fc1`` ``norm2``'s (D per token each), while each LayerNorm's backward keeps its input (the residual
+stream) and its weight and bias are parameters. :func:`attach` puts a forward hook (first in line,
+``prepend=True``) on every module of an exactly recomputable kind, :data:`RECOMPUTED_ACTIVATIONS` (``nn.GELU``
+either approximation, ``nn.SiLU``, ``nn.Mish``; not in place) and :data:`RECOMPUTED_NORMS` (``nn.LayerNorm`` and
+timm's ``LayerNorm`` subclass, not with timm's "fast norm", which computes in low precision under autocast), forward
+not swapped, that marks the output tensor with ``(function, tensors, version counters)`` (``F.layer_norm`` of input,
+weight and bias for a norm) — only with gradients on and an input that requires them (so that autograd keeps it
+anyway) and every tensor in the output's dtype (no autocast cast inside the module: under autocast LayerNorm runs
+in fp32 on the fp32 residual stream, GELU in the low precision of fc1's output). When :func:`sparse_linear` is fed
+*that very tensor* (same object: a dropout with p > 0, a cast or any op in between makes a new one) with no version
+changed, it saves the module's tensors instead of its input and reruns the module in its backward: the same op on
+the same tensors in the same dtype, autocast off, so the bits are those of the forward, then autocast's cast to the
+Linear's compute dtype if the forward made one (a norm's fp32 output fed to a bf16 Linear). Saved through
+``save_for_backward``, so an in-place change of any of them before the backward is rejected as autograd rejects
+any. This drops about a quarter of a ViT block's saved activations for fc2 and another D per token for each of
+qkv and fc1 (not block 0's qkv when nothing before it trains: its norm's input needs no gradient, so nothing keeps
+it). Not covered: ReLU / Tanh / Sigmoid (their backward keeps their output, so fc2's saved input costs nothing
+extra), activations and norms called as functions (no module to hook), RMSNorm and BatchNorm, and transformers'
+``GELUActivation`` (its forward may be swapped for a hub kernel). :func:`detach` removes the hooks.
 
 The overlay writes into the frozen base tensor for the duration of one GEMM, so it is only used where nothing
 else can read that tensor meanwhile: in a training step (with gradients), one thread per model. Without
@@ -200,7 +207,7 @@ class SparseAdd(nn.Module):
         return out
 
 
-# ------------------------------------------------------------- an activation's output rebuilt, not saved by fc2
+# ---------------------------------------------- an activation's or a norm's output rebuilt, not saved by a Linear
 
 
 # Activation modules whose output a sparse Linear may rebuild instead of saving: their forward is one elementwise,
