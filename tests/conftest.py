@@ -69,6 +69,27 @@ def write_images(folder: Path, n: int, color: tuple[int, int, int] | None = None
 CLASS_COLORS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)]
 
 
+def tiny_hf_vit(folder: Path | None = None, *, layers: int = 2):
+    """A tiny random transformers ViT (hidden 32, ``layers`` layers, 2 heads, 32x32 images, 8x8 patches, 3 labels);
+    with ``folder``, saved there as a ``save_pretrained`` folder with its image processor (an ``hf:`` model)."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=3,
+    )
+    model = ViTForImageClassification(config)
+    if folder is not None:
+        model.save_pretrained(folder)
+        ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return model
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Callable[..., Path]:
     """Factory: ``image_folder(classes=3, per_class=6, val_per_class=0, flat=False)`` -> a data folder.

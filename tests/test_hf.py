@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_hf_vit
 from typer.testing import CliRunner
 
 pytest.importorskip("transformers")
@@ -28,20 +29,8 @@ def fps(*args: object):
 @pytest.fixture
 def hf_vit(tmp_path: Path) -> Path:
     """A tiny random ViT (hidden 32, 2 layers, 2 heads, 32x32 images, 8x8 patches, 3 labels) and its processor."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        num_labels=3,
-    )
     folder = tmp_path / "tiny-vit"
-    ViTForImageClassification(config).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    tiny_hf_vit(folder)
     return folder
 
 

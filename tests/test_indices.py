@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CLASS_COLORS, TINY_VIT, write_images
+from conftest import CLASS_COLORS, TINY_VIT, tiny_hf_vit, write_images
 from typer.testing import CliRunner
 
 from fps_cli.cli import app
@@ -179,17 +179,8 @@ def test_timm_model_gives_the_same_selection_as_fps_select(tmp_path):
 
 
 def test_hf_vision_model_with_pixel_values_mapping():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        num_labels=3,
-    )
-    model = transformers.ViTForImageClassification(config).eval()
+    pytest.importorskip("transformers")
+    model = tiny_hf_vit().eval()
     batches = [{"pixel_values": torch.randn(2, 3, 32, 32), "labels": torch.tensor([0, 1])} for _ in range(2)]
     sel = select_indices(model, batches, target_modules=["q_proj", "v_proj", "fc2"], budget=0.2)
     assert sel.batches == 2

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASS_COLORS, REPO, TINY_VIT, write_images
+from conftest import CLASS_COLORS, REPO, TINY_VIT, tiny_hf_vit, write_images
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -111,20 +111,8 @@ def data_of(built: Path) -> Path:
 def hf_run(tmp_path_factory) -> Path:
     """Issue case 1 as the user made it: an hf: tiny random ViT, `select` and `train` into run1/, plus notes.txt."""
     pytest.importorskip("transformers")
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
     root = tmp_path_factory.mktemp("hf")
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        num_labels=3,
-    )
-    ViTForImageClassification(config).save_pretrained(root / "tinyvit")
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "tinyvit")
+    tiny_hf_vit(root / "tinyvit", layers=1)
     data = root / "data"
     for c in range(3):
         write_images(data / f"class_{c}", 3, CLASS_COLORS[c], seed=c)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASS_COLORS, REPO, TINY_VIT, write_images
+from conftest import CLASS_COLORS, REPO, TINY_VIT, tiny_hf_vit, write_images
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -53,21 +53,9 @@ def timm_delta(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_delta(tmp_path_factory) -> Path:
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
     root = tmp_path_factory.mktemp("hf")
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        num_labels=3,
-    )
     torch.manual_seed(0)
-    ViTForImageClassification(config).save_pretrained(root / "tiny-vit")
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "tiny-vit")
+    tiny_hf_vit(root / "tiny-vit")
     return select_and_train(root, ["--model", f"hf:{root / 'tiny-vit'}"])
 
 
