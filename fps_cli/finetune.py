@@ -16,7 +16,6 @@ import math
 import os
 import random
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -34,6 +33,7 @@ from .data import ImageStream, default_num_workers, discover, eval_transform, ma
 from .distributed import Dist, average_gradients, batch_shard, sum_floats
 from .errors import DataError, FileFormatError, OutputExistsError, TrainingError
 from .formats import Delta, Mask, weights_digest
+from .hub import torch_load_data
 from .models import ModelSpec, create_model, model_name, model_num_classes, output_logits
 from .options import TrainConfig as TrainConfig  # re-exported: the training options live in options.py
 from .outputs import Transaction
@@ -366,9 +366,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise TrainingError(f"no checkpoint {path} to resume from; run without --resume")
     try:
-        with warnings.catch_warnings():  # a raw pickle makes torch warn twice before it fails: one line is enough
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load_data(path)
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise TrainingError(f"cannot read checkpoint {path}: {reason}; start over with --force") from None

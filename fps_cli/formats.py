@@ -35,7 +35,7 @@ from torch import Tensor
 from . import __version__
 from .activations import InputStats
 from .errors import FileFormatError
-from .headers import FORMAT_VERSION, check_header, read_mask_arrays
+from .headers import FORMAT_VERSION, check_header, count_params, count_selected, read_mask_arrays
 from .headers import FORMATS as FORMATS
 from .headers import RESERVED as _RESERVED
 from .headers import shapes_and_names as _shapes_and_names
@@ -182,15 +182,15 @@ class Mask:
 
     @property
     def selected(self) -> int:
-        return sum(int(i.numel()) for i in self.indices.values())
+        return count_selected(self.indices)
 
     @property
     def trainable(self) -> int:
-        return self.selected + sum(_numel(self.shapes[n]) for n in self.fully_trainable)
+        return self.selected + count_params(self.shapes, self.fully_trainable)
 
     @property
     def total_params(self) -> int:
-        return sum(_numel(s) for s in self.shapes.values())
+        return count_params(self.shapes)
 
     def dense(self) -> dict[str, Tensor]:
         """Every parameter as a boolean tensor shaped like it, True where trainable."""

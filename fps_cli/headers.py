@@ -162,15 +162,25 @@ class MaskArrays:
 
     @property
     def selected(self) -> int:
-        return sum(int(i.size) for i in self.indices.values())
+        return count_selected(self.indices)
 
     @property
     def trainable(self) -> int:
-        return self.selected + sum(_numel(self.shapes[n]) for n in self.fully_trainable)
+        return self.selected + count_params(self.shapes, self.fully_trainable)
 
     @property
     def total_params(self) -> int:
-        return sum(_numel(s) for s in self.shapes.values())
+        return count_params(self.shapes)
+
+
+def count_selected(indices: dict[str, Any]) -> int:
+    """Selected entries of a mask's indices (numpy arrays or torch tensors)."""
+    return sum(_numel(i.shape) for i in indices.values())
+
+
+def count_params(shapes: dict[str, Any], names: Any = None) -> int:
+    """Elements of the parameters ``names`` (default: all) given their shapes."""
+    return sum(_numel(shapes[n]) for n in (shapes if names is None else names))
 
 
 def _numel(shape: Any) -> int:

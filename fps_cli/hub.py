@@ -148,6 +148,17 @@ def ensure_available(
     return False
 
 
+def torch_load_data(path: str | os.PathLike) -> object:
+    """``torch.load`` of a file that must hold data, never code (``weights_only=True``), on the CPU.
+
+    A raw pickle makes torch warn twice before it fails; the caller's one-line error is enough, so the warnings
+    are silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a safetensors or torch weight file safely (``weights_only=True``)."""
     path = Path(path)
@@ -159,9 +170,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            with warnings.catch_warnings():  # a raw pickle makes torch warn twice before it fails: one line is enough
-                warnings.simplefilter("ignore")
-                state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch_load_data(path)
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"cannot read checkpoint {path}: {reason}") from None
