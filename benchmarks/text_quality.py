@@ -105,14 +105,15 @@ SELECT_ARGS = {
     "activation": {"method": "activation", "norm": "l1"},
     "random": {"method": "random", "norm": "l1"},
 }
-# Half-decade grids; extended past an edge that wins (see the module docstring).
-SPARSE_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
+# Half-decade grids, three rates around where each kind of method usually does best; a search extends one past a
+# winning edge (see the module docstring).
+SPARSE_GRID = (3e-3, 1e-2, 3e-2)
 LR_GRID = {
     **{m: SPARSE_GRID for m in SELECTION},
-    "bias": (1e-3, 3e-3, 1e-2, 3e-2),
-    "linear": (3e-3, 1e-2, 3e-2, 1e-1),
-    "full": (3e-5, 1e-4, 3e-4, 1e-3),
-    "lora": (3e-4, 1e-3, 3e-3, 1e-2),
+    "bias": (3e-3, 1e-2, 3e-2),
+    "linear": (1e-2, 3e-2, 1e-1),
+    "full": (3e-5, 1e-4, 3e-4),
+    "lora": (1e-3, 3e-3, 1e-2),
 }
 LORA_TARGETS = ("query", "key", "value", "dense")
 LORA_R = 8
@@ -140,14 +141,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shots", type=int, default=16, help="training glosses per class")
     p.add_argument("--val-per-class", type=int, default=16, help="validation glosses per class (chooses the rate)")
     p.add_argument("--test-per-class", type=int, default=50, help="test glosses per class (chooses nothing)")
-    p.add_argument("--classes", type=int, help="keep only the first N eligible classes (fewer: faster)")
+    p.add_argument("--classes", type=int, default=12, help="the first N eligible classes, alphabetically (0: all)")
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=10, help="fps train's default")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.0077, 0.05])
     p.add_argument("--methods", nargs="+", default=list(PRIORITY), choices=METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--max-extend", type=int, default=2, help="grid extensions past a winning edge, per method")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared machine)")
+    p.add_argument(
+        "--stage",
+        choices=("own", "all"),
+        default="all",
+        help="own: only the rate searches and the seeds at each method's own rate (a worker of several)",
+    )
     p.add_argument("--fresh", action="store_true", help="forget the finished runs of runs.jsonl")
     p.add_argument("--table-only", action="store_true", help="render the table from runs.jsonl, run nothing")
     p.add_argument("--update-results", action="store_true", help=f"write the '{SECTION}' section of RESULTS.md")
@@ -156,7 +163,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.shots, args.val_per_class, args.test_per_class, args.epochs = 2, 2, 2, 1
-        args.classes = args.classes or 3
+        args.classes = min(args.classes, 3) if args.classes else 3
         args.seeds = args.seeds[:2]
     # The rates each method's search starts from (smoke: the middle two of each grid).
     args.lr_grid = {m: grid[1:3] if args.smoke else grid for m, grid in LR_GRID.items()}
@@ -262,7 +269,7 @@ def prepare_data(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
         shots=args.shots,
         val_per_class=args.val_per_class,
         test_per_class=args.test_per_class,
-        classes=args.classes,
+        classes=args.classes or None,
     )
     data = args.out_dir / "data"
     for split, rows in splits.items():
@@ -577,11 +584,14 @@ class Runs:
             path.unlink()
         self.done = {r["key"]: r for r in read_jsonl(path)} if path.exists() else {}
 
-    def get(self, cell: Cell, compute: Callable[[Cell], dict[str, Any]]) -> dict[str, Any]:
+    def get(self, cell: Cell, compute: Callable[[Cell], dict[str, Any] | None]) -> dict[str, Any] | None:
+        """The cell's result: recorded, else computed and recorded (``None``: ``compute`` did not run it)."""
         if cell.key not in self.done:
             result = compute(cell)
+            if result is None:
+                return None
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
+            with open(self.path, "a") as f:  # one short line per write: two workers can share the file
                 f.write(json.dumps(result) + "\n")
             self.done[cell.key] = result
         return self.done[cell.key]
@@ -615,40 +625,51 @@ def search_rate(
     method: str,
     budget: float | None,
     runs: Runs,
-    compute: Callable[[Cell], dict],
+    compute: Callable[[Cell], dict | None],
     max_extend: int,
     start: Sequence[float] | None = None,
-) -> tuple[float, list[float]]:
+) -> tuple[float | None, dict[float, float | None]]:
     """Seed 0 at every rate of the method's grid (``start``, default :data:`LR_GRID`'s), extended past a winning
-    edge; the best rate by validation top-1 and the grid as run."""
+    edge up to ``max_extend`` times.
+
+    Returns:
+        the best rate by validation top-1 (``None`` when a rate of the grid was not run: no choice is made on
+        part of a grid), and the grid as run (rate -> validation top-1, ``None`` where not run).
+    """
     grid = list(start or LR_GRID[method])
     first = len(grid)
     while True:
-        scores = {lr: runs.get(Cell(method, budget, lr, 0), compute)["val_top1"] for lr in grid}
+        results = {lr: runs.get(Cell(method, budget, lr, 0), compute) for lr in sorted(grid)}
+        scores = {lr: r["val_top1"] if r is not None else None for lr, r in results.items()}
+        if any(v is None for v in scores.values()):
+            return None, scores
         best = best_rate(scores)
         beyond = extend_grid(grid, best)
         if beyond is None or len(grid) - first >= max_extend:
-            return best, sorted(grid)
+            return best, scores
         grid.append(beyond)
 
 
-def shared_rate(grids: dict[str, dict[float, float]]) -> float | None:
-    """The rate (run by every selection method) with the best mean validation top-1 over them."""
-    common = set.intersection(*(set(g) for g in grids.values())) if grids else set()
-    if not common:
+def shared_rate(grids: dict[str, dict[float, float | None]]) -> float | None:
+    """The rate (run by every selection method) with the best mean validation top-1 over them; ``None`` until
+    every search is complete."""
+    if not grids or any(v is None for g in grids.values() for v in g.values()):
         return None
+    common = set.intersection(*(set(g) for g in grids.values()))
     means = {lr: statistics.fmean(g[lr] for g in grids.values()) for lr in common}
-    return best_rate(means)
+    return best_rate(means) if means else None
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def run_protocol(args: argparse.Namespace, compute: Callable[[Cell], dict], runs: Runs, log=print) -> list[dict]:
-    """Every (budget, method): the rate search, then the seeds at the method's own rate and at the shared rate.
+def run_protocol(args: argparse.Namespace, compute: Callable[[Cell], dict | None], runs: Runs, log=print) -> list[dict]:
+    """Every (budget, method): the rate search, then the seeds at the method's own rate and (``args.stage ==
+    "all"``) at the shared rate, in :data:`PRIORITY` order.
 
-    Returns one row per (budget, method, which rate) with the seeds' results, in table order.
+    Returns one row per (budget, method, which rate): ``lr`` (``None``: not chosen yet), ``grid`` (rate ->
+    validation top-1 of seed 0) and ``runs`` (the finished seeds' results).
     """
     rows = []
     budgets = args.budgets
@@ -659,23 +680,31 @@ def run_protocol(args: argparse.Namespace, compute: Callable[[Cell], dict], runs
         own, grids = {}, {}
         for method in methods:
             b = budget if method in SELECTION else None
-            own[method], grid = search_rate(method, b, runs, compute, args.max_extend, args.lr_grid[method])
-            grids[method] = {lr: runs.done[Cell(method, b, lr, 0).key]["val_top1"] for lr in grid}
-            log(f"budget {budget:g} / {method}: best rate {own[method]:g} of {grid}")
-            for seed in args.seeds:
+            own[method], grids[method] = search_rate(method, b, runs, compute, args.max_extend, args.lr_grid[method])
+            log(f"budget {budget:g} / {method}: rate {own[method]} of {grids[method]}")
+            for seed in args.seeds if own[method] is not None else ():
                 runs.get(Cell(method, b, own[method], seed), compute)
-        shared = shared_rate({m: g for m, g in grids.items() if m in SELECTION})
+        shared = None
+        if args.stage == "all":
+            shared = shared_rate({m: g for m, g in grids.items() if m in SELECTION})
+            for method in methods:
+                b = budget if method in SELECTION else None
+                for seed in args.seeds if shared is not None else ():
+                    runs.get(Cell(method, b, shared, seed), compute)
         for method in methods:
             b = budget if method in SELECTION else None
-            if shared is not None:
-                for seed in args.seeds:
-                    runs.get(Cell(method, b, shared, seed), compute)
             for which, lr in (("own", own[method]), ("shared", shared)):
-                if lr is None:
-                    continue
-                seeds = [runs.done[Cell(method, b, lr, s).key] for s in args.seeds]
-                rows.append({"budget": budget, "method": method, "rate": which, "lr": lr, "grid": grids[method]})
-                rows[-1]["runs"] = seeds
+                done = [runs.done.get(Cell(method, b, lr, s).key) for s in args.seeds] if lr is not None else []
+                rows.append(
+                    {
+                        "budget": budget,
+                        "method": method,
+                        "rate": which,
+                        "lr": lr,
+                        "grid": grids[method],
+                        "runs": [r for r in done if r is not None],
+                    }
+                )
     return rows
 
 
@@ -684,47 +713,61 @@ def run_protocol(args: argparse.Namespace, compute: Callable[[Cell], dict], runs
 
 def render(rows: list[dict], summary: dict[str, Any], args: argparse.Namespace) -> str:
     """Markdown: per budget, one table at each method's own rate and one at the shared rate."""
+    total = summary.get("total_params") or 0
     out = []
     for budget in dict.fromkeys(r["budget"] for r in rows):
         for which in ("own", "shared"):
             chosen = [r for r in rows if r["budget"] == budget and r["rate"] == which]
-            if not chosen:
+            lrs = {r["lr"] for r in chosen if r["lr"] is not None}
+            if which == "shared" and not lrs:
                 continue
-            title = "each method's own best rate" if which == "own" else f"the shared rate {chosen[0]['lr']:g}"
+            title = "each method's own rate" if which == "own" else f"the shared rate {lrs.pop():g}"
             out.append(f"**Budget {budget:g}, at {title}** (test top-1 %, mean ± std over seeds {args.seeds})\n")
             out.append(
-                "| method | test top-1 | val top-1 | lr | grid (val top-1 at seed 0) | trainable | s / epoch "
-                "| peak RSS MiB | final train loss |"
+                "| method | test top-1 | val top-1 | lr | grid: val top-1 (seed 0) | trainable | s / epoch "
+                "| peak RSS MiB | train loss, last epoch (change over the last 2) |"
             )
             out.append("|---|---|---|---|---|---|---|---|---|")
             for r in chosen:
-                test = mean_std([x["test_top1"] for x in r["runs"]])
-                val = mean_std([x["val_top1"] for x in r["runs"]])
-                grid = ", ".join(f"{lr:g}: {v:.1f}" for lr, v in sorted(r["grid"].items()))
-                first = r["runs"][0]
-                edge = " (edge)" if r["lr"] in (min(r["grid"]), max(r["grid"])) and which == "own" else ""
+                grid = ", ".join(f"{lr:g}: {'not run' if v is None else f'{v:.1f}'}" for lr, v in r["grid"].items())
+                if not r["runs"]:
+                    why = "not run" if r["lr"] is not None else "not run (rate search unfinished)"
+                    lr = f"{r['lr']:g}" if r["lr"] is not None else "-"
+                    out.append(f"| {r['method']} | {why} | | {lr} | {grid} | | | | |")
+                    continue
+                n = len(r["runs"])
+                test, val = mean_std([x["test_top1"] for x in r["runs"]]), mean_std([x["val_top1"] for x in r["runs"]])
+                seeds = "" if n == len(args.seeds) else f" (n={n})"
+                edge = " (edge)" if which == "own" and r["lr"] in (min(r["grid"]), max(r["grid"])) else ""
+                trainable = r["runs"][0]["trainable"]
+                share = f" ({100 * trainable / total:.2f}%)" if total else ""
                 spe = statistics.fmean(x["seconds_per_epoch"] for x in r["runs"])
                 peak = max((x["peak_rss_mib"] or 0) for x in r["runs"])
-                loss = statistics.fmean(x["train_loss"][-1] for x in r["runs"])
+                last = statistics.fmean(x["train_loss"][-1] for x in r["runs"])
+                drop = statistics.fmean(
+                    x["train_loss"][-1] - x["train_loss"][max(-3, -len(x["train_loss"]))] for x in r["runs"]
+                )
                 out.append(
-                    f"| {r['method']} | {test[0]:.1f} ± {test[1]:.1f} | {val[0]:.1f} ± {val[1]:.1f} | "
-                    f"{r['lr']:g}{edge} | {grid} | {first['trainable']:,} | {spe:.2f} | {peak:.0f} | {loss:.3f} |"
+                    f"| {r['method']} | {test[0]:.1f} ± {test[1]:.1f}{seeds} | {val[0]:.1f} ± {val[1]:.1f} | "
+                    f"{r['lr']:g}{edge} | {grid} | {trainable:,}{share} | {spe:.1f} | {peak:.0f} | "
+                    f"{last:.3f} ({drop:+.3f}) |"
                 )
             out.append("")
             out.append(noise_line(chosen))
             out.append("")
+    sizes = summary["sizes"]
     header = (
-        f"all-MiniLM-L6-v2 ({summary.get('total_params', 0):,} parameters with the head), WordNet noun supersenses: "
+        f"all-MiniLM-L6-v2 ({total:,} parameters with the head), WordNet noun supersenses: "
         f"{len(summary['classes'])} classes, {args.shots} training / {args.val_per_class} validation / "
-        f"{args.test_per_class} test glosses per class ({summary['sizes']}); {args.epochs} epochs, batch "
-        f"{BATCH_SIZE}; classes left out (too few glosses): {summary['left_out'] or 'none'}.\n"
+        f"{args.test_per_class} test glosses per class ({sizes['train']} / {sizes['validation']} / "
+        f"{sizes['test']}); {args.epochs} epochs, batch {BATCH_SIZE}.\n"
     )
     return header + "\n" + "\n".join(out)
 
 
 def noise_line(rows: list[dict]) -> str:
-    """Which methods differ from fps by more than the seed noise (|difference of means| > 2 × the larger std)."""
-    by = {r["method"]: [x["test_top1"] for x in r["runs"]] for r in rows}
+    """fps minus each other method, and whether that exceeds the seed noise (|difference| > 2 × the larger std)."""
+    by = {r["method"]: [x["test_top1"] for x in r["runs"]] for r in rows if r["runs"]}
     if "fps" not in by:
         return ""
     fps_mean, fps_std = mean_std(by["fps"])
@@ -734,9 +777,9 @@ def noise_line(rows: list[dict]) -> str:
             continue
         mean, std = mean_std(values)
         diff = fps_mean - mean
-        beyond = abs(diff) > 2 * max(std, fps_std)
+        beyond = len(values) > 1 and len(by["fps"]) > 1 and abs(diff) > 2 * max(std, fps_std)
         parts.append(f"{method} {diff:+.1f}{' (beyond noise)' if beyond else ''}")
-    return "fps minus each other method (test top-1 points; 'beyond noise': |difference| > 2 × the larger std): " + (
+    return "fps minus each other method (test top-1 points; beyond noise: |difference| > 2 × the larger std): " + (
         ", ".join(parts)
     )
 
@@ -762,9 +805,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     summary["total_params"] = sum(p.numel() for p in build_model(folder, len(classes), 0).parameters())
     runs = Runs(args.out_dir / "runs.jsonl", fresh=args.fresh)
 
-    def compute(cell: Cell) -> dict[str, Any]:
+    def compute(cell: Cell) -> dict[str, Any] | None:
         if args.table_only:
-            raise LookupError(f"not run yet: {cell.key}")
+            return None
         result = run_cell(cell, data, folder, classes, args.epochs)
         print(
             f"{cell.key}: val {result['val_top1']:.1f} test {result['test_top1']:.1f} "

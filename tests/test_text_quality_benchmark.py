@@ -100,11 +100,13 @@ def test_protocol_extends_the_grid_runs_the_seeds_and_skips_finished_runs(tmp_pa
     rows = tq.run_protocol(args, compute, runs, log=lambda m: None)
     own = {r["method"]: r for r in rows if r["rate"] == "own"}
     assert own["fps"]["lr"] == 3e-3
-    assert own["random"]["lr"] == pytest.approx(1e-1)  # two steps past the grid's top (3e-2)
-    assert sorted(own["random"]["grid"]) == pytest.approx([1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1])
+    assert list(own["fps"]["grid"]) == pytest.approx([1e-3, 3e-3, 1e-2, 3e-2])  # one step below the grid
+    assert own["random"]["lr"] == pytest.approx(1e-1)  # past the grid's top (3e-2), and one more to see it peak
+    assert list(own["random"]["grid"]) == pytest.approx([3e-3, 1e-2, 3e-2, 1e-1, 3e-1])
     assert [x["key"].rsplit("|", 1)[1] for x in own["fps"]["runs"]] == ["0", "1", "2"]
     shared = {r["method"]: r["lr"] for r in rows if r["rate"] == "shared"}
-    assert shared["fps"] == shared["random"]
+    assert shared["fps"] == shared["random"] and shared["fps"] in own["random"]["grid"]
+    assert all(len(r["runs"]) == 3 for r in rows)
     assert len(computed) == len(set(computed))  # nothing ran twice
     again = tq.run_protocol(args, lambda cell: pytest.fail(f"ran {cell.key} again"), tq.Runs(runs.path))
     assert again == rows
@@ -156,3 +158,19 @@ def test_smoke_run_gives_each_kind_of_method_a_number_and_writes_the_table(tmp_p
     n = len(runs)
     assert tq.main(argv) == text  # every run cached: the same table, nothing new
     assert len(tq.read_jsonl(out / "runs.jsonl")) == n
+
+
+def test_a_partial_table_shows_what_was_not_run(tmp_path):
+    args = tq.parse_args(["--methods", "fps", "full", "--budgets", "0.01", "--table-only"])
+    runs = tq.Runs(tmp_path / "runs.jsonl")
+    runs.get(tq.Cell("fps", 0.01, 3e-3, 0), lambda cell: {"key": cell.key, "val_top1": 50.0})
+    rows = tq.run_protocol(args, lambda cell: None, runs, log=lambda m: None)
+    assert [(r["method"], r["lr"], r["runs"]) for r in rows if r["rate"] == "own"] == [
+        ("fps", None, []),
+        ("full", None, []),
+    ]
+    summary = {"classes": ["a", "b"], "sizes": {"train": 4, "validation": 4, "test": 4}, "total_params": 100}
+    text = tq.render(rows, summary, args)
+    assert "| fps | not run (rate search unfinished) | | - | 0.003: 50.0, 0.01: not run, 0.03: not run |" in text
+    assert "| full | not run (rate search unfinished) |" in text
+    assert "shared rate" not in text
