@@ -174,3 +174,12 @@ def test_a_partial_table_shows_what_was_not_run(tmp_path):
     assert "| fps | not run (rate search unfinished) | | - | 0.003: 50.0, 0.01: not run, 0.03: not run |" in text
     assert "| full | not run (rate search unfinished) |" in text
     assert "shared rate" not in text
+
+
+def test_reproduce_runs_the_text_table_with_the_options_given(monkeypatch):
+    import reproduce
+
+    seen = []
+    monkeypatch.setattr(tq, "main", lambda argv: seen.append(argv) or "table")
+    assert reproduce.main(["text-quality", "--epochs", "3", "--methods", "fps"]) == []
+    assert seen == [["--epochs", "3", "--methods", "fps"]]
