@@ -155,6 +155,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="all",
         help="own: only the rate searches and the seeds at each method's own rate (a worker of several)",
     )
+    p.add_argument("--cost-epochs", type=int, default=2, help="epochs of each method's cost measurement")
+    p.add_argument("--no-cost", action="store_true", help="skip the cost measurement (fresh process per method)")
+    p.add_argument("--cost-worker", metavar="KEY", help=argparse.SUPPRESS)
     p.add_argument("--fresh", action="store_true", help="forget the finished runs of runs.jsonl")
     p.add_argument("--table-only", action="store_true", help="render the table from runs.jsonl, run nothing")
     p.add_argument("--update-results", action="store_true", help=f"write the '{SECTION}' section of RESULTS.md")
@@ -164,7 +167,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.shots, args.val_per_class, args.test_per_class, args.epochs = 2, 2, 2, 1
         args.classes = min(args.classes, 3) if args.classes else 3
-        args.seeds = args.seeds[:2]
+        args.seeds, args.cost_epochs = args.seeds[:2], 1
     # The rates each method's search starts from (smoke: the middle two of each grid).
     args.lr_grid = {m: grid[1:3] if args.smoke else grid for m, grid in LR_GRID.items()}
     if min(args.shots, args.val_per_class, args.test_per_class) < 1:
@@ -306,6 +309,11 @@ class Cell:
         budget = "-" if self.budget is None else f"{self.budget:g}"
         return f"{self.method}|{budget}|{self.lr:g}|{self.seed}"
 
+    @classmethod
+    def from_key(cls, key: str) -> Cell:
+        method, budget, lr, seed = key.split("|")
+        return cls(method, None if budget == "-" else float(budget), float(lr), int(seed))
+
 
 class Encoded:
     """A split, tokenized once: padded per batch to its longest text (dynamic padding)."""
@@ -363,6 +371,7 @@ def build_model(folder: Path, num_labels: int, seed: int):
     from transformers import AutoModelForSequenceClassification
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     torch.manual_seed(seed)
     return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels)
 
@@ -522,6 +531,7 @@ def run_cell(cell: Cell, data: dict[str, Encoded], folder: Path, classes: list[s
     from fps_cli.sparse import recompute_sparse_weights
 
     reset = _reset_peak_rss()
+    rss_before = _proc_status_mib("VmRSS")
     started = time.perf_counter()
     model = build_model(folder, len(classes), cell.seed)
     train = data["train"]
@@ -571,6 +581,7 @@ def run_cell(cell: Cell, data: dict[str, Encoded], folder: Path, classes: list[s
         "seconds_per_epoch": round(statistics.fmean(epoch_seconds), 3),
         "seconds": round(time.perf_counter() - started, 2),
         "peak_rss_mib": round(_proc_status_mib("VmHWM"), 1) if reset else None,
+        "rss_before_mib": round(rss_before, 1),
         "load": [round(x, 2) for x in os.getloadavg()],
     }
     return result
@@ -712,11 +723,51 @@ def run_protocol(args: argparse.Namespace, compute: Callable[[Cell], dict | None
     return rows
 
 
+def cost_cells(args: argparse.Namespace) -> list[Cell]:
+    """One cell per (budget, method) of the table, at the middle rate of its grid (the rate changes no cost)."""
+    cells = []
+    for budget in args.budgets:
+        for method in (m for m in PRIORITY if m in args.methods):
+            if method in SELECTION or budget == args.budgets[0]:
+                grid = args.lr_grid[method]
+                cells.append(Cell(method, budget if method in SELECTION else None, grid[len(grid) // 2], 0))
+    return cells
+
+
+def run_worker(command: list[str]) -> str:
+    """Run a cost worker in its own process; its stdout."""
+    import subprocess
+
+    return subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout
+
+
+def measure_costs(args: argparse.Namespace, argv: Sequence[str], log=print) -> dict[str, dict[str, Any]]:
+    """Time per epoch and peak resident memory of each method, each in a fresh process of its own, one at a time
+    (``--cost-epochs`` epochs; recorded in ``cost.jsonl`` and skipped on a rerun)."""
+    costs = Runs(args.out_dir / "cost.jsonl")
+    for cell in cost_cells(args):
+        if args.table_only and cell.key not in costs.done:
+            continue
+
+        def measure(cell: Cell) -> dict[str, Any]:
+            stdout = run_worker([sys.executable, __file__, *argv, "--cost-worker", cell.key])
+            result = json.loads(stdout.strip().splitlines()[-1])
+            log(f"cost {cell.key}: {result['seconds_per_epoch']:.1f} s/epoch, peak {result['peak_rss_mib']:.0f} MiB")
+            return result
+
+        costs.get(cell, measure)
+    return {k.rsplit("|", 2)[0]: v for k, v in costs.done.items()}
+
+
 # ------------------------------------------------------------------------------------------------- the table
 
 
-def render(rows: list[dict], summary: dict[str, Any], args: argparse.Namespace) -> str:
-    """Markdown: per budget, one table at each method's own rate and one at the shared rate."""
+def render(
+    rows: list[dict], summary: dict[str, Any], args: argparse.Namespace, costs: dict[str, dict] | None = None
+) -> str:
+    """Markdown: per budget, one table at each method's own rate and one at the shared rate; time per epoch and
+    peak memory from ``costs`` (:func:`measure_costs`, keyed ``method|budget``)."""
+    costs = costs or {}
     total = summary.get("total_params") or 0
     out = []
     for budget in dict.fromkeys(r["budget"] for r in rows):
@@ -745,15 +796,16 @@ def render(rows: list[dict], summary: dict[str, Any], args: argparse.Namespace) 
                 edge = " (edge)" if which == "own" and r["lr"] in (min(r["grid"]), max(r["grid"])) else ""
                 trainable = r["runs"][0]["trainable"]
                 share = f" ({100 * trainable / total:.2f}%)" if total else ""
-                spe = statistics.fmean(x["seconds_per_epoch"] for x in r["runs"])
-                peak = max((x["peak_rss_mib"] or 0) for x in r["runs"])
+                cost = costs.get(r["runs"][0]["key"].rsplit("|", 2)[0])
+                spe = f"{cost['seconds_per_epoch']:.1f}" if cost else "not measured"
+                peak = f"{cost['peak_rss_mib']:.0f}" if cost and cost["peak_rss_mib"] else "not measured"
                 last = statistics.fmean(x["train_loss"][-1] for x in r["runs"])
                 drop = statistics.fmean(
                     x["train_loss"][-1] - x["train_loss"][max(-3, -len(x["train_loss"]))] for x in r["runs"]
                 )
                 out.append(
                     f"| {r['method']} | {test[0]:.1f} ± {test[1]:.1f}{seeds} | {val[0]:.1f} ± {val[1]:.1f} | "
-                    f"{r['lr']:g}{edge} | {grid} | {trainable:,}{share} | {spe:.1f} | {peak:.0f} | "
+                    f"{r['lr']:g}{edge} | {grid} | {trainable:,}{share} | {spe} | {peak} | "
                     f"{last:.3f} ({drop:+.3f}) |"
                 )
             out.append("")
@@ -805,6 +857,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         split: Encoded(read_jsonl(data_dir / f"{split}.jsonl"), tokenizer, classes, args.max_length)
         for split in ("train", "validation", "test")
     }
+    if args.cost_worker:
+        result = run_cell(Cell.from_key(args.cost_worker), data, folder, classes, args.cost_epochs)
+        print(json.dumps(result))
+        return ""
     summary["truncated"] = {split: d.truncated for split, d in data.items()}
     summary["total_params"] = sum(p.numel() for p in build_model(folder, len(classes), 0).parameters())
     runs = Runs(args.out_dir / "runs.jsonl", fresh=args.fresh)
@@ -822,8 +878,12 @@ def main(argv: Sequence[str] | None = None) -> str:
         )
         return result
 
-    rows = run_protocol(args, compute, runs, log=lambda m: print(m, file=sys.stderr, flush=True))
-    text = render(rows, summary, args)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    rows = run_protocol(args, compute, runs, log=log)
+    costs = {}
+    if args.stage == "all" and not args.no_cost:
+        costs = measure_costs(args, list(sys.argv[1:] if argv is None else argv), log=log)
+    text = render(rows, summary, args, costs)
     text += f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
     text += f"{args.threads}.\n"
     (args.out_dir / "table.md").write_text(text)

@@ -132,7 +132,7 @@ def tiny_bert(folder: Path, words: list[str]) -> Path:
     return folder
 
 
-def test_smoke_run_gives_each_kind_of_method_a_number_and_writes_the_table(tmp_path, capsys):
+def test_smoke_run_gives_each_kind_of_method_a_number_and_writes_the_table(tmp_path, capsys, monkeypatch):
     data_noun = tmp_path / "data.noun"
     data_noun.write_text("\n".join(data_noun_lines(per_class=7)) + "\n")
     words = [*" ".join(g for glosses in WORDS.values() for g in glosses).split(), "number", *map(str, range(7))]
@@ -141,6 +141,15 @@ def test_smoke_run_gives_each_kind_of_method_a_number_and_writes_the_table(tmp_p
     argv = ["--data-noun", str(data_noun), "--model", str(model), "--out-dir", str(out), "--smoke"]
     # One method of each path: statistics (fps), no statistics (random), gradients (gps), a fixed set (bias), PEFT.
     argv += ["--budgets", "0.2", "0.3", "--max-extend", "0", "--methods", "fps", "random", "gps", "bias", "lora"]
+    calls = []
+
+    def in_process(command):  # the cost pass's fresh processes, run here (no interpreter start-up)
+        calls.append(command)
+        capsys.readouterr()
+        tq.main(command[2:])
+        return capsys.readouterr().out
+
+    monkeypatch.setattr(tq, "run_worker", in_process)
     text = tq.main(argv)
     runs = tq.read_jsonl(out / "runs.jsonl")
     assert {r["method"] for r in runs} == {"fps", "random", "gps", "bias", "lora"}
@@ -151,13 +160,20 @@ def test_smoke_run_gives_each_kind_of_method_a_number_and_writes_the_table(tmp_p
         if r["method"] in tq.SELECTION:
             assert r["trainable"] == round(r["budget"] * total)
     assert (out / "table.md").read_text() == text
+    # One cost measurement per (budget, method) of the table, each its own worker; every row shows its figures.
+    assert sorted(c[-1] for c in calls) == sorted(c.key for c in tq.cost_cells(tq.parse_args(argv)))
+    assert len(calls) == 5 + 3
+    costs = tq.read_jsonl(out / "cost.jsonl")
+    assert all(c["epochs"] == 1 and c["seconds_per_epoch"] > 0 for c in costs)
+    assert "not measured" not in text
     assert "| fps |" in text and "| lora |" in text and "Budget 0.3" in text
     for split in ("train", "validation", "test"):
         assert len(tq.read_jsonl(out / "data" / f"{split}.jsonl")) == 3 * 2
     capsys.readouterr()
     n = len(runs)
+    calls.clear()
     assert tq.main(argv) == text  # every run cached: the same table, nothing new
-    assert len(tq.read_jsonl(out / "runs.jsonl")) == n
+    assert len(tq.read_jsonl(out / "runs.jsonl")) == n and calls == []
 
 
 def test_a_partial_table_shows_what_was_not_run(tmp_path):
