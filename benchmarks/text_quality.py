@@ -121,7 +121,6 @@ WEIGHT_DECAY = 1e-4  # fps train's defaults (fps_cli.options.TrainConfig)
 WARMUP_EPOCHS = 1.0
 LABEL_SMOOTHING = 0.1
 BATCH_SIZE = 32
-LENGTH_GROUP = 4  # batches per length-sorted group (Encoded.batches)
 SEEDS = (0, 1, 2)
 SECTION = "Text quality (MiniLM + WordNet)"
 
@@ -330,38 +329,22 @@ class Encoded:
         return len(self.labels)
 
     def batches(self, batch_size: int, generator: random.Random | None = None) -> Iterator[dict[str, Any]]:
-        """Batches of ``{input_ids, attention_mask, token_type_ids, labels}``, padded to their longest text.
-
-        Unshuffled (``generator`` None): in order of length, which wastes the least padding and changes no
-        result. Shuffled: transformers' ``group_by_length`` idea at a small scale: a seeded shuffle, cut into
-        groups of :data:`LENGTH_GROUP` batches, each group sorted by length and cut into batches, and the batches'
-        order shuffled; a batch is still a random draw, with about half the padding of a plain shuffle.
-        """
+        """Batches of ``{input_ids, attention_mask, token_type_ids, labels}``, padded to their longest text;
+        in a seeded shuffle with ``generator``, else in order of length (the least padding; scores do not
+        depend on the order)."""
         import torch
 
-        lengths = [len(ids) for ids in self.encodings["input_ids"]]
         order = list(range(len(self)))
-        if generator is None:
-            order.sort(key=lambda i: lengths[i])
-            chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-        else:
+        if generator is not None:
             generator.shuffle(order)
-            group = LENGTH_GROUP * batch_size
-            chunks = []
-            for g in range(0, len(order), group):
-                members = sorted(order[g : g + group], key=lambda i: lengths[i])
-                chunks += [members[s : s + batch_size] for s in range(0, len(members), batch_size)]
-            generator.shuffle(chunks)
-        for chosen in chunks:
+        else:
+            order.sort(key=lambda i: len(self.encodings["input_ids"][i]))
+        for start in range(0, len(order), batch_size):
+            chosen = order[start : start + batch_size]
             features = [{k: v[i] for k, v in self.encodings.items()} for i in chosen]
             batch = dict(self.tokenizer.pad(features, return_tensors="pt"))
             batch["labels"] = torch.tensor([self.labels[i] for i in chosen])
             yield batch
-
-
-def _without_labels(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for batch in batches:
-        yield {k: v for k, v in batch.items() if k != "labels"}
 
 
 def build_model(folder: Path, num_labels: int, seed: int):
@@ -376,121 +359,101 @@ def build_model(folder: Path, num_labels: int, seed: int):
     return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels)
 
 
-def activation_mask(model, train: Encoded, method: str, norm: str, budget: float, seed: int):
-    """fps / activation / weight / random selection at ``budget``, by fps's own statistics hooks, scoring and
-    selection, over real tokens only (the ``attention_mask``).
+def fps_folders(data_dir: Path) -> Path:
+    """The folder ``fps select`` and ``fps train`` read: the training split alone (``train.jsonl``), so that
+    training validates nothing during the run (the validation and test splits are scored once, at the end)."""
+    train_only = data_dir / "train_only"
+    train_only.mkdir(exist_ok=True)
+    write_jsonl(train_only / "train.jsonl", read_jsonl(data_dir / "train.jsonl"))
+    return train_only
 
-    Not :func:`fps_cli.indices.select_indices`: it rejects BERT's pooler, whose input is one token per sequence
-    (``[batch, features]``, the CLS token: always a real one), which does not line up with the attention mask.
-    Here a ``[batch, seq, features]`` input keeps its real tokens and a ``[batch, features]`` one counts whole.
+
+def train_with_fps(cell: Cell, folder: Path, train_dir: Path, classes: list[str], epochs: int, max_length: int):
+    """Select and fine-tune through fps's own library entry points, the functions ``fps select`` and ``fps
+    train`` call (:func:`fps_cli.selector.run_select` / :func:`~fps_cli.selector.run_baseline`,
+    :func:`fps_cli.finetune.run_train`), with ``fps train``'s defaults but ``--epochs`` and ``--lr``.
+
+    Returns:
+        (the fine-tuned model, trainable count, per-epoch train losses, per-epoch seconds, selection seconds).
     """
-    import torch
+    from fps_cli.finetune import run_train
+    from fps_cli.hub import ModelSpec
+    from fps_cli.options import SelectOptions, TrainConfig
+    from fps_cli.selector import run_baseline, run_select
+    from fps_cli.tasks import TEXT_CLASSIFICATION
 
-    from fps_cli.activations import input_stats_hooks
-    from fps_cli.candidates import parameter_roles
-    from fps_cli.scoring import make_scores
-    from fps_cli.selector import SelectOptions, build_mask
-
-    roles = parameter_roles(model)
-    keep = {}
-
-    def real_tokens(name: str, x):
-        mask = keep["mask"]
-        return x[mask] if x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape) else x
-
-    stats = None
-    if method != "weight" and method != "random":
-        model.eval()
-        with input_stats_hooks(roles.candidates, real_tokens) as stats, torch.inference_mode():
-            for batch in _without_labels(train.batches(BATCH_SIZE)):
-                keep["mask"] = batch["attention_mask"].bool()
-                model(**batch)
-    options = SelectOptions(method=method, norm=norm, budget=budget, seed=seed)
-    scores = make_scores(method, roles.candidates, stats=stats, norm=norm, seed=seed)
-    return build_mask(roles, scores, options)
-
-
-def gps_mask(model, train: Encoded, budget: float):
-    """GPS's selection on text: |summed gradient| of the supervised contrastive loss on the head's input (two
-    identical views: text has no augmentation), scored and selected by fps's own code at ``budget``."""
-    import torch
-
-    from fps_cli.candidates import find_head, parameter_roles
-    from fps_cli.gradients import supcon_loss
-    from fps_cli.scoring import make_scores
-    from fps_cli.selector import SelectOptions, build_mask
-
-    roles = parameter_roles(model)
-    weights = {name: m.weight for name, m in roles.candidates.items()}
-    totals = {name: torch.zeros_like(w, dtype=torch.float64) for name, w in weights.items()}
-    (head,) = find_head(model)
-    seen = []
-    handle = head.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()  # GPS's deterministic variant: no dropout
-    try:
-        wanted = {id(w) for w in weights.values()}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in wanted)
-        for batch in train.batches(BATCH_SIZE):
-            seen.clear()
-            labels = batch.pop("labels")
-            model(**batch)
-            features = torch.stack([seen[0], seen[0]], dim=1)  # [batch, 2 views, dim]
-            supcon_loss(features, labels).backward()
-            for name, w in weights.items():
-                totals[name] += w.grad
-                w.grad = None
-    finally:
-        handle.remove()
-        for p, requires_grad in saved:
-            p.requires_grad_(requires_grad)
-    gradients = {name: t.float() for name, t in totals.items()}
-    options = SelectOptions(method="gps", budget=budget)
-    scores = make_scores("gps", roles.candidates, gradients=gradients, norm="l1", seed=0)
-    return build_mask(roles, scores, options)
-
-
-def trainable_set(cell: Cell, model, train: Encoded) -> tuple[list[Any], list[Any], Any, int]:
-    """Make ``cell.method``'s parameters trainable: (decayed params, undecayed params, sparse params, count).
-
-    Selection methods and the fps baselines through :func:`fps_cli.sparse.attach` (and fps's optimizer groups);
-    LoRA through PEFT (its adapter matrices decayed, as fps decays matrices; its 1-D tensors not).
-    """
-    from fps_cli.candidates import baseline_trainable
-    from fps_cli.sparse import attach
-
-    if cell.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(
-            r=LORA_R,
-            lora_alpha=2 * LORA_R,
-            lora_dropout=0.1,
-            target_modules=list(LORA_TARGETS),
-            modules_to_save=["classifier"],
-        )
-        peft_model = get_peft_model(model, config)
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim > 1]
-        return decay, [p for p in params if p.ndim <= 1], peft_model, sum(p.numel() for p in params)
-    if cell.method in ("bias", "linear", "full"):
-        sparse = attach(model, {}, baseline_trainable(model, cell.method))
-    elif cell.method == "gps":
-        mask = gps_mask(model, train, cell.budget)
-        sparse = attach(model, mask.indices, mask.fully_trainable)
+    spec = ModelSpec(f"hf:{folder}", num_classes=len(classes), offline=True, task=TEXT_CLASSIFICATION)
+    data_options = {"max_length": max_length}
+    started = time.perf_counter()
+    if cell.method in SELECTION:
+        method, norm = ("fps", "l2") if cell.method == "fps-l2" else (cell.method, "l1")
+        # Text has no augmentation: GPS's two views are the same text (fps select --method gps --no-augment).
+        gps = {"augment": False} if method == "gps" else {}
+        options = SelectOptions(method=method, norm=norm, budget=cell.budget, seed=cell.seed, **gps)
+        mask = run_select(spec, train_dir, options, batch_size=BATCH_SIZE, num_workers=0, data_options=data_options)
     else:
-        mask = activation_mask(model, train, budget=cell.budget, seed=cell.seed, **SELECT_ARGS[cell.method])
-        sparse = attach(model, mask.indices, mask.fully_trainable)
-    decay = [d.delta for d in sparse.deltas.values()] + [p for p in sparse.full.values() if p.ndim > 1]
-    no_decay = [p for p in sparse.full.values() if p.ndim <= 1]
-    return decay, no_decay, model, sparse.numel
+        mask = run_baseline(spec, train_dir, cell.method, seed=cell.seed, data_options=data_options)
+    select_seconds = time.perf_counter() - started
+    events = []
+    config = TrainConfig(epochs=epochs, lr=cell.lr, seed=cell.seed, batch_size=BATCH_SIZE)
+    result = run_train(
+        mask.mask, config, data_dir=train_dir, num_workers=0, on_event=events.append, data_options=data_options
+    )
+    trainable = next(e["trainable"] for e in events if e["event"] == "start")
+    losses = [h["train_loss"] for h in result.history]
+    return result.model, trainable, losses, [h["seconds"] for h in result.history], select_seconds
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    from fps_cli.finetune import lr_factor as fps_lr_factor
+def train_lora(cell: Cell, folder: Path, train: Encoded, classes: list[str], epochs: int):
+    """PEFT LoRA (r=8, alpha 16, dropout 0.1, every ``query``/``key``/``value``/``dense`` Linear, the classifier
+    trained in full) in a loop that copies ``fps train``'s: AdamW (weight decay on matrices only), warmup + cosine
+    per step (fps's :func:`~fps_cli.finetune.lr_factor`), label smoothing, batches in a seeded shuffle.
 
-    return fps_lr_factor(step, total_steps, warmup_steps)
+    Returns what :func:`train_with_fps` returns.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from fps_cli.finetune import lr_factor
+
+    model = build_model(folder, len(classes), cell.seed)
+    config = LoraConfig(
+        r=LORA_R,
+        lora_alpha=2 * LORA_R,
+        lora_dropout=0.1,
+        target_modules=list(LORA_TARGETS),
+        modules_to_save=["classifier"],
+    )
+    model = get_peft_model(model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": WEIGHT_DECAY},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cell.lr, betas=(0.9, 0.999), eps=1e-8)
+    steps_per_epoch = math.ceil(len(train) / BATCH_SIZE)
+    total = steps_per_epoch * epochs
+    warmup = min(round(WARMUP_EPOCHS * steps_per_epoch), total // 2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
+    order = random.Random(cell.seed)
+    torch.manual_seed(cell.seed)  # dropout
+    losses, epoch_seconds = [], []
+    for _ in range(epochs):
+        model.train()
+        epoch_start = time.perf_counter()
+        loss_sum = 0.0
+        for batch in train.batches(BATCH_SIZE, order):
+            labels = batch.pop("labels")
+            loss = criterion(model(**batch).logits.float(), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            loss_sum += float(loss.detach()) * labels.numel()
+        epoch_seconds.append(time.perf_counter() - epoch_start)
+        losses.append(loss_sum / len(train))
+    return model, sum(p.numel() for p in params), losses, epoch_seconds, 0.0
 
 
 def evaluate(model, data: Encoded) -> float:
@@ -524,49 +487,28 @@ def _proc_status_mib(field: str) -> float:
     return float("nan")
 
 
-def run_cell(cell: Cell, data: dict[str, Encoded], folder: Path, classes: list[str], epochs: int) -> dict[str, Any]:
+def run_cell(
+    cell: Cell,
+    data: dict[str, Encoded],
+    folder: Path,
+    train_dir: Path,
+    classes: list[str],
+    epochs: int,
+    max_length: int,
+) -> dict[str, Any]:
     """Select (when the method selects), train ``epochs`` epochs, and score the validation and test splits."""
-    import torch
-
-    from fps_cli.sparse import recompute_sparse_weights
-
     reset = _reset_peak_rss()
     rss_before = _proc_status_mib("VmRSS")
     started = time.perf_counter()
-    model = build_model(folder, len(classes), cell.seed)
-    train = data["train"]
-    select_start = time.perf_counter()
-    decay, no_decay, model, trainable = trainable_set(cell, model, train)
-    select_seconds = time.perf_counter() - select_start
-    groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cell.lr, betas=(0.9, 0.999), eps=1e-8)
-    steps_per_epoch = math.ceil(len(train) / BATCH_SIZE)
-    total = steps_per_epoch * epochs
-    warmup = min(round(WARMUP_EPOCHS * steps_per_epoch), total // 2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
-    order = random.Random(cell.seed)
-    torch.manual_seed(cell.seed)  # dropout
-    losses, epoch_seconds = [], []
-    for _ in range(epochs):
-        model.train()
-        epoch_start = time.perf_counter()
-        loss_sum = 0.0
-        for batch in train.batches(BATCH_SIZE, order):
-            labels = batch.pop("labels")
-            with recompute_sparse_weights():
-                logits = model(**batch).logits
-            loss = criterion(logits.float(), labels)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            loss_sum += float(loss.detach()) * labels.numel()
-        epoch_seconds.append(time.perf_counter() - epoch_start)
-        losses.append(loss_sum / len(train))
-        if not math.isfinite(losses[-1]):
-            break  # a diverged rate: scored as it is (near chance), the grid moves on
-    result = {
+    if cell.method == "lora":
+        model, trainable, losses, epoch_seconds, select_seconds = train_lora(
+            cell, folder, data["train"], classes, epochs
+        )
+    else:
+        model, trainable, losses, epoch_seconds, select_seconds = train_with_fps(
+            cell, folder, train_dir, classes, epochs, max_length
+        )
+    return {
         "key": cell.key,
         "method": cell.method,
         "budget": cell.budget,
@@ -584,7 +526,6 @@ def run_cell(cell: Cell, data: dict[str, Encoded], folder: Path, classes: list[s
         "rss_before_mib": round(rss_before, 1),
         "load": [round(x, 2) for x in os.getloadavg()],
     }
-    return result
 
 
 # ------------------------------------------------------------------------------------------------ the protocol
@@ -851,6 +792,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     torch.set_num_threads(args.threads)
     folder = args.model or model_folder()
     data_dir, summary = prepare_data(args)
+    train_dir = fps_folders(data_dir)
     classes = summary["classes"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     data = {
@@ -858,7 +800,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         for split in ("train", "validation", "test")
     }
     if args.cost_worker:
-        result = run_cell(Cell.from_key(args.cost_worker), data, folder, classes, args.cost_epochs)
+        cell = Cell.from_key(args.cost_worker)
+        result = run_cell(cell, data, folder, train_dir, classes, args.cost_epochs, args.max_length)
         print(json.dumps(result))
         return ""
     summary["truncated"] = {split: d.truncated for split, d in data.items()}
@@ -868,7 +811,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     def compute(cell: Cell) -> dict[str, Any] | None:
         if args.table_only:
             return None
-        result = run_cell(cell, data, folder, classes, args.epochs)
+        result = run_cell(cell, data, folder, train_dir, classes, args.epochs, args.max_length)
         print(
             f"{cell.key}: val {result['val_top1']:.1f} test {result['test_top1']:.1f} "
             f"loss {result['train_loss'][0]:.3f}->{result['train_loss'][-1]:.3f} "
