@@ -24,23 +24,27 @@ at both rates; the table reports mean ± std test top-1 over the 3 seeds (seed 0
 split chose nothing, it is only read at the end of every run). A seed changes the head's initialisation, the
 order of the batches, dropout, and the random method's mask.
 
-**Training**, the same loop for every method: ``fps train``'s defaults (AdamW betas 0.9/0.999, weight decay 1e-4
-on the selected deltas and on fully trained matrices, none on 1-D tensors; batch 32; linear warmup for one epoch
-then cosine decay to 0, per step; label smoothing 0.1) for ``--epochs`` epochs; dropout on (BERT's 0.1); the
-model's own tokenizer, dynamic padding, ``--max-length`` tokens. The selection methods train through fps's own
-sparse mechanism (:func:`fps_cli.sparse.attach`, its sparse path for the masked ``nn.Linear`` weights, under
-:func:`fps_cli.sparse.recompute_sparse_weights`) and fps's optimizer (:func:`fps_cli.finetune.make_optimizer`);
-fps, activation, weight and random select through :func:`fps_cli.indices.select_indices` (statistics over real
-tokens only, the ``attention_mask``), gps through fps's GPS loss (:func:`fps_cli.gradients.supcon_loss` on the
-head's input, two identical views: text has no augmentation, as ``--no-augment``) and fps's scoring and
-selection. ``bias``, ``linear`` and ``full`` train fps's baseline sets (:func:`fps_cli.candidates.
-baseline_trainable`) through the same mechanism; LoRA is PEFT's (r=8, alpha 16, dropout 0.1, on every
-``query``/``key``/``value``/``dense`` Linear, the classifier trained in full).
+**Training** goes through fps's own library entry points, the functions ``fps select``, ``fps train`` call
+(:func:`fps_cli.selector.run_select`, :func:`~fps_cli.selector.run_baseline`, :func:`fps_cli.finetune.run_train`,
+text classification through :mod:`fps_cli.tasks`), in this process (no interpreter start-up per run): ``fps
+train``'s defaults (AdamW betas 0.9/0.999, weight decay 1e-4 on the selected deltas and fully trained matrices,
+none on 1-D tensors; batch 32; one epoch of linear warmup then cosine decay to 0, per step; label smoothing 0.1;
+dropout on) but ``--epochs`` and the rate; the model's own tokenizer, dynamic padding, ``--max-length`` tokens.
+GPS selects with text's two identical views (``--no-augment``: text has no augmentation). ``bias``, ``linear``
+and ``full`` are fps's baseline masks. LoRA is PEFT's (r=8, alpha 16, dropout 0.1, on every ``query`` / ``key`` /
+``value`` / ``dense`` Linear, the classifier trained in full), in a loop that copies ``fps train``'s. Each run
+scores the validation and test splits once, at its end.
 
-Every finished run is appended to ``runs.jsonl``; a rerun skips it (``--fresh`` to start over). Time per epoch is
-the mean wall time of a training epoch (no evaluation); peak memory is the process's peak resident size (VmHWM,
-reset before each run: model, data and optimizer included) during the run. The machine these figures come from
-may be shared: the load average is recorded with each run.
+Every finished run is appended to ``runs.jsonl``; a rerun skips it (``--fresh`` to start over), so the table can be
+made by several workers (``--stage own --methods ...`` each, then one plain run for the shared rate and the table).
+Time per epoch and peak memory come from one more run of each method in a fresh process of its own, one at a time
+(``--cost-epochs`` epochs; ``cost.jsonl``): the mean wall time of a training epoch, and the process's peak resident
+size (VmHWM: interpreter, libraries, model, data, selection and training). The machine these figures come from may
+be shared: the load average is recorded with every run.
+
+Defaults, sized to two shared CPU cores (about 1-2 minutes a run): the first 12 classes in alphabetical order, 16
+training / 16 validation / 50 test glosses per class, 10 epochs (``fps train``'s default), budgets 0.0077 and 0.05.
+``--classes 0`` keeps every class with enough glosses (24).
 """
 
 from __future__ import annotations
@@ -122,7 +126,6 @@ WARMUP_EPOCHS = 1.0
 LABEL_SMOOTHING = 0.1
 BATCH_SIZE = 32
 SEEDS = (0, 1, 2)
-SECTION = "Text quality (MiniLM + WordNet)"
 
 
 def model_folder() -> Path:
@@ -159,8 +162,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cost-worker", metavar="KEY", help=argparse.SUPPRESS)
     p.add_argument("--fresh", action="store_true", help="forget the finished runs of runs.jsonl")
     p.add_argument("--table-only", action="store_true", help="render the table from runs.jsonl, run nothing")
-    p.add_argument("--update-results", action="store_true", help=f"write the '{SECTION}' section of RESULTS.md")
-    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     p.add_argument("--smoke", action="store_true", help="tiny settings: checks that every cell gives a number")
     args = p.parse_args(argv)
     if args.smoke:
