@@ -175,8 +175,7 @@ def test_select_train_eval_merge_pipeline_and_peft(tmp_path, bert, data):
     from fps_cli.models import ModelSpec
 
     _select_train(tmp_path, bert, data)
-    mask_prov = json.loads(fps("inspect", "--json", cwd=tmp_path).stdout)
-    assert "task" in json.dumps(mask_prov)
+    assert "\n  task text-classification\n" in fps("inspect", cwd=tmp_path).stdout
     evaluated = fps("eval", "--json", "-q", cwd=tmp_path)
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(evaluated.stdout)
@@ -346,3 +345,27 @@ def test_val_split_out_of_range_is_a_usage_error(tmp_path, bert, data):
     r = fps("select", "--model", f"hf:{bert}", "--data", data, "--val-split", 1.5, cwd=tmp_path)
     assert r.exit_code == 2
     assert "a fraction strictly between 0 and 1, got 1.5" in r.stderr
+
+
+def test_wordnet_example_reads_supersenses_and_writes_few_shot_splits(tmp_path):
+    """examples/wordnet_supersenses.py on a made-up data.noun in WordNet's format (licence header, field 1 the
+    lexicographer file number, the gloss after |)."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("wordnet_supersenses", REPO / "examples" / "wordnet_supersenses.py")
+    wordnet = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wordnet)
+    lines = ["  1 This software and database is being provided to you, the LICENSEE, by"]
+    for i in range(4):
+        lines.append(f"0000{i}000 05 n 01 cat{i} 0 000 | a small domesticated feline number {i}  ")
+        lines.append(f'0000{i}100 13 n 01 bread{i} 0 000 | food made from flour number {i}; "fresh bread"  ')
+    lines.append("00009000 16 n 01 want 0 000 | the one motive here  ")
+    (tmp_path / "data.noun").write_text("\n".join(lines) + "\n")
+    assert wordnet.read_glosses(tmp_path / "data.noun")[0] == ("a small domesticated feline number 0", "noun.animal")
+    classes = wordnet.write_supersenses(tmp_path / "wn", shots=3, val=1, source=tmp_path / "data.noun")
+    assert classes == {"noun.animal": 3, "noun.food": 3}  # noun.motive has too few glosses
+    train, val, _ = discover_text(tmp_path / "wn", {})
+    assert train.classes == ["noun.animal", "noun.food"] and len(train.samples) == 6 and len(val.samples) == 2
+    assert not {e.text for e, _ in train.samples} & {e.text for e, _ in val.samples}
