@@ -233,6 +233,19 @@ def test_baselines_and_gps_work_for_text(tmp_path, bert, data, method):
     assert r.exit_code == 0, r.output
 
 
+def test_reselect_from_text_scores_keeps_the_task(tmp_path, bert, data):
+    r = fps("select", "--model", f"hf:{bert}", "--data", data, "--budget", "0.05", "--max-length", 16, cwd=tmp_path)
+    assert r.exit_code == 0, r.output
+    r = fps("select", "--from-scores", "scores.safetensors", "--budget", "0.1", "-o", "m2.safetensors", cwd=tmp_path)
+    assert r.exit_code == 0, r.output
+    from fps_cli.formats import read_mask
+
+    prov = read_mask(tmp_path / "m2.safetensors").provenance
+    assert prov["task"] == "text-classification" and prov["data_options"] == {"max_length": 16}
+    r = fps("train", "--mask", "m2.safetensors", "--epochs", 1, "-q", cwd=tmp_path)
+    assert r.exit_code == 0, r.output
+
+
 def test_gps_ce_for_text(tmp_path, bert, data):
     r = fps(
         "select",
@@ -320,7 +333,7 @@ def test_text_model_given_images_and_image_model_given_text(tmp_path, bert, data
         "timm name) (--task forces the task of an hf: model)"
     )
     line = one_error_line(fps("select", "--model", "test_vit", "--no-pretrained", "--data", data, "-q", cwd=tmp_path))
-    assert line.startswith(f"error: test_vit is a image-classification model, but {data} holds text;")
+    assert line.startswith(f"error: test_vit is an image-classification model, but {data} holds text; give it an image")
     assert snapshot(tmp_path) == before
 
 

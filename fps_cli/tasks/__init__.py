@@ -274,9 +274,10 @@ def check_data(task: Task, spec: ModelSpec, path: str | Path) -> None:
     if kind is None or kind == task.data_kind:
         return
     other = "an image model (a timm name)" if kind == "images" else "a text model (hf: ...ForSequenceClassification)"
+    article = "an" if task.name[0] in "aeiou" else "a"
     raise DataError(
-        f"{spec.name} is a {task.name} model, but {path} holds {kind}; give it {task.data_hint}, or use {other} "
-        "(--task forces the task of an hf: model)"
+        f"{spec.name} is {article} {task.name} model, but {path} holds {kind}; give it {task.data_hint}, or use "
+        f"{other} (--task forces the task of an hf: model)"
     )
 
 
