@@ -238,7 +238,7 @@ ModelOpt = Annotated[
         "--model",
         "-m",
         help="timm name (vit_base_patch16_224.augreg_in21k), hf-hub:org/name, local-dir:PATH, or hf:ID_OR_PATH for a "
-        "Hugging Face transformers image-classification model.",
+        "Hugging Face transformers image- or text-classification model.",
         rich_help_panel="Model",
     ),
 ]
@@ -649,7 +649,7 @@ def _describe(event: dict[str, Any]) -> str:
         ranks = f", {event['world_size']} processes" if event.get("world_size", 1) > 1 else ""
         return (
             f"training {event['trainable']:,} of {event['total_params']:,} parameters on {event['train_samples']} "
-            f"images ({event['val_samples']} validation), {_count(event['epochs'], 'epoch')} x "
+            f"{event.get('items', 'images')} ({event['val_samples']} validation), {_count(event['epochs'], 'epoch')} x "
             f"{_count(event['steps_per_epoch'], 'step')}{resumed}{ranks}"
         )
     return f"warning: {event.get('message', event)}"
@@ -972,6 +972,9 @@ def eval_cmd(
             task=task,
         )
         report.log(f"fps eval: {spec.name} with {delta} on the {split} split ({dev.type}, {precision})")
+        from .tasks import resolve_task
+
+        item_name = resolve_task(spec).item_name
         metrics = run_eval(
             the_delta,
             spec=spec,
@@ -987,8 +990,7 @@ def eval_cmd(
     for note in metrics.pop("notes", []):
         report.log(note)
     top5 = f", top-5 {metrics['top5']:.2f}%" if "top5" in metrics else ""
-    text = (the_delta.provenance.get("task") or "").startswith("text")
-    samples = _count(metrics["samples"], "text" if text else "image")
+    samples = _count(metrics["samples"], *item_name)
     human = f"{split}: top-1 {metrics['top1']:.2f}%{top5}, loss {metrics['loss']:.4f} on {samples}"
     report.result({"delta": str(delta), **metrics}, human)
 

@@ -266,6 +266,8 @@ def _data_split(
     options = {**(prov.get("data_options") or {}), **given}
     check_data(task, spec, data_dir)
     folder = task.discover(Path(data_dir), options)
+    if not task.classifies:
+        return Path(data_dir), folder, task, options
     if not folder.train.labeled:
         raise DataError(f"{folder.train.root} has no class sub-folders; fine-tuning needs DIR/<class>/<images>")
     if len(folder.train.classes) < 2:
@@ -605,7 +607,7 @@ def build_run(
     data_dir, folder, task, options = _data_split(data_dir, prov, source, spec, data_options)
     spec = replace(spec, task=task.name)
     classes = folder.train.classes
-    if spec.num_classes is not None:  # fail before the model is built
+    if spec.num_classes is not None and task.classifies:  # fail before the model is built
         _check_classes(classes, spec.num_classes, folder.train.root, source)
     recorded_classes = prov.get("classes")
     if recorded_classes and len(recorded_classes) == len(classes) and list(recorded_classes) != classes:
@@ -613,7 +615,8 @@ def build_run(
 
     model = build_base(spec, mask.shapes, prov, source)
     num_classes = _num_classes(model) or len(classes)
-    _check_classes(classes, num_classes, folder.train.root, source)
+    if task.classifies:
+        _check_classes(classes, num_classes, folder.train.root, source)
     base_params = dict(model.named_parameters())
     touched_sha256 = weights_digest((n, base_params[n]) for n in mask.indices)
     return RunInputs(spec, prov, source, data_dir, folder, model, num_classes, touched_sha256, task, options)
@@ -955,6 +958,7 @@ def run_train(
             "total_params": mask.total_params,
             "resumed_from": state.start_epoch,
             "world_size": dist.world_size,
+            **({"items": inputs.task.item_name[1]} if inputs.task.item_name[1] != "images" else {}),
         }
     )
     for note in loaders.notes:  # reported once per run, not per epoch
@@ -1222,7 +1226,8 @@ def run_eval(
     if prov.get("touched_sha256") and touched != prov["touched_sha256"]:
         raise FileFormatError(f"{source} was trained on other base weights than {spec.name} as loaded now")
     num_classes = _num_classes(model) or len(folder.train.classes)
-    _check_classes(folder.train.classes, num_classes, folder.train.root, source)
+    if task.classifies:
+        _check_classes(folder.train.classes, num_classes, folder.train.root, source)
     model.to(device)
     attach_delta(model, delta)
     workers = default_num_workers(device) if num_workers is None else num_workers
