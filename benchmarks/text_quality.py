@@ -543,6 +543,8 @@ class Runs:
 
     def get(self, cell: Cell, compute: Callable[[Cell], dict[str, Any] | None]) -> dict[str, Any] | None:
         """The cell's result: recorded, else computed and recorded (``None``: ``compute`` did not run it)."""
+        if cell.key not in self.done and self.path.exists():  # another worker may have run it meanwhile
+            self.done.update((r["key"], r) for r in read_jsonl(self.path))
         if cell.key not in self.done:
             result = compute(cell)
             if result is None:
@@ -623,7 +625,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def run_protocol(args: argparse.Namespace, compute: Callable[[Cell], dict | None], runs: Runs, log=print) -> list[dict]:
     """Every (budget, method): the rate search, then the seeds at the method's own rate and (``args.stage ==
-    "all"``) at the shared rate, in :data:`PRIORITY` order.
+    "all"``, selection methods only) at the shared rate, in :data:`PRIORITY` order.
 
     Returns one row per (budget, method, which rate): ``lr`` (``None``: not chosen yet), ``grid`` (rate ->
     validation top-1 of seed 0) and ``runs`` (the finished seeds' results).
@@ -644,13 +646,14 @@ def run_protocol(args: argparse.Namespace, compute: Callable[[Cell], dict | None
         shared = None
         if args.stage == "all":
             shared = shared_rate({m: g for m, g in grids.items() if m in SELECTION})
-            for method in methods:
-                b = budget if method in SELECTION else None
+            for method in (m for m in methods if m in SELECTION):  # the baselines' rates are not comparable
                 for seed in args.seeds if shared is not None else ():
-                    runs.get(Cell(method, b, shared, seed), compute)
+                    runs.get(Cell(method, budget, shared, seed), compute)
         for method in methods:
             b = budget if method in SELECTION else None
-            for which, lr in (("own", own[method]), ("shared", shared)):
+            for which, lr in (("own", own[method]), ("shared", shared if method in SELECTION else None)):
+                if which == "shared" and method not in SELECTION:
+                    continue
                 done = [runs.done.get(Cell(method, b, lr, s).key) for s in args.seeds] if lr is not None else []
                 rows.append(
                     {
