@@ -37,10 +37,10 @@ scores the validation and test splits once, at its end.
 
 Every finished run is appended to ``runs.jsonl``; a rerun skips it (``--fresh`` to start over), so the table can be
 made by several workers (``--stage own --methods ...`` each, then one plain run for the shared rate and the table).
-Time per epoch and peak memory come from one more run of each method in a fresh process of its own, one at a time
-(``--cost-epochs`` epochs; ``cost.jsonl``): the mean wall time of a training epoch, and the process's peak resident
-size (VmHWM: interpreter, libraries, model, data, selection and training). The machine these figures come from may
-be shared: the load average is recorded with every run.
+Time per epoch is the mean wall time of a training epoch over a row's runs. Peak memory comes from one more run of
+each method in a fresh process of its own, one at a time (``--cost-epochs`` epochs; ``cost.jsonl``): the process's
+peak resident size (VmHWM: interpreter, libraries, model, data, selection and training). The machine these figures
+come from may be shared: the load average is recorded with every run.
 
 Defaults, sized to two shared CPU cores (about 1-2 minutes a run): the first 12 classes in alphabetical order, 16
 training / 16 validation / 50 test glosses per class, 10 epochs (``fps train``'s default), budgets 0.0077 and 0.05.
@@ -153,9 +153,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared machine)")
     p.add_argument(
         "--stage",
-        choices=("own", "all"),
+        choices=("own", "cost", "all"),
         default="all",
-        help="own: only the rate searches and the seeds at each method's own rate (a worker of several)",
+        help="own: only the rate searches and the seeds at each method's own rate (a worker of several); cost: only "
+        "the peak-memory measurements",
     )
     p.add_argument("--cost-epochs", type=int, default=2, help="epochs of each method's cost measurement")
     p.add_argument("--no-cost", action="store_true", help="skip the cost measurement (fresh process per method)")
@@ -725,7 +726,7 @@ def render(
             out.append(f"**Budget {budget:g}, at {title}** (test top-1 %, mean ± std over seeds {args.seeds})\n")
             out.append(
                 "| method | test top-1 | val top-1 | lr | grid: val top-1 (seed 0) | trainable | s / epoch "
-                "| peak RSS MiB | train loss, last epoch (change over the last 2) |"
+                "| peak RSS MiB (own process) | train loss, last epoch (change over the last 2) |"
             )
             out.append("|---|---|---|---|---|---|---|---|---|")
             for r in chosen:
@@ -742,7 +743,7 @@ def render(
                 trainable = r["runs"][0]["trainable"]
                 share = f" ({100 * trainable / total:.2f}%)" if total else ""
                 cost = costs.get(r["runs"][0]["key"].rsplit("|", 2)[0])
-                spe = f"{cost['seconds_per_epoch']:.1f}" if cost else "not measured"
+                spe = f"{statistics.fmean(x['seconds_per_epoch'] for x in r['runs']):.1f}"
                 peak = f"{cost['peak_rss_mib']:.0f}" if cost and cost["peak_rss_mib"] else "not measured"
                 last = statistics.fmean(x["train_loss"][-1] for x in r["runs"])
                 drop = statistics.fmean(
@@ -826,6 +827,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         return result
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.stage == "cost":
+        measure_costs(args, list(sys.argv[1:] if argv is None else argv), log=log)
+        return ""
     rows = run_protocol(args, compute, runs, log=log)
     costs = {}
     if args.stage == "all" and not args.no_cost:
