@@ -610,14 +610,15 @@ def search_rate(
         grid.append(beyond)
 
 
-def shared_rate(grids: dict[str, dict[float, float | None]]) -> float | None:
-    """The rate (run by every selection method) with the best mean validation top-1 over them; ``None`` until
-    every search is complete."""
-    if not grids or any(v is None for g in grids.values() for v in g.values()):
-        return None
-    common = set.intersection(*(set(g) for g in grids.values()))
-    means = {lr: statistics.fmean(g[lr] for g in grids.values()) for lr in common}
-    return best_rate(means) if means else None
+def shared_rate(grids: dict[str, dict[float, float | None]]) -> tuple[float | None, list[str]]:
+    """The rate with the best mean validation top-1 over the selection methods whose search is complete (every
+    rate run), among the rates they all ran; and those methods. ``(None, [])`` when no search is complete."""
+    complete = {m: g for m, g in grids.items() if g and all(v is not None for v in g.values())}
+    if not complete:
+        return None, []
+    common = set.intersection(*(set(g) for g in complete.values()))
+    means = {lr: statistics.fmean(g[lr] for g in complete.values()) for lr in common}
+    return (best_rate(means), list(complete)) if means else (None, [])
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -644,11 +645,11 @@ def run_protocol(args: argparse.Namespace, compute: Callable[[Cell], dict | None
             log(f"budget {budget:g} / {method}: rate {own[method]} of {grids[method]}")
             for seed in args.seeds if own[method] is not None else ():
                 runs.get(Cell(method, b, own[method], seed), compute)
-        shared = None
+        shared, over = None, []
         if args.stage == "all":
-            shared = shared_rate({m: g for m, g in grids.items() if m in SELECTION})
-            for method in (m for m in methods if m in SELECTION):  # the baselines' rates are not comparable
-                for seed in args.seeds if shared is not None else ():
+            shared, over = shared_rate({m: g for m, g in grids.items() if m in SELECTION})
+            for method in over:  # selection methods only: the baselines' rates are not comparable
+                for seed in args.seeds:
                     runs.get(Cell(method, budget, shared, seed), compute)
         for method in methods:
             b = budget if method in SELECTION else None
@@ -664,6 +665,7 @@ def run_protocol(args: argparse.Namespace, compute: Callable[[Cell], dict | None
                         "lr": lr,
                         "grid": grids[method],
                         "runs": [r for r in done if r is not None],
+                        "shared_over": over,
                     }
                 )
     return rows
@@ -722,7 +724,10 @@ def render(
             lrs = {r["lr"] for r in chosen if r["lr"] is not None}
             if which == "shared" and not lrs:
                 continue
-            title = "each method's own rate" if which == "own" else f"the shared rate {lrs.pop():g}"
+            title = "each method's own rate"
+            if which == "shared":
+                over = ", ".join(chosen[0]["shared_over"])
+                title = f"the shared rate {lrs.pop():g} (best mean validation top-1 of {over})"
             out.append(f"**Budget {budget:g}, at {title}** (test top-1 %, mean ± std over seeds {args.seeds})\n")
             out.append(
                 "| method | test top-1 | val top-1 | lr | grid: val top-1 (seed 0) | trainable | s / epoch "

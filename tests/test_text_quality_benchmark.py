@@ -80,7 +80,11 @@ def test_rate_choice_ties_to_the_smaller_rate_and_the_grid_extends_past_a_winnin
     assert tq.extend_grid([1e-3, 3e-3, 1e-2], 1e-3) == pytest.approx(3e-4)
     assert tq.extend_grid([3e-5, 1e-4, 3e-4], 3e-5) == pytest.approx(1e-5)
     assert tq.extend_grid([1e-3, 3e-3, 1e-2], 3e-3) is None
-    assert tq.shared_rate({"fps": {1e-3: 50.0, 3e-3: 70.0}, "random": {1e-3: 60.0, 3e-3: 50.0, 1e-2: 90.0}}) == 3e-3
+    grids = {"fps": {1e-3: 50.0, 3e-3: 70.0}, "random": {1e-3: 60.0, 3e-3: 50.0, 1e-2: 90.0}}
+    assert tq.shared_rate(grids) == (3e-3, ["fps", "random"])
+    grids["gps"] = {1e-3: 99.0, 3e-3: None}  # an unfinished search has no say
+    assert tq.shared_rate(grids) == (3e-3, ["fps", "random"])
+    assert tq.shared_rate({"gps": {1e-3: None}}) == (None, [])
 
 
 def test_protocol_extends_the_grid_runs_the_seeds_and_skips_finished_runs(tmp_path):
