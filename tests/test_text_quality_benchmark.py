@@ -203,3 +203,15 @@ def test_reproduce_runs_the_text_table_with_the_options_given(monkeypatch):
     monkeypatch.setattr(tq, "main", lambda argv: seen.append(argv) or "table")
     assert reproduce.main(["text-quality", "--epochs", "3", "--methods", "fps"]) == []
     assert seen == [["--epochs", "3", "--methods", "fps"]]
+
+
+def test_first_run_peaks_keep_only_runs_that_started_a_fresh_process():
+    done = {
+        "fps|0.01|0.003|0": {"key": "fps|0.01|0.003|0", "peak_rss_mib": 1900.0, "rss_before_mib": 1000.0},
+        "fps|0.01|0.01|0": {"key": "fps|0.01|0.01|0", "peak_rss_mib": 2300.0, "rss_before_mib": 1900.0},
+        "full|-|1e-4|0": {"key": "full|-|1e-4|0", "peak_rss_mib": 2200.0, "rss_before_mib": 1010.0},
+    }
+    assert tq.first_run_peaks(done) == {
+        "fps|0.01": {"peak_rss_mib": 1900.0, "rss_before_mib": 1000.0},
+        "full|-": {"peak_rss_mib": 2200.0, "rss_before_mib": 1010.0},
+    }
