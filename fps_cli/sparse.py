@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
@@ -88,7 +89,10 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm as TimmLayerNorm
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
+from torch.nn.modules import module as _module_hooks
 from torch.nn.utils import parametrize
+
+from .errors import FileFormatError
 
 PATHS = ("sparse", "dense")
 
@@ -112,18 +116,40 @@ class SparseAdd(nn.Module):
         init = torch.zeros(index.numel(), dtype=torch.float32) if values is None else values.detach().float().clone()
         self.delta = nn.Parameter(init.to(index.device))
         self.sparse_path = False
+        self.shape: tuple[int, ...] | None = None
+        self.weight_numel: int | None = None  # set by attach(), to check a loaded index
+        self.guard: _HookGuard | None = None
+        # Held while the selected entries of the base hold base + delta (the in-place overlay), and while the base is
+        # read: another thread that finds it taken builds a copy instead of overlaying twice (effective()).
+        self._lock = threading.Lock()
+        self.register_load_state_dict_pre_hook(_check_loaded_index)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_lock", None)  # a lock cannot be copied or pickled; each copy gets its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._lock = threading.Lock()
 
     def forward(self, base: Tensor) -> Tensor:
-        weight = base.reshape(-1).index_add(0, self.index, self.delta.to(base.dtype)).view_as(base)
+        with self._lock:  # never read a base that another thread's overlay holds
+            weight = base.reshape(-1).index_add(0, self.index, self.delta.to(base.dtype)).view_as(base)
         _register_effective(weight, self, base)
         return weight
 
     def recompute(self, base: Tensor) -> Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), self._lock:
             return base.reshape(-1).index_add(0, self.index, self.delta.to(base.dtype)).view_as(base)
 
     def build_pattern(self, shape: torch.Size) -> None:
-        """The CSR pattern of the selected entries of a ``[out, in]`` weight, for the sampled product (once)."""
+        """The CSR pattern of the selected entries of a ``[out, in]`` weight, for the sampled product.
+
+        Built at attach time, and again whenever ``index`` has changed in place since (``load_state_dict`` copies
+        a loaded index into it): the pattern remembers the index's version counter.
+        """
         rows, cols = self.index // shape[1], self.index % shape[1]  # row-major sorted: CSR order is delta order
         # crow[i]: how many entries lie in rows before i (a fixed-size op, so it also runs on fake tensors).
         crow = torch.searchsorted(rows, torch.arange(shape[0] + 1, device=rows.device))
@@ -132,34 +158,46 @@ class SparseAdd(nn.Module):
         self.register_buffer("cols", cols, persistent=False)
         self.register_buffer("crow", crow, persistent=False)
         self.shape = tuple(shape)
+        self._pattern_version = self.index._version
+
+    def _current_pattern(self) -> None:
+        if self.index._version != self._pattern_version:
+            self.build_pattern(torch.Size(self.shape))
 
     @contextlib.contextmanager
     def effective(self, base: Tensor, dtype: torch.dtype | None = None, copy: bool = False) -> Iterator[Tensor]:
         """The effective weight ``base + scatter(delta)`` (cast to ``dtype``), without a copy unless asked.
 
         In the base's own dtype the selected entries of ``base`` are overwritten in place for the duration of the
-        context and restored bit for bit afterwards (also after an exception). For another ``dtype`` (autocast),
-        or with ``copy``, a new tensor is built with the effective entries written into it.
+        context and restored bit for bit afterwards (also after an exception), holding this parametrization's lock.
+        For another ``dtype`` (autocast), with ``copy``, or when another thread holds the lock (two threads on one
+        model), a new tensor is built with the effective entries written into it, from the frozen values.
         """
-        with torch.no_grad():
-            flat = base.view(-1)
-            # index_select, not flat[index]: advanced indexing took 8 ms here for what index_select does in 10 us.
-            saved = flat.index_select(0, self.index)  # [selected]
-            values = saved + self.delta.to(base.dtype)  # exactly the parametrization's sums
-            if copy or (dtype is not None and dtype != base.dtype):
-                weight = base.to(dtype or base.dtype, copy=True)
-                weight.view(-1).index_copy_(0, self.index, values.to(dtype))
-            else:
-                weight = None
-                flat.index_copy_(0, self.index, values)
-        if weight is not None:
-            yield weight
+        flat = base.view(-1)
+        cast = dtype is not None and dtype != base.dtype
+        if not (copy or cast) and self._lock.acquire(blocking=False):
+            try:
+                with torch.no_grad():
+                    # index_select, not flat[index]: advanced indexing took 8 ms here for what index_select does in
+                    # 10 us.
+                    saved = flat.index_select(0, self.index)  # [selected]
+                    flat.index_copy_(0, self.index, saved + self.delta.to(base.dtype))  # the parametrization's sums
+                try:
+                    yield base
+                finally:
+                    with torch.no_grad():
+                        flat.index_copy_(0, self.index, saved)
+            finally:
+                self._lock.release()
             return
-        try:
-            yield base
-        finally:
-            with torch.no_grad():
-                flat.index_copy_(0, self.index, saved)
+        # A copy: asked for, a cast (autocast), or another thread's overlay is in the base right now (wait for it
+        # to be restored: the copy must be of the frozen values).
+        with torch.no_grad():
+            with self._lock:
+                saved = flat.index_select(0, self.index)
+                weight = base.to(dtype or base.dtype, copy=True)
+            weight.view(-1).index_copy_(0, self.index, (saved + self.delta.to(base.dtype)).to(weight.dtype))
+        yield weight
 
     def sampled_grad(self, dy: Tensor, x: Tensor) -> Tensor:
         """The delta's gradient: for each selected entry ``(i, j)``, ``sum_t dy[t, i] * x[t, j]``, in fp32 or better.
@@ -171,6 +209,7 @@ class SparseAdd(nn.Module):
             dy: output gradient ``[tokens, out]``.
             x: layer input ``[tokens, in]``.
         """
+        self._current_pattern()
         dtype = torch.promote_types(torch.promote_types(dy.dtype, x.dtype), torch.float32)
         step = max(1, _CHUNK_ELEMENTS // (dy.shape[1] + x.shape[1]))
         total = None
@@ -207,6 +246,55 @@ class SparseAdd(nn.Module):
         return out
 
 
+def _check_loaded_index(owner: SparseAdd, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    """``load_state_dict`` pre-hook: a loaded index must be sorted, without repeats, and inside the weight.
+
+    The sampled product's CSR pattern is rebuilt from it at the next backward (:meth:`SparseAdd.build_pattern`).
+    """
+    index = state_dict.get(prefix + "index")
+    if index is None or not isinstance(index, Tensor) or index.numel() == 0:
+        return
+    flat = index.reshape(-1)
+    name = prefix.removesuffix(".").replace(".parametrizations.", ".").replace(".original", "") or "index"
+    if not bool((flat[1:] > flat[:-1]).all()):
+        raise FileFormatError(f"{name}: the loaded index must be sorted and without repeats (a mask's flat indices)")
+    if owner.weight_numel is not None and (int(flat[0]) < 0 or int(flat[-1]) >= owner.weight_numel):
+        raise FileFormatError(f"{name}: the loaded index reaches past the weight's {owner.weight_numel} entries")
+
+
+class _HookGuard:
+    """Whether code other than fps's could have seen a norm's or activation's output before a Linear received it.
+
+    A recorded recipe rebuilds the module's own output; a forward hook (on any module of the model, or global) or a
+    forward pre-hook could replace it or change it in place through ``.data``, which bumps no version counter.
+    So a recipe is only recorded while no hook but fps's own recorders is registered on the model or globally.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = weakref.ref(model)
+        self.own: set[int] = set()  # ids of fps's recorder hooks
+
+    def clean(self) -> bool:
+        if (
+            _module_hooks._global_forward_hooks
+            or _module_hooks._global_forward_pre_hooks
+            or _module_hooks._global_backward_hooks  # full backward hooks wrap a module's inputs and outputs
+            or _module_hooks._global_backward_pre_hooks
+        ):
+            return False
+        model = self.model()
+        if model is None:
+            return False
+        own = self.own
+        for m in model.modules():
+            if m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return False
+            for key in m._forward_hooks:
+                if key not in own:
+                    return False
+        return True
+
+
 # ---------------------------------------------- an activation's or a norm's output rebuilt, not saved by a Linear
 
 
@@ -220,6 +308,9 @@ RECOMPUTED_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Mish)
 # under autocast).
 RECOMPUTED_NORMS = (nn.LayerNorm, TimmLayerNorm)
 
+# The forwards these classes had when fps was imported: a class whose forward was replaced since is not trusted.
+_CLASS_FORWARDS = {kind: kind.forward for kind in RECOMPUTED_ACTIVATIONS + RECOMPUTED_NORMS}
+
 
 def _layer_norm(shape: tuple[int, ...], eps: float, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     return F.layer_norm(x, shape, weight, bias, eps)
@@ -232,6 +323,8 @@ def _exact_recipe(module: nn.Module):
     """
     kind = type(module)
     if kind not in RECOMPUTED_ACTIVATIONS + RECOMPUTED_NORMS or "forward" in vars(module):
+        return None
+    if kind.forward is not _CLASS_FORWARDS[kind]:  # a patched class (a fused-kernel library): not the known op
         return None
     if kind in RECOMPUTED_NORMS:
         if getattr(module, "_fast_norm", False):
@@ -251,7 +344,7 @@ def _exact_recipe(module: nn.Module):
 _RECIPES_TAKEN = [0]
 
 
-def _record_recipe(module: nn.Module, args: tuple, output) -> None:
+def _record_recipe(guard: _HookGuard, module: nn.Module, args: tuple, output) -> None:
     """Forward hook on a supported module: mark its output with how to rebuild it from tensors autograd keeps."""
     recipe = _exact_recipe(module)
     if recipe is None or len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
@@ -260,30 +353,36 @@ def _record_recipe(module: nn.Module, args: tuple, output) -> None:
     # Only where autograd keeps the input anyway (its backward node saves it) and no cast happened (autocast).
     if not (torch.is_grad_enabled() and source.requires_grad) or output is source:
         return
+    if not guard.clean():  # another hook could change or replace the output before a Linear receives it
+        return
     function, tensors = recipe(source)
     if any(t is not None and t.dtype != output.dtype for t in tensors):
         return
     versions = tuple(None if t is None else t._version for t in tensors)
-    output._fps_recipe = (function, tensors, output._version, versions)
+    output._fps_recipe = (function, tensors, output._version, versions, guard)
 
 
-def _input_recipe(x: Tensor):
-    """``(function, tensors)`` if ``x`` is, unmodified, the output of a recorded module; else None."""
+def _input_recipe(x: Tensor, guard: _HookGuard | None = None):
+    """``(function, tensors)`` if ``x`` is, unmodified, the output of a module recorded under ``guard``; else None."""
     record = getattr(x, "_fps_recipe", None)
     if record is None:
         return None
-    function, tensors, x_version, versions = record
+    function, tensors, x_version, versions, recorded_by = record
+    if guard is not None and recorded_by is not guard:
+        return None  # recorded in another attached model, whose hooks were not the ones checked
     changed = any(t is not None and t._version != v for t, v in zip(tensors, versions, strict=True))
     if changed or x._version != x_version:
         return None  # something changed in place since the module ran: save x itself
     return function, tensors
 
 
-def _recompute(function, tensors: tuple, meta) -> Tensor:
+def _recompute(function, tensors: tuple, meta, differentiable: bool = False) -> Tensor:
     """The module's output again (the same op on the same tensors in the same dtype, autocast off), then cast to
-    the dtype the Linear computed in, as :func:`sparse_linear` cast it."""
+    the dtype the Linear computed in, as :func:`sparse_linear` cast it (``differentiable``: with its graph, for a
+    double backward)."""
     dtype = meta[2]
-    with torch.autocast(tensors[0].device.type, enabled=False), torch.no_grad():
+    grad = contextlib.nullcontext() if differentiable else torch.no_grad()
+    with torch.autocast(tensors[0].device.type, enabled=False), grad:
         x = function(*tensors).to(dtype)
     if (x.shape, x.stride(), x.dtype) != meta:
         raise RuntimeError(f"recomputed input differs in layout: {(x.shape, x.stride(), x.dtype)} vs {meta}")
@@ -297,6 +396,11 @@ class _SparseLinear(torch.autograd.Function):
     def forward(ctx, x, base, bias, delta, owner, dtype, recipe):
         with owner.effective(base, dtype) as weight:
             y = F.linear(x, weight, bias)
+        if y._base is not None:
+            # F.linear returns a 3-D input's output as a view of its 2-D GEMM result; a custom Function's output
+            # may not be a view, or an in-place op on it (ReLU(inplace=True), out += residual) is refused. Return
+            # the GEMM result itself (same bits, no copy) and reshape it outside (sparse_linear).
+            y = y._base if y._base.numel() == y.numel() and y._base.is_contiguous() else y.clone()
         # delta is saved so that autograd rejects a backward after the delta changed in place (an optimizer step
         # between forward and backward); base is frozen and restored, so it is kept by reference only.
         if recipe is None:
@@ -311,12 +415,14 @@ class _SparseLinear(torch.autograd.Function):
             ctx.recompute, ctx.x_meta = function, (x.shape, x.stride(), x.dtype)
             _RECIPES_TAKEN[0] += 1
         ctx.recipe = recipe is not None
-        ctx.owner, ctx.base, ctx.dtype = owner, base, dtype
+        ctx.owner, ctx.base, ctx.dtype, ctx.x_shape = owner, base, dtype, x.shape
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        _, *saved = ctx.saved_tensors
+        delta, *saved = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiated
+            return _SparseLinear._differentiable_backward(ctx, dy, delta, saved)
         x = None  # only the delta's gradient reads x
         if not ctx.recipe:
             x = saved[0]
@@ -327,22 +433,54 @@ class _SparseLinear(torch.autograd.Function):
         dx = dbias = ddelta = None
         if ctx.needs_input_grad[0]:
             with owner.effective(ctx.base, ctx.dtype) as weight:
-                dx = (dy2 @ weight).view(*dy.shape[:-1], weight.shape[1])  # [..., in]
+                dx = (dy2 @ weight).view(ctx.x_shape)  # [..., in]
         if ctx.needs_input_grad[2]:
             dbias = dy2.sum(0)
         if ctx.needs_input_grad[3]:
             ddelta = owner.sampled_grad(dy2, x.reshape(-1, x.shape[-1]))
         return dx, None, dbias, ddelta, None, None, None
 
+    @staticmethod
+    def _differentiable_backward(ctx, dy, delta, saved):
+        """The same gradients as differentiable ops (for a double backward): the effective weight as a copy (the
+        in-place overlay would change a tensor the graph keeps), and the delta's gradient gathered from the dense
+        product: the dense path's cost, only in this case."""
+        owner, base = ctx.owner, ctx.base
+        dy2 = dy.reshape(-1, dy.shape[-1])  # [tokens, out]
+        dx = dbias = ddelta = None
+        if ctx.needs_input_grad[0]:
+            with owner._lock:
+                weight = base.reshape(-1).index_add(0, owner.index, delta.to(base.dtype)).view_as(base)
+            weight = weight.to(ctx.dtype) if ctx.dtype is not None else weight
+            dx = (dy2 @ weight).view(ctx.x_shape)
+        if ctx.needs_input_grad[2]:
+            dbias = dy2.sum(0)
+        if ctx.needs_input_grad[3]:
+            x = saved[0] if not ctx.recipe else _recompute(ctx.recompute, tuple(saved), ctx.x_meta, True)
+            x2 = x.reshape(-1, x.shape[-1])
+            dtype = torch.promote_types(torch.promote_types(dy.dtype, x.dtype), torch.float32)
+            ddelta = (dy2.to(dtype).t() @ x2.to(dtype)).reshape(-1).index_select(0, owner.index)
+        return dx, None, dbias, ddelta, None, None, None
+
+
+def _is_sparse_forward(module: nn.Module) -> bool:
+    """Whether the instance's own ``forward`` is the one :func:`attach` set."""
+    forward = vars(module).get("forward")
+    return isinstance(forward, functools.partial) and forward.func is sparse_linear and forward.args[0] is module
+
 
 def sparse_linear(module: nn.Linear, x: Tensor) -> Tensor:
     """The forward of a masked ``nn.Linear`` on the sparse path (see the module docstring)."""
-    parametrization = module.parametrizations.weight
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is None or "weight" not in parametrizations:
+        # Detached while another wrapper (set after attach) still calls this forward: the plain Linear again.
+        return nn.Linear.forward(module, x)
+    parametrization = parametrizations.weight
     base, owner = parametrization.original, parametrization[0]
     bias = module.bias
     dtype = None
     # Looked up before autocast's cast, which makes a new tensor: the rebuilt input is cast the same way.
-    recipe = _input_recipe(x) if torch.is_grad_enabled() else None
+    recipe = _input_recipe(x, owner.guard) if torch.is_grad_enabled() else None
     if torch.is_autocast_enabled(x.device.type):  # cast as autocast would, then compute without it
         dtype = torch.get_autocast_dtype(x.device.type)
         x = x.to(dtype)
@@ -351,9 +489,11 @@ def sparse_linear(module: nn.Linear, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() and (
             x.requires_grad or owner.delta.requires_grad or (bias is not None and bias.requires_grad)
         ):
-            return _SparseLinear.apply(x, base, bias, owner.delta, owner, dtype, recipe)
+            y = _SparseLinear.apply(x, base, bias, owner.delta, owner, dtype, recipe)
+            shape = (*x.shape[:-1], base.shape[0])
+            return y if y.shape == shape else y.view(shape)
         # Without gradients (evaluation, possibly from several threads at once) a copy, as the dense path makes:
-        # the in-place overlay is for training steps, where the memory matters and one thread runs the model.
+        # the in-place overlay is for training steps, where the memory matters.
         with owner.effective(base, dtype, copy=True) as weight:
             return F.linear(x, weight, bias)
 
@@ -361,6 +501,8 @@ def sparse_linear(module: nn.Linear, x: Tensor) -> Tensor:
 def _sparse_path_ok(model: nn.Module, module: nn.Module, attr: str, param: Tensor) -> bool:
     """Whether a masked tensor can take the sparse path (see the module docstring for what keeps the dense one)."""
     if type(module) is not nn.Linear or attr != "weight" or not param.is_contiguous():
+        return False
+    if "forward" in vars(module):  # the instance's own forward (accelerate's hooks, offload): keep it
         return False
     owners = [n for n, p in model.named_parameters(remove_duplicate=False) if p is param]
     return len(owners) == 1
@@ -427,6 +569,14 @@ def attach(
     unknown = [n for n in [*indices, *fully_trainable] if n not in params]
     if unknown:
         raise KeyError(f"not parameters of the model: {', '.join(unknown)}")
+    tied = tied_parameters(model)
+    partly_tied = [f"{n} (also {', '.join(tied[n])})" for n in indices if n in tied]
+    if partly_tied:
+        # A parametrization lives on one module: the others sharing the tensor would never see the delta.
+        raise FileFormatError(
+            f"the mask trains part of a tied weight, one tensor used under several names: {'; '.join(partly_tied)}. "
+            "fps does not select tied weights (they are not candidates); train such a tensor in full or not at all"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     full = {}
@@ -439,6 +589,7 @@ def attach(
         module = model.get_submodule(module_name)
         start = None if values is None else values[name]
         deltas[name] = SparseAdd(index.to(params[name].device), start)
+        deltas[name].weight_numel = params[name].numel()
         fast = path == "sparse" and _sparse_path_ok(model, module, attr, params[name])
         # unsafe: skip the consistency call at registration, which would compute and discard one weight.
         parametrize.register_parametrization(module, attr, deltas[name], unsafe=True)
@@ -449,11 +600,24 @@ def attach(
     hooks = []
     if any(d.sparse_path for d in deltas.values()):
         # Every supported activation and norm is marked (a cheap attribute on its output); only a sparse Linear fed
-        # that very output uses the mark. prepend: see the output before any other hook could replace or change it.
+        # that very output uses the mark, and only while no other hook could have touched it (_HookGuard).
+        guard = _HookGuard(model)
         for module in model.modules():
             if _exact_recipe(module) is not None:
-                hooks.append(module.register_forward_hook(_record_recipe, prepend=True))
+                handle = module.register_forward_hook(functools.partial(_record_recipe, guard), prepend=True)
+                guard.own.add(handle.id)
+                hooks.append(handle)
+        for owner in deltas.values():
+            owner.guard = guard
     return SparseParams(deltas, full, hooks)
+
+
+def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """Parameters used under several names (tied weights): first name -> the other names."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {n[0]: n[1:] for n in names.values() if len(n) > 1}
 
 
 def detach(model: nn.Module, sparse: SparseParams) -> None:
@@ -464,8 +628,8 @@ def detach(model: nn.Module, sparse: SparseParams) -> None:
     for name, owner in sparse.deltas.items():
         module_name, attr = _split(name)
         module = model.get_submodule(module_name)
-        if owner.sparse_path:
-            del module.forward  # the class's forward again
+        if owner.sparse_path and _is_sparse_forward(module):
+            del module.forward  # the class's forward again (a wrapper set after attach stays; see sparse_linear)
         parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
 
 
