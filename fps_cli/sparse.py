@@ -118,7 +118,6 @@ class SparseAdd(nn.Module):
         self.sparse_path = False
         self.shape: tuple[int, ...] | None = None
         self.weight_numel: int | None = None  # set by attach(), to check a loaded index
-        self.guard: _HookGuard | None = None
         # Held while the selected entries of the base hold base + delta (the in-place overlay), and while the base is
         # read: another thread that finds it taken builds a copy instead of overlaying twice (effective()).
         self._lock = threading.Lock()
@@ -262,37 +261,55 @@ def _check_loaded_index(owner: SparseAdd, state_dict, prefix, local_metadata, st
         raise FileFormatError(f"{name}: the loaded index reaches past the weight's {owner.weight_numel} entries")
 
 
-class _HookGuard:
-    """Whether code other than fps's could have seen a norm's or activation's output before a Linear received it.
+# Whether code other than fps's could have seen a norm's or activation's output between the module that made it and
+# the Linear that receives it. A recorded recipe rebuilds the module's own output; a forward hook or a forward
+# pre-hook (on that module, on a module in between such as a Dropout(0) or an Identity, on the Linear, or global)
+# could replace it or change it in place through ``.data``, which bumps no version counter. So while any model is
+# attached, two global hooks of fps's count the calls of modules that carry hooks of their own
+# (_FOREIGN_HOOK_CALLS): a recipe is used only if that count did not move between the record and the Linear, the
+# producing module carries no hook but fps's recorder, and no other global hook exists.
+_FOREIGN_HOOK_CALLS = [0]
+_OWN_HOOKS: set[int] = set()  # ids of fps's recorder hooks (module hooks)
+_GLOBAL_HOOKS: dict[str, object] = {}  # fps's two global hook handles, while attached models use them
+_ATTACHED = weakref.WeakSet()  # the SparseParams that hold the global hooks
 
-    A recorded recipe rebuilds the module's own output; a forward hook (on any module of the model, or global) or a
-    forward pre-hook could replace it or change it in place through ``.data``, which bumps no version counter.
-    So a recipe is only recorded while no hook but fps's own recorders is registered on the model or globally.
-    """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = weakref.ref(model)
-        self.own: set[int] = set()  # ids of fps's recorder hooks
+def _count_pre_hooks(module: nn.Module, args: tuple) -> None:
+    if module._forward_pre_hooks:
+        _FOREIGN_HOOK_CALLS[0] += 1
 
-    def clean(self) -> bool:
-        if (
-            _module_hooks._global_forward_hooks
-            or _module_hooks._global_forward_pre_hooks
-            or _module_hooks._global_backward_hooks  # full backward hooks wrap a module's inputs and outputs
-            or _module_hooks._global_backward_pre_hooks
-        ):
-            return False
-        model = self.model()
-        if model is None:
-            return False
-        own = self.own
-        for m in model.modules():
-            if m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-                return False
-            for key in m._forward_hooks:
-                if key not in own:
-                    return False
-        return True
+
+def _count_forward_hooks(module: nn.Module, args: tuple, output) -> None:
+    hooks = module._forward_hooks
+    if hooks and not hooks.keys() <= _OWN_HOOKS:
+        _FOREIGN_HOOK_CALLS[0] += 1
+
+
+def _foreign_global_hooks() -> bool:
+    own = {h.id for h in _GLOBAL_HOOKS.values()}
+    return bool(
+        _module_hooks._global_forward_hooks.keys() - own
+        or _module_hooks._global_forward_pre_hooks.keys() - own
+        or _module_hooks._global_backward_hooks  # full backward hooks wrap modules' inputs and outputs
+        or _module_hooks._global_backward_pre_hooks
+    )
+
+
+def _hold_global_hooks(holder: SparseParams) -> None:
+    if not _GLOBAL_HOOKS:
+        _GLOBAL_HOOKS["pre"] = _module_hooks.register_module_forward_pre_hook(_count_pre_hooks)
+        _GLOBAL_HOOKS["post"] = _module_hooks.register_module_forward_hook(_count_forward_hooks)
+    _ATTACHED.add(holder)
+    weakref.finalize(holder, _release_global_hooks, None)  # never detached: released with the last holder
+
+
+def _release_global_hooks(holder: SparseParams | None) -> None:
+    if holder is not None:
+        _ATTACHED.discard(holder)
+    if not _ATTACHED:
+        for handle in _GLOBAL_HOOKS.values():
+            handle.remove()
+        _GLOBAL_HOOKS.clear()
 
 
 # ---------------------------------------------- an activation's or a norm's output rebuilt, not saved by a Linear
@@ -344,7 +361,7 @@ def _exact_recipe(module: nn.Module):
 _RECIPES_TAKEN = [0]
 
 
-def _record_recipe(guard: _HookGuard, module: nn.Module, args: tuple, output) -> None:
+def _record_recipe(module: nn.Module, args: tuple, output) -> None:
     """Forward hook on a supported module: mark its output with how to rebuild it from tensors autograd keeps."""
     recipe = _exact_recipe(module)
     if recipe is None or len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
@@ -353,23 +370,24 @@ def _record_recipe(guard: _HookGuard, module: nn.Module, args: tuple, output) ->
     # Only where autograd keeps the input anyway (its backward node saves it) and no cast happened (autocast).
     if not (torch.is_grad_enabled() and source.requires_grad) or output is source:
         return
-    if not guard.clean():  # another hook could change or replace the output before a Linear receives it
-        return
+    if not _GLOBAL_HOOKS or _foreign_global_hooks() or not module._forward_hooks.keys() <= _OWN_HOOKS:
+        return  # another hook could change or replace the output before a Linear receives it
     function, tensors = recipe(source)
     if any(t is not None and t.dtype != output.dtype for t in tensors):
         return
     versions = tuple(None if t is None else t._version for t in tensors)
-    output._fps_recipe = (function, tensors, output._version, versions, guard)
+    output._fps_recipe = (function, tensors, output._version, versions, _FOREIGN_HOOK_CALLS[0])
 
 
-def _input_recipe(x: Tensor, guard: _HookGuard | None = None):
-    """``(function, tensors)`` if ``x`` is, unmodified, the output of a module recorded under ``guard``; else None."""
+def _input_recipe(x: Tensor):
+    """``(function, tensors)`` if ``x`` is, unmodified and unseen by any other hook, the output of a recorded module;
+    else None."""
     record = getattr(x, "_fps_recipe", None)
     if record is None:
         return None
-    function, tensors, x_version, versions, recorded_by = record
-    if guard is not None and recorded_by is not guard:
-        return None  # recorded in another attached model, whose hooks were not the ones checked
+    function, tensors, x_version, versions, hook_calls = record
+    if hook_calls != _FOREIGN_HOOK_CALLS[0] or _foreign_global_hooks():
+        return None  # a hook ran in between (it may have changed x through .data): save x itself
     changed = any(t is not None and t._version != v for t, v in zip(tensors, versions, strict=True))
     if changed or x._version != x_version:
         return None  # something changed in place since the module ran: save x itself
@@ -480,7 +498,7 @@ def sparse_linear(module: nn.Linear, x: Tensor) -> Tensor:
     bias = module.bias
     dtype = None
     # Looked up before autocast's cast, which makes a new tensor: the rebuilt input is cast the same way.
-    recipe = _input_recipe(x, owner.guard) if torch.is_grad_enabled() else None
+    recipe = _input_recipe(x) if torch.is_grad_enabled() else None
     if torch.is_autocast_enabled(x.device.type):  # cast as autocast would, then compute without it
         dtype = torch.get_autocast_dtype(x.device.type)
         x = x.to(dtype)
@@ -508,7 +526,7 @@ def _sparse_path_ok(model: nn.Module, module: nn.Module, attr: str, param: Tenso
     return len(owners) == 1
 
 
-@dataclass
+@dataclass(eq=False)
 class SparseParams:
     """The trainable parameters of a model with deltas attached, keyed by the model's original names.
 
@@ -600,16 +618,16 @@ def attach(
     hooks = []
     if any(d.sparse_path for d in deltas.values()):
         # Every supported activation and norm is marked (a cheap attribute on its output); only a sparse Linear fed
-        # that very output uses the mark, and only while no other hook could have touched it (_HookGuard).
-        guard = _HookGuard(model)
+        # that very output uses the mark, and only while no other hook could have touched it (_FOREIGN_HOOK_CALLS).
         for module in model.modules():
             if _exact_recipe(module) is not None:
-                handle = module.register_forward_hook(functools.partial(_record_recipe, guard), prepend=True)
-                guard.own.add(handle.id)
+                handle = module.register_forward_hook(_record_recipe, prepend=True)
+                _OWN_HOOKS.add(handle.id)
                 hooks.append(handle)
-        for owner in deltas.values():
-            owner.guard = guard
-    return SparseParams(deltas, full, hooks)
+    params = SparseParams(deltas, full, hooks)
+    if hooks:
+        _hold_global_hooks(params)
+    return params
 
 
 def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
@@ -624,7 +642,9 @@ def detach(model: nn.Module, sparse: SparseParams) -> None:
     """Remove the parametrizations: the masked parameters become their frozen base values again."""
     for handle in sparse.hooks:
         handle.remove()
+        _OWN_HOOKS.discard(handle.id)
     sparse.hooks.clear()
+    _release_global_hooks(sparse)
     for name, owner in sparse.deltas.items():
         module_name, attr = _split(name)
         module = model.get_submodule(module_name)

@@ -106,6 +106,25 @@ def test_the_recipe_is_still_taken_without_foreign_hooks():
     taken = sparse._RECIPES_TAKEN[0]
     model(X.clone().requires_grad_(True)).sum().backward()
     assert sparse._RECIPES_TAKEN[0] - taken == 1
+    # A hook that runs after the Linear took its input (on the whole model, as transformers' output capture puts
+    # them on decoder layers) changes nothing.
+    handle = model.register_forward_hook(lambda m, a, o: None)
+    taken = sparse._RECIPES_TAKEN[0]
+    model(X.clone().requires_grad_(True)).sum().backward()
+    assert sparse._RECIPES_TAKEN[0] - taken == 1
+    handle.remove()
+
+
+def test_detach_removes_every_hook_fps_added():
+    from torch.nn.modules import module as hooks
+
+    before = (dict(hooks._global_forward_hooks), dict(hooks._global_forward_pre_hooks))
+    model = _model(nn.LayerNorm(6))
+    params = sparse.attach(model, {"2.weight": LAST["2.weight"]}, [])
+    assert len(hooks._global_forward_hooks) == len(before[0]) + 1
+    sparse.detach(model, params)
+    assert (dict(hooks._global_forward_hooks), dict(hooks._global_forward_pre_hooks)) == before
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 # --------------------------------------------------------------------------------- 2. two threads on one model
