@@ -271,7 +271,7 @@ def _check_loaded_index(owner: SparseAdd, state_dict, prefix, local_metadata, st
 _FOREIGN_HOOK_CALLS = [0]
 _OWN_HOOKS: set[int] = set()  # ids of fps's recorder hooks (module hooks)
 _GLOBAL_HOOKS: dict[str, object] = {}  # fps's two global hook handles, while attached models use them
-_ATTACHED = weakref.WeakSet()  # the SparseParams that hold the global hooks
+_ATTACHED = weakref.WeakSet()  # the attached models that hold the global hooks
 
 
 def _count_pre_hooks(module: nn.Module, args: tuple) -> None:
@@ -295,7 +295,7 @@ def _foreign_global_hooks() -> bool:
     )
 
 
-def _hold_global_hooks(holder: SparseParams) -> None:
+def _hold_global_hooks(holder: nn.Module) -> None:
     if not _GLOBAL_HOOKS:
         _GLOBAL_HOOKS["pre"] = _module_hooks.register_module_forward_pre_hook(_count_pre_hooks)
         _GLOBAL_HOOKS["post"] = _module_hooks.register_module_forward_hook(_count_forward_hooks)
@@ -303,10 +303,10 @@ def _hold_global_hooks(holder: SparseParams) -> None:
     weakref.finalize(holder, _release_global_hooks, None)  # never detached: released with the last holder
 
 
-def _release_global_hooks(holder: SparseParams | None) -> None:
+def _release_global_hooks(holder: nn.Module | None) -> None:
     if holder is not None:
         _ATTACHED.discard(holder)
-    if not _ATTACHED:
+    if not any(True for _ in _ATTACHED):  # (iteration sees live holders only; len() may count a dying one)
         for handle in _GLOBAL_HOOKS.values():
             handle.remove()
         _GLOBAL_HOOKS.clear()
@@ -624,10 +624,9 @@ def attach(
                 handle = module.register_forward_hook(_record_recipe, prepend=True)
                 _OWN_HOOKS.add(handle.id)
                 hooks.append(handle)
-    params = SparseParams(deltas, full, hooks)
     if hooks:
-        _hold_global_hooks(params)
-    return params
+        _hold_global_hooks(model)
+    return SparseParams(deltas, full, hooks)
 
 
 def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
@@ -643,8 +642,9 @@ def detach(model: nn.Module, sparse: SparseParams) -> None:
     for handle in sparse.hooks:
         handle.remove()
         _OWN_HOOKS.discard(handle.id)
+    if sparse.hooks:
+        _release_global_hooks(model)
     sparse.hooks.clear()
-    _release_global_hooks(sparse)
     for name, owner in sparse.deltas.items():
         module_name, attr = _split(name)
         module = model.get_submodule(module_name)

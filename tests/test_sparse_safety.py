@@ -116,8 +116,12 @@ def test_the_recipe_is_still_taken_without_foreign_hooks():
 
 
 def test_detach_removes_every_hook_fps_added():
+    import gc
+
     from torch.nn.modules import module as hooks
 
+    gc.collect()  # models attached by earlier tests and never detached: their global hooks go with them
+    assert not hooks._global_forward_hooks
     before = (dict(hooks._global_forward_hooks), dict(hooks._global_forward_pre_hooks))
     model = _model(nn.LayerNorm(6))
     params = sparse.attach(model, {"2.weight": LAST["2.weight"]}, [])
