@@ -39,7 +39,8 @@ def worker(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes).to(device).eval()
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, **kwargs).to(device).eval()
     size = model.pretrained_cfg["input_size"][-1] if args.img_size is None else args.img_size
     images = torch.randn(args.batch_size, 3, size, size)
     if device.type == "cuda":
@@ -137,6 +138,7 @@ def main() -> None:
                     run = json.loads(out.stdout.strip().splitlines()[-1])
                     run["load_average"] = [load, load_average()]
                     runs[condition][variant].append(run)
+                    print(f"{condition} {variant}: {json.dumps(run)}", file=sys.stderr, flush=True)  # progress
 
     def summary(by_variant: dict[str, list[dict]]) -> dict:
         def best(variant: str, key: str, fn=max) -> float:

@@ -57,6 +57,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--num-classes", type=int, default=100, help="head size (a VTAB-1k-sized task by default)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (after --warmup-steps)")
     p.add_argument("--warmup-steps", type=int, default=1)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
@@ -109,7 +110,8 @@ def child(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes).to(device).train()
+    kwargs = {"img_size": args.img_size} if getattr(args, "img_size", None) else {}
+    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, **kwargs).to(device).train()
     config = TrainConfig(precision=args.precision)
     total_params = sum(p.numel() for p in model.parameters())  # before attaching adds the deltas
     context = torch.enable_grad
@@ -139,6 +141,8 @@ def child(args: argparse.Namespace) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 
     size = base_model(model).pretrained_cfg.get("input_size", (3, 224, 224))
+    if getattr(args, "img_size", None):
+        size = (size[0], args.img_size, args.img_size)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, *size, generator=generator).to(device)
     labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=generator).to(device)
@@ -195,7 +199,8 @@ def write_mask(args: argparse.Namespace, path: Path) -> dict:
     from fps_cli.selector import selection_count
 
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
+    kwargs = {"img_size": args.img_size} if getattr(args, "img_size", None) else {}
+    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, **kwargs)
     roles = parameter_roles(model)
     with torch.no_grad():
         scores = {n: m.weight.abs().reshape(m.weight.shape[0], -1) for n, m in roles.candidates.items()}
@@ -274,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
                         run = json.loads(out.stdout.strip().splitlines()[-1])
                         run["load_average"] = [load, load_average()]
                         runs[condition][variant].append(run)
+                        print(f"{condition} {variant}: {json.dumps(run)}", file=sys.stderr, flush=True)  # progress
     results = summarize(runs["idle"])
     busy_results = summarize(runs["busy"]) if args.busy else None
     report = {

@@ -323,7 +323,7 @@ RECOMPUTED_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Mish)
 # Norms whose output a sparse Linear may rebuild: ``F.layer_norm`` of the input (which layer_norm's backward keeps),
 # the weight and the bias (parameters). timm's subclass only without its "fast norm" (which runs in low precision
 # under autocast).
-RECOMPUTED_NORMS = (nn.LayerNorm, TimmLayerNorm)
+RECOMPUTED_NORMS = (nn.LayerNorm, TimmLayerNorm, nn.RMSNorm)
 
 # The forwards these classes had when fps was imported: a class whose forward was replaced since is not trusted.
 _CLASS_FORWARDS = {kind: kind.forward for kind in RECOMPUTED_ACTIVATIONS + RECOMPUTED_NORMS}
@@ -333,16 +333,75 @@ def _layer_norm(shape: tuple[int, ...], eps: float, x: Tensor, weight: Tensor | 
     return F.layer_norm(x, shape, weight, bias, eps)
 
 
+def _rms_norm(shape: tuple[int, ...], eps: float | None, x: Tensor, weight: Tensor | None) -> Tensor:
+    return F.rms_norm(x, shape, weight, eps)
+
+
+# transformers' RMSNorm (LlamaRMSNorm, and its copies in Mistral, Qwen2, Qwen3, ...) and SiLUActivation are told by
+# their code: a class whose forward compiles to exactly these functions' code (bytecode, constants and names)
+# computes exactly what they compute. Gemma's (1 + weight) norm, or a forward swapped for a hub kernel, does not.
+def _hf_rms_norm_forward(self, hidden_states):
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    return self.weight * hidden_states.to(input_dtype)
+
+
+def _hf_silu_forward(self, input):
+    return nn.functional.silu(input)
+
+
+def _hf_rms_norm(eps: float, x: Tensor, weight: Tensor) -> Tensor:
+    """transformers' RMSNorm forward, op for op (see :func:`_hf_rms_norm_forward`)."""
+    input_dtype = x.dtype
+    hidden = x.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + eps)
+    return weight * hidden.to(input_dtype)
+
+
+_SAME_CODE: dict[tuple[type, object], bool] = {}
+
+
+def _same_code(kind: type, reference) -> bool:
+    key = (kind, reference)
+    if key not in _SAME_CODE:
+        code, ref = getattr(getattr(kind, "forward", None), "__code__", None), reference.__code__
+        _SAME_CODE[key] = code is not None and (code.co_code, code.co_consts, code.co_names) == (
+            ref.co_code,
+            ref.co_consts,
+            ref.co_names,
+        )
+    return _SAME_CODE[key]
+
+
 def _exact_recipe(module: nn.Module):
     """``input -> (function, tensors)`` with ``function(*tensors)`` the module's output, or None if unsupported.
 
     See :data:`RECOMPUTED_ACTIVATIONS` and :data:`RECOMPUTED_NORMS`.
     """
     kind = type(module)
-    if kind not in RECOMPUTED_ACTIVATIONS + RECOMPUTED_NORMS or "forward" in vars(module):
+    if "forward" in vars(module):
+        return None
+    if kind not in _CLASS_FORWARDS:
+        if isinstance(getattr(module, "weight", None), Tensor) and isinstance(
+            getattr(module, "variance_epsilon", None), float
+        ):
+            if _same_code(kind, _hf_rms_norm_forward):
+                # It computes in fp32 from x.to(float32), which its backward keeps: x itself only if already fp32
+                # (otherwise keeping x would trade one tensor for another).
+                function = functools.partial(_hf_rms_norm, module.variance_epsilon)
+                return lambda x: (function, (x, module.weight)) if x.dtype == torch.float32 else None
+        elif _same_code(kind, _hf_silu_forward):
+            return lambda x: (F.silu, (x,))
         return None
     if kind.forward is not _CLASS_FORWARDS[kind]:  # a patched class (a fused-kernel library): not the known op
         return None
+    if kind is nn.RMSNorm:
+        # Its backward keeps x in fp32 / fp64, an fp32 copy of a low-precision x (then x is not kept: no recipe).
+        function = functools.partial(_rms_norm, tuple(module.normalized_shape), module.eps)
+        return lambda x: (function, (x, module.weight)) if x.dtype in (torch.float32, torch.float64) else None
     if kind in RECOMPUTED_NORMS:
         if getattr(module, "_fast_norm", False):
             return None
@@ -372,7 +431,10 @@ def _record_recipe(module: nn.Module, args: tuple, output) -> None:
         return
     if not _GLOBAL_HOOKS or _foreign_global_hooks() or not module._forward_hooks.keys() <= _OWN_HOOKS:
         return  # another hook could change or replace the output before a Linear receives it
-    function, tensors = recipe(source)
+    recipe = recipe(source)
+    if recipe is None:
+        return
+    function, tensors = recipe
     if any(t is not None and t.dtype != output.dtype for t in tensors):
         return
     versions = tuple(None if t is None else t._version for t in tensors)
