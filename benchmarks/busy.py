@@ -5,13 +5,14 @@ Shared CPUs (CI runners, shared servers, laptops doing other work) are where fps
 
 Each competitor is a Python process spinning in a loop; it stops by itself after ``limit`` seconds (so that a
 benchmark killed with SIGKILL leaves nothing running for long), and the context manager terminates it on exit,
-on an exception or on Ctrl-C.
+on an exception, on Ctrl-C or on SIGTERM.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -30,6 +31,11 @@ SPIN = (
 def busy(n: int, limit: float = 900.0) -> Iterator[list[subprocess.Popen]]:
     """Run ``n`` CPU-bound processes for the duration of the block (at most ``limit`` seconds each)."""
     procs: list[subprocess.Popen] = []
+
+    def stop(signum, frame):  # SIGTERM (timeout, kill): leave through the finally below, which stops them
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop) if n else None
     try:
         for _ in range(n):
             procs.append(
@@ -52,6 +58,8 @@ def busy(n: int, limit: float = 900.0) -> Iterator[list[subprocess.Popen]]:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def load_average() -> float:

@@ -39,35 +39,54 @@ O(selected).
 dropout -> norm -> fc2) fc2 would save its input, the GELU output (4·D per token), while GELU's own backward node
 already keeps GELU's input (fc1's output, also 4·D). Likewise in a ViT block ``attn.qkv`` is fed ``norm1``'s output
 and ``mlp.fc1`` ``norm2``'s (D per token each), while each LayerNorm's backward keeps its input (the residual
-stream) and its weight and bias are parameters. :func:`attach` puts a forward hook (first in line,
-``prepend=True``) on every module of an exactly recomputable kind, :data:`RECOMPUTED_ACTIVATIONS` (``nn.GELU``
-either approximation, ``nn.SiLU``, ``nn.Mish``; not in place) and :data:`RECOMPUTED_NORMS` (``nn.LayerNorm`` and
-timm's ``LayerNorm`` subclass, not with timm's "fast norm", which computes in low precision under autocast), forward
-not swapped, that marks the output tensor with ``(function, tensors, version counters)`` (``F.layer_norm`` of input,
-weight and bias for a norm) — only with gradients on and an input that requires them (so that autograd keeps it
-anyway) and every tensor in the output's dtype (no autocast cast inside the module: under autocast LayerNorm runs
-in fp32 on the fp32 residual stream, GELU in the low precision of fc1's output). When :func:`sparse_linear` is fed
-*that very tensor* (same object: a dropout with p > 0, a cast or any op in between makes a new one) with no version
-changed, it saves the module's tensors instead of its input and reruns the module in its backward: the same op on
-the same tensors in the same dtype, autocast off, so the bits are those of the forward, then autocast's cast to the
-Linear's compute dtype if the forward made one (a norm's fp32 output fed to a bf16 Linear). Saved through
-``save_for_backward``, so an in-place change of any of them before the backward is rejected as autograd rejects
-any. This drops about a quarter of a ViT block's saved activations for fc2 and another D per token for each of
-qkv and fc1 (not block 0's qkv when nothing before it trains: its norm's input needs no gradient, so nothing keeps
-it). Not covered: ReLU / Tanh / Sigmoid (their backward keeps their output, so fc2's saved input costs nothing
-extra), activations and norms called as functions (no module to hook), RMSNorm and BatchNorm, and transformers'
+stream) and its weight and bias are parameters. :func:`attach` puts a forward hook (first in line, ``prepend=True``)
+on every module of an exactly recomputable kind, :data:`RECOMPUTED_ACTIVATIONS` (``nn.GELU`` either approximation,
+``nn.SiLU``, ``nn.Mish``; not in place; transformers' ``SiLUActivation``) and :data:`RECOMPUTED_NORMS`
+(``nn.LayerNorm`` and timm's ``LayerNorm`` subclass, not with timm's "fast norm", which computes in low precision
+under autocast; ``nn.RMSNorm`` on an fp32 / fp64 input; transformers' ``LlamaRMSNorm`` and its copies in other
+models, told by their forward's code, on an fp32 input: on a low-precision input both keep an fp32 copy rather than
+the input, so there is nothing to gain), forward not swapped, that marks the output tensor with ``(function,
+tensors, version counters)`` (``F.layer_norm`` of input, weight and bias for a norm) — only with gradients on and an
+input that requires them (so that autograd keeps it anyway) and every tensor in the output's dtype (no autocast cast
+inside the module: under autocast LayerNorm runs in fp32 on the fp32 residual stream, GELU in the low precision of
+fc1's output). When :func:`sparse_linear` is fed *that very tensor* (same object: a dropout with p > 0, a cast or
+any op in between makes a new one) with no version changed, it saves the module's tensors instead of its input and
+reruns the module in its backward: the same op on the same tensors in the same dtype, autocast off, so the bits are
+those of the forward, then autocast's cast to the Linear's compute dtype if the forward made one (a norm's fp32
+output fed to a bf16 Linear). Saved through ``save_for_backward``, so an in-place change of any of them before the
+backward is rejected as autograd rejects any. This drops about a quarter of a ViT block's saved activations for fc2
+and another D per token for each of qkv and fc1 (not block 0's qkv when nothing before it trains: its norm's input
+needs no gradient, so nothing keeps it). Not covered: ReLU / Tanh / Sigmoid (their backward keeps their output, so
+fc2's saved input costs nothing extra), activations and norms called as functions (no module to hook), BatchNorm, a
+gated MLP's product (``down_proj(act(gate) * up)``: made by the parent's code, not a module), and transformers'
 ``GELUActivation`` (its forward may be swapped for a hub kernel). :func:`detach` removes the hooks.
 
-The overlay writes into the frozen base tensor for the duration of one GEMM, so it is only used where nothing
-else can read that tensor meanwhile: in a training step (with gradients), one thread per model. Without
-gradients (``fps eval``, validation) the layer builds the effective weight as a transient copy, as the dense path
-does, so that several threads may evaluate one model.
+The rebuilt tensor must be the one the Linear received, so a recipe is used only when no other code could have
+changed it: while a model is attached, two global module hooks of fps's count the calls of modules that carry
+forward hooks or pre-hooks of their own, and a recipe recorded before such a call (a hook on the norm itself, on a
+``Dropout(0)`` or ``Identity`` in between, a pre-hook on the Linear) or while any other global hook exists is not
+used: the Linear saves its input. A hook that runs after the Linear took its input (on the block, on the model)
+changes nothing. What no hook sees cannot be checked: code in a parent's ``forward`` that writes into the norm's
+output through ``.data`` between the norm and the Linear (``.data`` bumps no version counter) defeats the check.
+
+The overlay writes into the frozen base tensor for the duration of one GEMM, holding the parametrization's lock:
+a second thread that finds the lock taken (two threads training one model, or evaluating while another trains)
+builds the effective weight as a copy from the frozen values instead, after waiting for the overlay to be undone.
+Without gradients (``fps eval``, validation) the layer always builds that copy, as the dense path does. Every read
+of the base (the parametrization, :meth:`SparseAdd.recompute`) takes the same lock. A double backward
+(``create_graph=True``) computes the layer's gradients with differentiable ops instead (a copy of the effective
+weight, the delta's gradient gathered from the dense product): the dense path's cost, only then. ``load_state_dict``
+into an attached model checks a loaded index (sorted, without repeats, inside the weight) and the sampled
+product's pattern is rebuilt from it (it follows the index's version counter).
 
 **These keep the dense path** (the parametrization, with the dense effective weight recomputed rather than saved
 inside :func:`recompute_sparse_weights`): convolutions; ``nn.Linear`` subclasses (e.g.
-``nn.MultiheadAttention.out_proj``, whose weight its parent reads directly instead of calling it); a weight shared
-by several modules; a non-contiguous weight; a masked tensor other than ``weight``; and every layer when
-``attach(..., path="dense")`` (kept for benchmarks/train_memory.py's comparison).
+``nn.MultiheadAttention.out_proj``, whose weight its parent reads directly instead of calling it); a Linear whose
+instance already has its own ``forward`` (accelerate's hooks, ``device_map`` offload: kept, and left in place by
+:func:`detach`); a non-contiguous weight; a masked tensor other than ``weight``; and every layer when
+``attach(..., path="dense")`` (kept for benchmarks/train_memory.py's comparison). A tied weight (one tensor used by
+several modules) is refused: a parametrization lives on one module, the others would never see the delta; fps
+never selects one (:mod:`fps_cli.candidates`), and one listed as fully trainable trains as one tensor everywhere.
 
 Attaching changes the parameter names of the masked modules (``blocks.0.attn.qkv.parametrizations.weight.
 original`` instead of ``blocks.0.attn.qkv.weight``) on both paths; :class:`SparseParams` keeps everything keyed by
