@@ -24,6 +24,7 @@ from typer.core import TyperCommand
 
 from . import __version__
 from .constants import (
+    DATASET_FORMATS,
     DEFAULT_BUDGET,
     GPS_LOSSES,
     GRANULARITIES,
@@ -270,6 +271,25 @@ TrustRemoteCodeOpt = Annotated[
         rich_help_panel="Model",
     ),
 ]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        "-d",
+        help="Image folder (DIR/<class>/..., DIR/train|val|test/<class>/...), a dataset as published (CUB_200_2011 "
+        "as downloaded, VTAB-1k list files, FGVC JSON splits), a .tar, or a timm dataset (hfds/NAME, "
+        "torch/NAME@ROOT).",
+        rich_help_panel="Data",
+    ),
+]
+DatasetFormatOpt = Annotated[
+    Literal[DATASET_FORMATS],
+    typer.Option(
+        "--dataset-format",
+        help="How to read --data: detected from its files (auto), or forced where a folder fits two layouts.",
+        rich_help_panel="Data",
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, cuda or cuda:N.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object with the result to stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs.")]
@@ -280,7 +300,8 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing output
 @_json_failures
 def select_cmd(
     model: ModelOpt = None,
-    data: Annotated[Path | None, typer.Option("--data", "-d", help="Image folder.", rich_help_panel="Data")] = None,
+    data: DataOpt = None,
+    dataset_format: DatasetFormatOpt = "auto",
     budget: Annotated[
         float | None,
         typer.Option(
@@ -433,6 +454,11 @@ def select_cmd(
         spec = None
         if model is not None:
             spec = ModelSpec(model, pretrained, checkpoint, num_classes, img_size, offline, trust_remote_code)
+        if data is not None and from_scores is None:  # the data is listed (and refused) before any model is built
+            from .data import check_selectable, discover
+
+            data = discover(data, dataset_format)
+            check_selectable(data)
         if options.baseline:
             result = run_baseline(spec, data, options.method, seed=seed)
         elif from_scores is not None:
@@ -440,7 +466,8 @@ def select_cmd(
                 from_scores, options, spec=spec, device=dev, anchor=anchor, trust_remote_code=trust_remote_code
             )
         else:
-            report.log(f"fps select: {model} on {data} ({dev.type}, {precision})")
+            report.log(f"fps select: {model} on {data.location} ({dev.type}, {precision})")
+            report.log(data.describe())
             with report.progress("scoring") as (on_start, on_batch):
                 result = run_select(
                     spec,
@@ -549,7 +576,6 @@ RecordedImgSizeOpt = Annotated[
     typer.Option("--img-size", min=1, help="Input resolution (default: as the file records).", rich_help_panel="Model"),
 ]
 OPTIMIZER_NAMES = ("adamw", "sgd")
-SPLITS = ("val", "train")
 
 
 def _describe(event: dict[str, Any]) -> str:
@@ -589,8 +615,14 @@ def train_cmd(
     ),
     data: Annotated[
         Path | None,
-        typer.Option("--data", "-d", help="Image folder (default: the one the mask records).", rich_help_panel="Data"),
+        typer.Option(
+            "--data",
+            "-d",
+            help="Image folder, published dataset, .tar or timm dataset (default: the one the mask records).",
+            rich_help_panel="Data",
+        ),
     ] = None,
+    dataset_format: DatasetFormatOpt = "auto",
     out: Annotated[
         Path,
         typer.Option(
@@ -723,6 +755,10 @@ def train_cmd(
         )
         run_files.set_args(arguments)
         report.log(f"fps train: {spec.name} with {mask} ({dev.type}, {precision})")
+        from .data import training_folder
+
+        folder = training_folder(data, the_mask.provenance, str(mask), dataset_format)
+        report.log(folder.describe())
         bar = report.progress("training") if dist.is_main else contextlib.nullcontext(((lambda n: None),) * 2)
         events = _TrainEvents(report, run_files, resume=resume, quiet=quiet, dist=dist)
         events.wandb_args = (arguments, out.stem) if log_wandb else None
@@ -732,7 +768,7 @@ def train_cmd(
                     the_mask,
                     config,
                     spec=spec,
-                    data_dir=data,
+                    data_dir=folder,
                     device=dev,
                     num_workers=num_workers,
                     checkpoint_path=run_files.checkpoint,
@@ -843,9 +879,21 @@ def eval_cmd(
     ),
     data: Annotated[
         Path | None,
-        typer.Option("--data", "-d", help="Image folder (default: the one the delta records).", rich_help_panel="Data"),
+        typer.Option(
+            "--data",
+            "-d",
+            help="Image folder, published dataset, .tar or timm dataset (default: the one the delta records).",
+            rich_help_panel="Data",
+        ),
     ] = None,
-    split: Annotated[Literal[SPLITS], typer.Option(help="Which split to evaluate.", rich_help_panel="Data")] = "val",
+    dataset_format: DatasetFormatOpt = "auto",
+    split: Annotated[
+        str,
+        typer.Option(
+            help="Which split to evaluate: val, train, test, or any split the data names (train800, is_train=0, ...).",
+            rich_help_panel="Data",
+        ),
+    ] = "val",
     model: ModelOpt = None,
     pretrained: PretrainedOrRecordedOpt = None,
     checkpoint: CheckpointOpt = None,
@@ -880,11 +928,16 @@ def eval_cmd(
             offline=offline,
             trust_remote_code=trust_remote_code,
         )
+        from .data import training_folder
+
+        folder = training_folder(data, the_delta.provenance, str(delta), dataset_format)
+        chosen = folder.split(split)
         report.log(f"fps eval: {spec.name} with {delta} on the {split} split ({dev.type}, {precision})")
+        report.log(f"{folder.layout} layout: {split} is {chosen.name} ({_count(len(chosen.samples), 'image')})")
         metrics = run_eval(
             the_delta,
             spec=spec,
-            data_dir=data,
+            data_dir=folder,
             split=split,
             device=dev,
             precision=precision,
