@@ -657,7 +657,7 @@ def train_one_epoch(
     name things in error messages.
 
     Returns:
-        the epoch's record: ``train_loss``, ``train_top1`` (over every rank) and the final ``lr``.
+        the epoch's record: ``train_loss``, ``train_top1`` (over every rank) and the ``lr`` of its last step.
 
     Raises:
         TrainingError: the loss became NaN or infinite (the message says what to do next).
@@ -669,6 +669,7 @@ def train_one_epoch(
     pin = device.type == "cuda"
     params = state.sparse.parameters()
     window_start, window_images = time.perf_counter(), 0
+    lr = optimizer.param_groups[0]["lr"]  # the rate of the latest step (before the scheduler moves it on)
     # Running sums stay on the device and a non-finite loss is only noted there (first step, value): the loop
     # synchronises with the host at logging steps and at the end of the epoch, not at every step.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -752,7 +753,7 @@ def train_one_epoch(
         "step": state.step,
         "train_loss": loss_sum / seen,
         "train_top1": 100.0 * correct / seen,
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": lr,  # the rate of the epoch's last step, as its step line logs it (timm's summary.csv lr)
     }
 
 
