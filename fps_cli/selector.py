@@ -65,13 +65,16 @@ class SelectResult:
     gradients: dict[str, Tensor] | None = None
 
 
-def write_scores(path: str | Path, result: SelectResult, *, tx: Transaction | None = None) -> None:
+def write_scores(
+    path: str | Path, result: SelectResult, *, tx: Transaction | None = None, overwrite: bool = False
+) -> None:
     """Write the score file of a fresh selection: input statistics, or summed gradients for ``gps``
-    (``tx``: as part of a group commit, see :func:`.formats.write_atomic`)."""
+    (``tx``: as part of a group commit, see :func:`.formats.write_atomic`; an existing file only with
+    ``overwrite=True``)."""
     if result.gradients is not None:
-        save_gradient_scores(path, result.gradients, result.score_provenance, tx=tx)
+        save_gradient_scores(path, result.gradients, result.score_provenance, tx=tx, overwrite=overwrite)
     elif result.stats is not None:
-        save_scores(path, result.stats, result.score_provenance, tx=tx)
+        save_scores(path, result.stats, result.score_provenance, tx=tx, overwrite=overwrite)
     else:
         raise ValueError("a re-selection has no new scores to write")
 

@@ -392,3 +392,30 @@ def test_progress_bar_shows_the_model_build_as_its_own_step(monkeypatch):
     assert "building the model" in before and "0/?" not in before
     shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", err.getvalue())
     assert "building the model" in shown and "0/?" not in shown
+
+
+def test_library_writers_refuse_to_overwrite_unless_asked(selected, tmp_path):
+    from fps_cli import read_delta, read_mask, run_merge, save_mask
+    from fps_cli.errors import OutputExistsError
+    from fps_cli.formats import save_delta
+    from fps_cli.inspection import export_dense
+    from fps_cli.merge import resolve_target
+
+    mask = read_mask("mask.safetensors")
+    before = (tmp_path / "mask.safetensors").read_bytes()
+    with pytest.raises(OutputExistsError, match=r"mask.safetensors already exists; pass overwrite=True to replace it"):
+        save_mask("mask.safetensors", mask)
+    assert (tmp_path / "mask.safetensors").read_bytes() == before
+    save_mask("mask.safetensors", mask, overwrite=True)
+    save_mask("new.safetensors", mask)  # a new file needs no permission
+    export_dense(mask, "dense.safetensors")
+    with pytest.raises(OutputExistsError):
+        export_dense(mask, "dense.safetensors")
+    assert fps("train", "--epochs", "1", *FAST, "-q").exit_code == 0
+    delta = read_delta("delta.safetensors")
+    with pytest.raises(OutputExistsError):
+        save_delta("delta.safetensors", delta)
+    run_merge(delta, resolve_target("merged.safetensors"))
+    with pytest.raises(OutputExistsError, match="merged.safetensors already exists; pass overwrite=True"):
+        run_merge(delta, resolve_target("merged.safetensors"))
+    run_merge(delta, resolve_target("merged.safetensors"), overwrite=True)
