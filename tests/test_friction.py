@@ -416,6 +416,6 @@ def test_library_writers_refuse_to_overwrite_unless_asked(selected, tmp_path):
     with pytest.raises(OutputExistsError):
         save_delta("delta.safetensors", delta)
     run_merge(delta, resolve_target("merged.safetensors"))
-    with pytest.raises(OutputExistsError, match="merged.safetensors already exists; pass overwrite=True"):
+    with pytest.raises(OutputExistsError, match=r"merged\.safetensors already exists; pass overwrite=True"):
         run_merge(delta, resolve_target("merged.safetensors"))
     run_merge(delta, resolve_target("merged.safetensors"), overwrite=True)
