@@ -419,3 +419,25 @@ def test_library_writers_refuse_to_overwrite_unless_asked(selected, tmp_path):
     with pytest.raises(OutputExistsError, match=r"merged\.safetensors already exists; pass overwrite=True"):
         run_merge(delta, resolve_target("merged.safetensors"))
     run_merge(delta, resolve_target("merged.safetensors"), overwrite=True)
+
+
+def test_readme_load_merged_snippet_runs_as_written(selected, tmp_path):
+    assert fps("train", "--epochs", "1", *FAST, "-q").exit_code == 0
+    text = (REPO / "README.md").read_text()
+    start = text.index("```python\nimport timm\nimport torch\n\nfrom fps_cli import load_merged\n")
+    code = text[start + len("```python\n") : text.index("```", start + 10)]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # the README's own snippet, run as a user would
+    assert scope["logits"].shape == (2, 3)
+
+
+def test_readme_install_lines_are_commands():
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("## Install") :]
+    block = block[block.index("```bash\n") + 8 : block.index("```", block.index("```bash\n") + 8)]
+    for line in block.splitlines():
+        command = line.split("#", 1)[0].strip()
+        assert command.startswith("pip install "), line
+        assert "pip install" not in line.split("#", 1)[1] if "#" in line else True, line
+    assert 'pip install -e ".[plot]"' in block
+    assert "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in text
