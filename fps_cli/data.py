@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from .constants import DATASET_FORMATS
 from .errors import DataError
+
+if TYPE_CHECKING:
+    from .layouts import Layout
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 VAL_SPLITS = ("val", "validation", "test")
@@ -220,7 +223,7 @@ def _discover(data_dir: str | os.PathLike, dataset_format: str) -> ImageFolder:
     return ImageFolder(train, None, None, "folder", {"all": train})
 
 
-def _listed_folder(root: Path, layout) -> ImageFolder:
+def _listed_folder(root: Path, layout: Layout) -> ImageFolder:
     splits = {name: ImageSplit(root, s.samples, list(layout.classes), name) for name, s in layout.splits.items()}
     roles = {role: splits[name] for role, name in layout.roles.items()}
     return ImageFolder(roles["train"], roles.get("val"), roles.get("test"), layout.kind, splits)
@@ -304,11 +307,11 @@ class ImageDataset(Dataset):
 
         path, label = self.samples[index]
         try:
-            if isinstance(path, Path):
+            if hasattr(path, "load"):  # an item of a timm / torchvision dataset (timm_data.DatasetItem)
+                img = path.load().convert("RGB")
+            else:
                 with Image.open(path) as img:
                     img = img.convert("RGB")
-            else:  # an item of a timm / torchvision dataset (timm_data.DatasetItem)
-                img = path.load().convert("RGB")
         except Exception as e:
             return None, label, index, str(e) or type(e).__name__
         return (self.transform(img) if self.transform else img), label, index, ""

@@ -32,14 +32,10 @@ class DatasetItem:
     name: str
 
     def load(self) -> Any:
-        image = self.dataset[self.index][0]
-        return image
+        return self.dataset[self.index][0]  # a PIL image: the dataset is built without a transform
 
     def __str__(self) -> str:
         return self.name
-
-    def __lt__(self, other: DatasetItem) -> bool:
-        return self.index < other.index
 
 
 def timm_folder(spec: str):
@@ -48,7 +44,7 @@ def timm_folder(spec: str):
     Raises:
         DataError: a streamed dataset, a dataset that is not there (not downloaded), or a missing extra.
     """
-    from .data import TIMM_PREFIXES, ImageFolder, ImageSplit
+    from .data import TIMM_PREFIXES, ImageFolder
 
     name, _, root = spec.partition("@")
     if not name.lower().startswith(TIMM_PREFIXES):  # a folder or a tar: timm's root, with an empty dataset name
@@ -66,7 +62,7 @@ def timm_folder(spec: str):
     if train is None:
         raise DataError(f"--data {spec}: no {TRAIN_SPLIT} split")
     val = None
-    if name or Path(root_path).is_dir():  # a tar holds one split
+    if name or Path(root_path).is_dir():  # a named dataset or a folder; a tar holds one split
         for split in EVAL_SPLITS:
             val = _split(spec, name, root_path, split, required=False)
             if val is not None:
@@ -82,11 +78,12 @@ def timm_folder(spec: str):
                 "must not share images"
             )
     splits = {s.name: s for s in (train, val) if s is not None}
-    train_split = ImageSplit(Path(spec), train.samples, train.classes, train.name)
-    return ImageFolder(train_split, val, val, "timm", {**splits, train.name: train_split})
+    return ImageFolder(train, val, val, "timm", splits)
 
 
 def _split(spec: str, name: str, root: str | None, split: str, required: bool = True):
+    """One split as an :class:`~fps_cli.data.ImageSplit` of :class:`DatasetItem` samples (``None``: not there and
+    not ``required``)."""
     from .data import ImageSplit
 
     try:
@@ -108,7 +105,7 @@ def _split(spec: str, name: str, root: str | None, split: str, required: bool = 
         if required:
             raise DataError(f"--data {spec}: the {split} split holds no images")
         return None
-    names = _names(dataset, dataset, labels)
+    names = _names(dataset, labels)
     samples = [(DatasetItem(dataset, i, _item_name(spec, dataset, split, i)), label) for i, label in enumerate(labels)]
     return ImageSplit(Path(spec), samples, names, split)
 
@@ -127,7 +124,8 @@ def _labels(dataset: Any) -> list[int]:
     return [int(dataset[i][1]) for i in range(len(dataset))]
 
 
-def _names(dataset: Any, _: Any, labels: list[int]) -> list[str]:
+def _names(dataset: Any, labels: list[int]) -> list[str]:
+    """Class names by index: the reader's or dataset's mapping, its ``classes``, else the indices themselves."""
     reader = getattr(dataset, "reader", None)
     mapping = None
     for holder, attr in ((reader, "class_to_idx"), (reader, "class_name_to_idx"), (dataset, "class_to_idx")):
