@@ -287,7 +287,7 @@ def _plan_on_base(source: Path, flag: str, spec: Any, *, force: bool) -> Any:
     return plan
 
 
-def _read_input(reader: Callable[[Path], Any], path: Path, flag: str, command: str) -> Any:
+def _read_input(reader: Callable[[Path], Any], path: Path, next_step: str) -> Any:
     """Read a mask or delta; a missing one says the step that makes it (``run fps select first, or pass --mask``)."""
     from .errors import FileFormatError
 
@@ -296,7 +296,7 @@ def _read_input(reader: Callable[[Path], Any], path: Path, flag: str, command: s
     except FileFormatError as e:
         if path.exists():
             raise
-        raise FileFormatError(f"{e}: run {command} first, or pass {flag} FILE") from None
+        raise FileFormatError(f"{e}: {next_step}") from None
 
 
 @contextlib.contextmanager
@@ -882,7 +882,7 @@ def train_cmd(
 
         dist = from_env()  # under torchrun only rank 0 checks and writes outputs, logs and prints
         report = Reporter(quiet=quiet or not dist.is_main, as_json=as_json)
-        the_mask = _read_input(read_mask, mask, "--mask", "fps select")
+        the_mask = _read_input(read_mask, mask, "run fps select first, or pass --mask FILE")
         spec = spec_from_provenance(
             the_mask.provenance,
             model=model,
@@ -1082,7 +1082,7 @@ def eval_cmd(
         from .formats import read_delta
 
         dev = _device(device)
-        the_delta = _read_input(read_delta, delta, "--delta", "fps train")
+        the_delta = _read_input(read_delta, delta, "run fps train first, or pass --delta FILE")
         spec = spec_from_provenance(
             the_delta.provenance,
             model=model,
@@ -1156,7 +1156,7 @@ def merge_cmd(
         from .formats import read_delta
         from .merge import folder_files, resolve_target, run_merge
 
-        the_delta = _read_input(read_delta, delta, "--delta", "fps train")
+        the_delta = _read_input(read_delta, delta, "run fps train first, or pass --delta FILE")
         spec = spec_from_provenance(
             the_delta.provenance,
             model=model,
@@ -1229,7 +1229,7 @@ def export_cmd(
         from .peft_adapter import ADAPTER_FILES, export_peft, require_peft
 
         require_peft()
-        the_delta = _read_input(read_delta, delta, "--delta", "fps train")
+        the_delta = _read_input(read_delta, delta, "run fps train first, or pass --delta FILE")
         spec = spec_from_provenance(
             the_delta.provenance,
             model=model,
@@ -1322,7 +1322,11 @@ def inspect_cmd(
             for path in paths:
                 if file_kind(path) != "mask":
                     raise _usage(f"{path} is a {file_kind(path)} file, not a mask", flag)
-        reports, comparison, masks = inspect_files(paths, norm=norm)
+        if files is None:  # the default, ./mask.safetensors
+            step = "run fps select first, or name the files: fps inspect FILE ..."
+            reports, comparison, masks = _read_input(lambda _: inspect_files(paths, norm=norm), paths[0], step)
+        else:
+            reports, comparison, masks = inspect_files(paths, norm=norm)
         with plan.transaction() as tx:
             if plot is not None and comparison is not None:
                 plot_comparison(reports, comparison, plot, [str(p) for p in paths], tx=tx)

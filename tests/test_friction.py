@@ -283,6 +283,7 @@ def test_a_transformers_repo_name_hints_hf_beside_hf_hub(tmp_path):
         ("train", "mask.safetensors does not exist: run fps select first, or pass --mask FILE"),
         ("eval", "delta.safetensors does not exist: run fps train first, or pass --delta FILE"),
         ("merge", "delta.safetensors does not exist: run fps train first, or pass --delta FILE"),
+        ("inspect", "mask.safetensors does not exist: run fps select first, or name the files: fps inspect FILE ..."),
     ],
 )
 def test_a_missing_mask_or_delta_says_the_next_step(command, step):
