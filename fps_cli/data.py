@@ -8,7 +8,7 @@
 - ``DIR/<class>/...``: class sub-folders, searched recursively (torchvision ``ImageFolder`` convention);
 - ``DIR/*.jpg``: a flat folder of unlabeled images (enough for ``--method fps``);
 - a timm dataset spec (``timm``): a ``.tar`` of class folders, ``hfds/NAME``, ``torch/NAME@ROOT`` and the other
-  names :func:`timm.data.create_dataset` takes with random access (see :func:`timm_folder`).
+  names :func:`timm.data.create_dataset` takes with random access (see :mod:`.timm_data`).
 
 fps lists the images of the first four itself, rather than through timm's readers: a listed path lets an
 unreadable image be reported by path (and skipped with ``--skip-bad-images``), and the split files' lines be named
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .constants import DATASET_FORMATS
 from .errors import DataError
+from .timm_data import TIMM_PREFIXES, timm_splits
 
 if TYPE_CHECKING:
     from .layouts import Layout
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 VAL_SPLITS = ("val", "validation", "test")
 UNLABELED = -1
-# timm dataset names with a prefix (timm.data.create_dataset); a spec is told from a path by its prefix.
-TIMM_PREFIXES = ("hfds/", "hfids/", "wds/", "tfds/", "torch/")
 
 
 @dataclass
@@ -189,9 +188,10 @@ def _discover(data_dir: str | os.PathLike, dataset_format: str) -> ImageFolder:
     text = str(data_dir)
     root = Path(text).expanduser()
     if dataset_format == "timm" or is_dataset_spec(text) or (root.is_file() and root.suffix.lower() == ".tar"):
-        from .timm_data import timm_folder
-
-        return timm_folder(text)
+        train, val = timm_splits(text)
+        splits = {s.name: ImageSplit(Path(text), s.samples, s.classes, s.name) for s in (train, val) if s is not None}
+        chosen = splits.get(val.name) if val is not None else None
+        return ImageFolder(splits[train.name], chosen, chosen, "timm", splits)
     if not root.exists():
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():

@@ -18,9 +18,20 @@ from typing import Any
 
 from .errors import DataError
 
+# timm dataset names with a prefix (timm.data.create_dataset); a spec is told from a path by its prefix.
+TIMM_PREFIXES = ("hfds/", "hfids/", "wds/", "tfds/", "torch/")
 STREAMED = ("hfids/", "wds/", "tfds/")
 TRAIN_SPLIT = "train"
 EVAL_SPLITS = ("validation", "val", "test")
+
+
+@dataclass
+class TimmSplit:
+    """One split of a timm dataset: ``samples`` are ``(DatasetItem, class index)``."""
+
+    name: str
+    samples: list[tuple[DatasetItem, int]]
+    classes: list[str]
 
 
 @dataclass(frozen=True)
@@ -38,14 +49,13 @@ class DatasetItem:
         return self.name
 
 
-def timm_folder(spec: str):
-    """The splits of a timm dataset spec as an :class:`~fps_cli.data.ImageFolder` (``layout="timm"``).
+def timm_splits(spec: str) -> tuple[TimmSplit, TimmSplit | None]:
+    """The training split of a timm dataset spec and its validation split, when it has its own.
 
     Raises:
-        DataError: a streamed dataset, a dataset that is not there (not downloaded), or a missing extra.
+        DataError: a streamed dataset, a dataset that is not there (not downloaded), a missing extra, or a
+            validation split sharing images with the training split.
     """
-    from .data import TIMM_PREFIXES, ImageFolder
-
     name, _, root = spec.partition("@")
     if not name.lower().startswith(TIMM_PREFIXES):  # a folder or a tar: timm's root, with an empty dataset name
         name, root = "", spec
@@ -77,15 +87,11 @@ def timm_folder(spec: str):
                 f"--data {spec}: {shared[0]} is in the {train.name} and the {val.name} split; train and evaluation "
                 "must not share images"
             )
-    splits = {s.name: s for s in (train, val) if s is not None}
-    return ImageFolder(train, val, val, "timm", splits)
+    return train, val
 
 
-def _split(spec: str, name: str, root: str | None, split: str, required: bool = True):
-    """One split as an :class:`~fps_cli.data.ImageSplit` of :class:`DatasetItem` samples (``None``: not there and
-    not ``required``)."""
-    from .data import ImageSplit
-
+def _split(spec: str, name: str, root: str | None, split: str, required: bool = True) -> TimmSplit | None:
+    """One split, its samples :class:`DatasetItem` (``None``: not there and not ``required``)."""
     try:
         from timm.data import create_dataset
 
@@ -107,7 +113,7 @@ def _split(spec: str, name: str, root: str | None, split: str, required: bool = 
         return None
     names = _names(dataset, labels)
     samples = [(DatasetItem(dataset, i, _item_name(spec, dataset, split, i)), label) for i, label in enumerate(labels)]
-    return ImageSplit(Path(spec), samples, names, split)
+    return TimmSplit(split, samples, names)
 
 
 def _labels(dataset: Any) -> list[int]:
