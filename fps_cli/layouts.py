@@ -10,6 +10,9 @@
 - ``fgvc-json``: the FGVC split files of VPT and GPS (CUB, NABirds, Oxford Flowers, Stanford Dogs, Stanford Cars):
   ``train.json``, ``val.json``, ``test.json``, each ``{"relative/path.jpg": class_id}``, paths relative to the
   dataset's image folder (``images/``, ``Images/`` or the folder itself, as VPT's ``JSONDataset`` looks them up).
+  As GPS's ``FGVC`` dataset: the class ids of all files, sorted, become 0..C-1; it trains on ``train.json`` and
+  ``val.json`` together (the split ``train.json+val.json``) and validates and tests on ``test.json``; each file is
+  also a split of its own name (``fps eval --split val.json``).
 
 Every problem names the file and line (``images.txt:12: ...``); an image listed for training and for evaluation is
 an error, never a silent overlap.
@@ -240,14 +243,27 @@ def _read_fgvc_json(root: Path) -> Layout:
             split.samples.append((image, label))
             split.lines.append(f"{path.name}:{number}")
         _sort(split)
-        splits[path.stem] = split
-    if "train" not in splits:
+        splits[path.name] = split  # train.json: the file's name, apart from the roles train / val / test
+    if "train.json" not in splits:
         raise DataError(f"{root / 'train.json'} is missing")
-    # VPT maps the sorted distinct class ids of the training split to 0..C-1; the published files use 0..C-1.
-    count = max(label for split in splits.values() for _, label in split.samples) + 1
-    val = "val" if "val" in splits else "test"
-    test = "test" if "test" in splits else "val"
-    return Layout("fgvc-json", [str(i) for i in range(count)], splits, {"train": "train", "val": val, "test": test})
+    # GPS's FGVC dataset: class ids of all the files, sorted, mapped to 0..C-1; train on train + val, test on test.
+    ids = sorted({label for split in splits.values() for _, label in split.samples})
+    index = {class_id: i for i, class_id in enumerate(ids)}
+    for split in splits.values():
+        split.samples = [(path, index[label]) for path, label in split.samples]
+    parts = [name for name in ("train.json", "val.json") if name in splits]
+    trainval = ListedSplit(
+        "+".join(parts),
+        [sample for name in parts for sample in splits[name].samples],
+        [line for name in parts for line in splits[name].lines],
+    )
+    _sort(trainval)
+    named = {**splits, trainval.name: trainval}
+    evaluate = "test.json" if "test.json" in splits else "val.json"
+    roles = {"train": trainval.name, "val": evaluate, "test": evaluate}
+    if evaluate == "val.json":  # no test.json: train on train.json alone, validate on val.json
+        roles["train"] = "train.json"
+    return Layout("fgvc-json", [str(i) for i in ids], named, roles)
 
 
 def _fgvc_image_root(root: Path, relative: str) -> Path | None:

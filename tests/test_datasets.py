@@ -109,12 +109,21 @@ def test_vtab_trains_on_train800val200_and_validates_on_test(tmp_path):
         folder.split("nope")
 
 
-def test_fgvc_json_splits(tmp_path):
-    folder = discover(make_fgvc_json(tmp_path))
+def test_fgvc_json_splits_as_gps_reads_them(tmp_path):
+    """GPS's FGVC dataset: train on train.json + val.json, test on test.json, class ids sorted to 0..C-1."""
+    root = make_fgvc_json(tmp_path)
+    for name in ("train", "val", "test"):  # ids 10, 20, 30: not contiguous, not from 0
+        entries = {k: (v + 1) * 10 for k, v in json.loads((root / f"{name}.json").read_text()).items()}
+        (root / f"{name}.json").write_text(json.dumps(entries))
+    folder = discover(root)
     assert folder.layout == "fgvc-json"
-    assert (folder.train.name, folder.val.name, folder.test.name) == ("train", "val", "test")
-    assert [len(s.samples) for s in (folder.train, folder.val, folder.test)] == [6, 3, 3]
-    assert folder.train.samples[0][0] == tmp_path / "OxfordFlower" / "images" / "k0" / "img_000.png"
+    assert (folder.train.name, folder.val.name, folder.test.name) == ("train.json+val.json", "test.json", "test.json")
+    assert [len(s.samples) for s in (folder.train, folder.val)] == [9, 3]
+    assert [len(folder.split(n).samples) for n in ("train.json", "val.json", "val")] == [6, 3, 3]
+    assert folder.describe() == "fgvc-json layout: train train.json+val.json (9 images), val+test test.json (3 images)"
+    assert folder.train.classes == ["10", "20", "30"]
+    assert sorted({label for _, label in folder.train.samples}) == [0, 1, 2]
+    assert folder.train.samples[0] == (root / "images" / "k0" / "img_000.png", 0)
 
 
 def test_two_layouts_in_one_folder_ask_for_dataset_format(tmp_path):
