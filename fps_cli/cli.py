@@ -648,10 +648,12 @@ def _select_warnings(
         flag = "--budget" if budget is not None else "--topk-per-neuron"
         return [*lines, f"{flag} is ignored: --method {options.method} has a fixed trainable set"]
     if budget is not None and budget > LARGE_BUDGET:
+        # A fraction that may have been meant as a percentage (0.77 for 0.77%): name the fraction it would be.
+        meant = "" if isinstance(budget, _Percent) else f"; if you meant {budget:g}%, that is --budget {budget / 100:g}"
         lines.append(
             f"warning: --budget {budget:g} makes {budget:.0%} of the parameters trainable; sparse fine-tuning "
-            f"budgets are usually below 0.01 (the default is {DEFAULT_BUDGET}); --method full trains everything; "
-            f"if you meant {budget:g}%, that is --budget {budget / 100:g}"
+            f"budgets are usually below 0.01 (the default is {DEFAULT_BUDGET}); --method full trains everything"
+            f"{meant}"
         )
     return lines
 
