@@ -306,3 +306,11 @@ def test_streamed_and_missing_specs_are_clear_errors(tmp_path):
         discover("torch/cifar10")
     with pytest.raises(DataError, match=r"torch/cifar10@.*: timm cannot read the train split"):
         discover(f"torch/cifar10@{tmp_path}")  # not there, and fps never downloads
+
+
+def test_the_folder_above_a_dataset_names_the_dataset_folder(tmp_path):
+    from fps_cli.data import check_selectable
+
+    root = make_cub(tmp_path / "downloads")
+    with pytest.raises(DataError, match=rf"\(it holds the split files of a cub dataset: pass --data {root}\)"):
+        check_selectable(discover(root.parent))
