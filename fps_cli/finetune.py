@@ -29,7 +29,15 @@ from torch.utils.data import DistributedSampler
 
 from . import records
 from .activations import autocast
-from .data import ImageStream, default_num_workers, discover, eval_transform, make_loader, transform_config
+from .data import (
+    ImageStream,
+    data_location,
+    default_num_workers,
+    eval_transform,
+    make_loader,
+    training_folder,
+    transform_config,
+)
 from .distributed import Dist, average_gradients, batch_shard, sum_floats
 from .errors import DataError, FileFormatError, OutputExistsError, TrainingError
 from .formats import Delta, Mask, weights_digest
@@ -241,19 +249,8 @@ def _check_classes(classes: list[str], num_classes: int | None, root: Path, sour
 
 
 def _data_split(data_dir: str | os.PathLike | None, prov: Mapping[str, Any], source: str):
-    if data_dir is None:
-        recorded = prov.get("data")
-        if not recorded:
-            raise DataError(f"{source} records no data folder; pass --data DIR")
-        if not Path(recorded).is_dir():
-            raise DataError(f"data folder {recorded} recorded in {source} does not exist; pass --data DIR")
-        data_dir = recorded
-    folder = discover(data_dir)
-    if not folder.train.labeled:
-        raise DataError(f"{folder.train.root} has no class sub-folders; fine-tuning needs DIR/<class>/<images>")
-    if len(folder.train.classes) < 2:
-        raise DataError(f"{folder.train.root} has only one class ({folder.train.classes[0]}); training needs two")
-    return Path(data_dir), folder
+    folder = training_folder(data_dir, prov, source)
+    return folder.location, folder
 
 
 def freeze_norm_statistics(model: nn.Module) -> None:
@@ -660,7 +657,7 @@ def train_one_epoch(
     name things in error messages.
 
     Returns:
-        the epoch's record: ``train_loss``, ``train_top1`` (over every rank) and the final ``lr``.
+        the epoch's record: ``train_loss``, ``train_top1`` (over every rank) and the ``lr`` of its last step.
 
     Raises:
         TrainingError: the loss became NaN or infinite (the message says what to do next).
@@ -672,6 +669,7 @@ def train_one_epoch(
     pin = device.type == "cuda"
     params = state.sparse.parameters()
     window_start, window_images = time.perf_counter(), 0
+    lr = optimizer.param_groups[0]["lr"]  # the rate of the latest step (before the scheduler moves it on)
     # Running sums stay on the device and a non-finite loss is only noted there (first step, value): the loop
     # synchronises with the host at logging steps and at the end of the epoch, not at every step.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -755,7 +753,7 @@ def train_one_epoch(
         "step": state.step,
         "train_loss": loss_sum / seen,
         "train_top1": 100.0 * correct / seen,
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": lr,  # the rate of the epoch's last step, as its step line logs it (timm's summary.csv lr)
     }
 
 
@@ -980,7 +978,8 @@ def _trained_delta(
         "mask": str(Path(mask_path).resolve()) if mask_path is not None else None,
         "mask_sha256": mask_digest(mask),
         "selection": {k: prov.get(k) for k in ("method", "norm", "granularity", "budget", "topk_per_neuron")},
-        "data": str(Path(inputs.data_dir).expanduser().resolve()),
+        "data": data_location(inputs.data_dir),
+        **folder.provenance(),
         "classes": folder.train.classes,
         "train_samples": len(folder.train.samples),
         "val_samples": len(folder.val.samples) if folder.val is not None else 0,
@@ -1025,7 +1024,7 @@ def _run_identity(
 ) -> dict[str, Any]:
     """What a resumed run must share with the checkpoint: the data folder, the mask (its content) and the base."""
     return {
-        "data": str(Path(data_dir).expanduser().resolve()),
+        "data": data_location(data_dir),
         "mask": str(Path(mask_path).resolve()) if mask_path is not None else None,
         "mask_sha256": mask_sha256,
         "model": spec.name,
@@ -1127,7 +1126,8 @@ def run_eval(
     num_workers: int | None = None,
     delta_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a base model with ``delta`` attached on the ``val`` (or ``train``) split of ``data_dir``.
+    """Evaluate a base model with ``delta`` attached on a split of ``data_dir``: ``val``, ``train``, ``test`` or
+    any split the data names (``train800``, ``is_train=0``, ...).
 
     Raises:
         FileFormatError: the delta does not fit the model, or was trained on other base weights.
@@ -1141,9 +1141,7 @@ def run_eval(
     prov = delta.provenance
     spec = spec or spec_from_provenance(prov)
     data_dir, folder = _data_split(data_dir, prov, source)
-    chosen = folder.val if split == "val" else folder.train
-    if chosen is None:
-        raise DataError(f"{data_dir} has no validation split (val/, validation/ or test/); pass --split train")
+    chosen = folder.split(split)
     model = build_base(spec, delta.shapes, prov, source)
     touched = weights_digest((n, dict(model.named_parameters())[n]) for n in delta.indices)
     if prov.get("touched_sha256") and touched != prov["touched_sha256"]:
@@ -1159,4 +1157,4 @@ def run_eval(
     metrics = evaluate(
         model, ImageStream(loader, with_labels=True), device=device, precision=precision, num_classes=num_classes
     )
-    return {"split": split, "data": str(Path(data_dir).resolve()), **metrics}
+    return {"split": split, "data": data_location(data_dir), **metrics}

@@ -37,7 +37,13 @@ def _check_model_name(name: str) -> None:
         # A hub repo id such as timm/vit_base_patch16_224.augreg_in21k: timm loads those with the hf-hub: prefix.
         tail = name.rsplit("/", 1)[1]
         timm_name = f", or the timm name {tail}" if timm.is_model(tail) else ""
-        raise ModelError(f"unknown model {name!r}; a Hugging Face hub repo is named hf-hub:{name}{timm_name}")
+        # Outside timm's own organisation a repo is as likely a transformers model (google/vit-base-patch16-224).
+        other = not name.startswith("timm/")
+        kind = " (timm weights)" if other else ""
+        transformers = f"; a transformers model is hf:{name} (pip install 'fps-cli[hf]')" if other else ""
+        raise ModelError(
+            f"unknown model {name!r}; a Hugging Face hub repo is named hf-hub:{name}{kind}{timm_name}{transformers}"
+        )
     if not timm.is_model(name):
         arch = name.split(".", 1)[0]
         close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
