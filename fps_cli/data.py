@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import DataError
+from .outputs import recover
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 VAL_SPLITS = ("val", "validation", "test")
@@ -92,6 +93,7 @@ def discover(data_dir: str | os.PathLike) -> ImageFolder:
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"data folder {root} is not a directory")
+    recover(root)  # a group write killed half-way in the folder reads as all old (outputs.py)
     if (root / "train").is_dir():
         train = scan_split(root / "train")
         val = None

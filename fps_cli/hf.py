@@ -39,6 +39,7 @@ from .hub import (
     unreachable_reason,
     ways_out_hint,
 )
+from .outputs import recover
 
 if TYPE_CHECKING:
     from .hub import ModelSpec
@@ -85,6 +86,7 @@ def _source(name: str) -> tuple[str, str | None, bool]:
         raise ModelError("--model hf: needs a hub id or a folder, e.g. hf:google/vit-base-patch16-224-in21k")
     folder = Path(source).expanduser()
     if folder.is_dir():
+        recover(folder)  # a group write killed half-way in the folder reads as all old (outputs.py)
         if not (folder / "config.json").is_file():
             raise ModelError(f"{name}: {folder} has no config.json (save the model with save_pretrained)")
         return str(folder), None, True

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .outputs import recover
 
 NETWORK_PROBE_TIMEOUT_S = 3.0
 
@@ -162,6 +163,7 @@ def torch_load_data(path: str | os.PathLike) -> object:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a safetensors or torch weight file safely (``weights_only=True``)."""
     path = Path(path)
+    recover(path)  # a group write killed half-way in its folder reads as all old (outputs.py)
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
     try:
