@@ -425,7 +425,7 @@ def read_delta(path: str | os.PathLike) -> Delta:
             idx, n = idx.long(), _numel(shapes[name])
             if idx.numel() == 0:  # trains nothing: the parameter is the base's, exactly as if the pair were absent
                 continue
-            if (int(idx[0]) < 0 or int(idx[-1]) >= n or not bool((idx[1:] > idx[:-1]).all())):
+            if int(idx[0]) < 0 or int(idx[-1]) >= n or not bool((idx[1:] > idx[:-1]).all()):
                 problems.append(f"indices of {name!r} must be sorted, unique and within [0, {n})")
             indices[name], values[name] = idx, val
     for name in fully:

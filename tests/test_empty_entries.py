@@ -78,8 +78,18 @@ def test_inspect_reads_an_empty_entry_as_absent(work):
 def test_train_with_an_empty_entry_is_train_without_it(work):
     name = (work / "name").read_text()
     for mask in ("empty", "absent"):
-        r = fps("train", "--mask", f"{mask}.safetensors", "-o", f"d_{mask}.safetensors", "--epochs", "1", *FAST, "-q",
-                cwd=work)
+        r = fps(
+            "train",
+            "--mask",
+            f"{mask}.safetensors",
+            "-o",
+            f"d_{mask}.safetensors",
+            "--epochs",
+            "1",
+            *FAST,
+            "-q",
+            cwd=work,
+        )
         assert r.exit_code == 0, r.output
     empty, absent = load_numpy(work / "d_empty.safetensors"), load_numpy(work / "d_absent.safetensors")
     assert f"{name}::indices" not in empty  # fps writes no 0-entry tensor
@@ -109,7 +119,7 @@ def test_merge_and_eval_read_an_empty_delta_entry_as_absent(work, delta_with_emp
         np.testing.assert_array_equal(merged[key], merged_empty[key])
     results = []
     for delta in ("d", "d_empty"):
-        r = fps("eval", "--delta", f"{delta}.safetensors", *FAST, "-q", "--json", cwd=work)
+        r = fps("eval", "--delta", f"{delta}.safetensors", "--split", "train", *FAST, "-q", "--json", cwd=work)
         assert r.exit_code == 0, r.output
         results.append({k: v for k, v in json.loads(r.stdout).items() if k not in ("delta", "seconds")})
     assert results[0] == results[1]
