@@ -668,18 +668,21 @@ def _try_flock(fd: int) -> bool:
 
 def _roll_back(record: dict, here: Path, journal: str | None = None) -> None:
     """Undo the group ``record`` describes; ``here``: the folder of the journal it was read from (``journal``)."""
-    where = _resolver(record, here, journal)
+    where, moved = _resolver(record, here, journal)
     for e in reversed(record.get("entries", [])):
         final = where(e["final"])
         backup = where(e.get("backup"))
         temp = where(e.get("temp"))
+        renamed = temp is None or not os.path.lexists(temp)
         ours = False
         with contextlib.suppress(OSError):
             st = os.stat(final)
             if e.get("inode") and [st.st_dev, st.st_ino] == list(e["inode"]):
                 ours = True
-            elif e.get("stamp") and (temp is None or not os.path.lexists(temp)) and _stamp(st) == list(e["stamp"]):
+            elif e.get("stamp") and renamed and _stamp(st) == list(e["stamp"]):
                 ours = True  # the same file in a copied folder: another inode, its size and mtime kept
+            elif moved and not e.get("stamp") and renamed:
+                ours = True  # an earlier fps's journal, copied with its folder: a temporary gone was renamed
         if backup is not None and backup.exists():
             if ours or not final.exists():
                 os.replace(backup, final)
@@ -698,16 +701,18 @@ def _roll_back(record: dict, here: Path, journal: str | None = None) -> None:
         _fsync_dir(d)
 
 
-def _resolver(record: dict, here: Path, journal: str | None) -> Callable[[str | None], Path | None]:
+def _resolver(record: dict, here: Path, journal: str | None) -> tuple[Callable[[str | None], Path | None], bool]:
     """How a journal's paths map to this folder: relative to it (version 2), or, for an earlier fps's absolute paths,
-    moved along with the journal itself (the folder may be a copy)."""
+    moved along with the journal itself (the folder may be a copy); and whether an earlier fps's journal was moved."""
     if record.get("version", 1) >= 2:
-        return lambda p: None if p is None else Path(os.path.normpath(os.path.join(here, p)))
+        return (lambda p: None if p is None else Path(os.path.normpath(os.path.join(here, p)))), False
     recorded = next((Path(j).parent for j in record.get("journals", []) if Path(j).name == journal), None)
-    if recorded is None:
-        return lambda p: None if p is None else Path(p)
     base = os.path.realpath(here)
-    return lambda p: None if p is None else Path(os.path.normpath(os.path.join(base, os.path.relpath(p, recorded))))
+    if recorded is None or os.path.realpath(recorded) == base:
+        return (lambda p: None if p is None else Path(p)), False
+    return (
+        lambda p: None if p is None else Path(os.path.normpath(os.path.join(base, os.path.relpath(p, recorded))))
+    ), True
 
 
 def _stamp(st: os.stat_result) -> list[int | None]:

@@ -8,11 +8,13 @@ then pins the exact bytes of every file in the folder: all old, no leftovers.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -263,3 +265,110 @@ def test_reading_a_local_dir_or_checkpoint_rolls_back_its_killed_group(timm_buil
     r = fps("select", *model, *args, cwd=run)
     assert snapshot(run / "export") == before
     assert r.exit_code in (0, 1), r.output
+
+
+# ----------------------------------------------------------------------- a live writer is never judged dead
+
+
+def _wait_stopped(pid: int) -> None:
+    for _ in range(3000):
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split(") ", 1)[1].startswith("T"):
+                return
+        time.sleep(0.01)
+    raise AssertionError("the writer never reached its stop point")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to see a stopped process")
+def test_a_reader_waits_for_a_live_writer_then_refuses_and_the_writer_finishes(run, built, monkeypatch):
+    """The writer stops with its journal in place (SIGSTOP keeps its lock); a reader elsewhere (another hostname
+    would not matter) refuses to read the half-renamed folder, naming the journal; the writer then commits."""
+    args = ["select", *TINY_VIT, "--data", built / "data", "--budget", "0.05", "--max-samples", "6", *FAST, "-q"]
+    cmd = [sys.executable, "-m", "fps_cli", *(str(a) for a in args), "--force"]
+    writer = subprocess.Popen(cmd, cwd=run, env=_env(FPS_TEST_STOP_AT="rename:1"), stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_stopped(writer.pid)
+        held = snapshot(run)
+        journal = next(n for n in held if n.startswith(".fps-journal-"))
+        monkeypatch.setattr(outputs, "LIVE_WAIT_S", 0.2)
+        r = fps("inspect", "mask.safetensors", cwd=run)
+        assert r.exit_code == 1
+        assert r.stderr == (
+            f"error: {journal} is an unfinished group write by an fps command that is still running (it holds its "
+            "lock); run this command again when it has finished\n"
+        )
+        # A writer to the same folder leaves the live group alone too (its checks settle only dead writers).
+        assert fps(
+            "select",
+            "--from-scores",
+            "scores.safetensors",
+            "--budget",
+            "0.05",
+            "-o",
+            "m.safetensors",
+            "--no-scores",
+            cwd=run,
+        ).exit_code in (0, 1)
+        assert {k: v for k, v in snapshot(run).items() if k != "m.safetensors"} == held
+        os.kill(writer.pid, signal.SIGCONT)
+        _, stderr = writer.communicate(timeout=120)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    assert writer.returncode == 0, stderr
+    assert not leftovers(run)  # committed: no journal, backup, temporary or lock file
+
+
+# ------------------------------------------------------------------ leftovers of an earlier fps (host and pid)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _old_format_crash(run: Path, host: str, pid: int) -> None:
+    """What an earlier fps left when killed after its first rename: mask.safetensors new, its backup and an
+    absolute-path journal named by pid and host."""
+    final = run / "mask.safetensors"
+    temp = run / f".mask.safetensors.fps-tmp-{pid}-{host}00000001"
+    backup = run / f".mask.safetensors.fps-old-{pid}-{host}00000002"
+    journal = run / f".fps-journal-{pid}-{host}00000003.json"
+    temp.write_bytes(b"new mask bytes")
+    st = os.stat(temp)
+    os.link(final, backup)
+    entry = {"final": str(final), "temp": str(temp), "inode": [st.st_dev, st.st_ino], "backup": str(backup)}
+    journal.write_text(json.dumps({"pid": pid, "journals": [str(journal)], "entries": [entry]}))
+    os.replace(temp, final)
+
+
+def test_an_earlier_fps_leftover_of_a_dead_local_process_rolls_back_also_in_a_copy(run, tmp_path):
+    before = snapshot(run)
+    _old_format_crash(run, outputs._HOST, _dead_pid())
+    crashed = snapshot(run)
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(run), str(copy)], check=True)
+    assert fps("inspect", copy / "mask.safetensors", "--json", cwd=tmp_path).exit_code == 0
+    assert snapshot(copy) == before  # absolute paths moved along with the journal: the copy recovers itself
+    assert snapshot(run) == crashed
+    assert fps("inspect", "mask.safetensors", "--json", cwd=run).exit_code == 0
+    assert snapshot(run) == before
+
+
+def test_an_earlier_fps_journal_of_another_host_is_refused_until_it_is_old(run, monkeypatch):
+    before = snapshot(run)
+    _old_format_crash(run, "beef", 2)  # another host: its pid says nothing here
+    journal = next(n for n in leftovers(run) if n.startswith(".fps-journal-"))
+    monkeypatch.setattr(outputs, "LIVE_WAIT_S", 0.1)
+    r = fps("inspect", "mask.safetensors", cwd=run)
+    assert r.exit_code == 1
+    assert r.stderr == (
+        f"error: {journal} is an unfinished group write by fps process 2 of an earlier fps version (on this or "
+        "another machine); run this command again when it has finished; if none is running, the group is rolled "
+        "back once the journal is 60 s old\n"
+    )
+    old = time.time() - 120
+    os.utime(run / journal, (old, old))
+    assert fps("inspect", "mask.safetensors", cwd=run).exit_code == 0
+    assert snapshot(run) == before
