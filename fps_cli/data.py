@@ -59,8 +59,13 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
 
 
+def _is_file(path: Path) -> bool:
+    """A file, or a link to one that may be dangling: it is an image the user put there, reported if unreadable."""
+    return path.is_file() or (path.is_symlink() and not path.is_dir())
+
+
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if _is_image(p) and p.is_file())
+    return sorted(p for p in folder.rglob("*") if _is_image(p) and _is_file(p))
 
 
 def scan_split(root: Path, classes: list[str] | None = None) -> ImageSplit:
@@ -76,7 +81,7 @@ def scan_split(root: Path, classes: list[str] | None = None) -> ImageSplit:
         index = {name: i for i, name in enumerate(names)}
         samples = [(path, index[name]) for name in found for path in per_class[name]]
         return ImageSplit(root, samples, list(names))
-    flat = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p))
+    flat = sorted(p for p in root.iterdir() if _is_file(p) and _is_image(p))
     if not flat:
         raise DataError(f"no images found in {root} (looked for {', '.join(IMG_EXTENSIONS)})")
     return ImageSplit(root, [(p, UNLABELED) for p in flat], [])

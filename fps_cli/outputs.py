@@ -147,6 +147,8 @@ class OutputPlan:
                 settle(out.path)
         for out in self.outputs:
             _check_place(out)
+        for out in self.outputs:
+            _check_writable(out)
         files = []  # (path, flag, label, how to name the path)
         for out in self.outputs:
             files.append((out.path, out.flag, out.label, f"{out.path}/" if out.folder else str(out.path)))
@@ -205,6 +207,26 @@ def _check_place(out: _Output) -> None:
     parent = out.path.parent
     if not parent.is_dir():
         raise FileFormatError(f"cannot write {text}: directory {parent} does not exist")
+
+
+def _check_writable(out: _Output) -> None:
+    """Create and remove a file where ``out`` will be written, so that a read-only folder, a permission or a full
+    inode table is one line before any work, not after it (a training epoch, a data pass).
+
+    Raises:
+        OutputWriteError: naming the output as the user gave it, with the OS's reason.
+    """
+    where = out.path if out.folder and out.path.is_dir() else out.path.parent
+    probe = temp_name(
+        where / f"{out.path.name or 'out'}-probe", secrets.token_hex(4)
+    )  # no lock: any settle may remove it
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        raise OutputWriteError(
+            f"cannot write {f'{out.path}/' if out.folder else out.path}: {_reason(e) or e}"
+        ) from None
+    probe.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------- the transaction
@@ -312,7 +334,10 @@ class Transaction:
             self._lock(staging.parent)
             staging.mkdir()
             self._staging.append(staging)
-            writer(staging)
+            try:
+                writer(staging)
+            except OutputWriteError as e:  # a file written inside: named in the folder the user gave, not staging
+                raise OutputWriteError(str(e).replace(str(staging), str(folder))) from None
             for p in staging.iterdir():
                 set_mode(p)
         if not folder.exists():
