@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .errors import ModelError
 from .hub import (
+    check_readable,
     ensure_available,
     hf_endpoint,
     hub_offline,
@@ -87,6 +88,7 @@ def _source(name: str) -> tuple[str, str | None, bool]:
     folder = Path(source).expanduser()
     if folder.is_dir():
         recover(folder)  # a group write killed half-way in the folder reads as all old (outputs.py)
+        check_readable(folder, name)
         if not (folder / "config.json").is_file():
             raise ModelError(f"{name}: {folder} has no config.json (save the model with save_pretrained)")
         return str(folder), None, True

@@ -227,3 +227,21 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
         )
     keep = {k: v for k, v in state.items() if k not in skipped_head}
     model.load_state_dict(keep, strict=False)
+
+
+def check_readable(folder: Path, name: str) -> None:
+    """Refuse a model folder holding a weights or config file this process cannot read (transformers writes its
+    files 0600, and then reports them as missing).
+
+    Raises:
+        ModelError: naming the file, the reason and the way out.
+    """
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".safetensors", ".bin", ".json") and path.is_file():
+            try:
+                path.open("rb").close()
+            except OSError as e:
+                raise ModelError(
+                    f"{name}: cannot read {path}: {e.strerror or e} (make it readable, e.g. chmod a+r {path}, or run "
+                    "fps as its owner)"
+                ) from None
