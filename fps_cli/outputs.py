@@ -140,6 +140,7 @@ class OutputPlan:
             OutputClashError: an output is an input, or two outputs name the same file (a usage error).
             OutputExistsError: an output exists and ``force`` is false; a file output is a folder.
             FileFormatError: an output's directory does not exist, or a folder output is a file.
+            OutputWriteError: an output's directory cannot be written (read-only, permissions).
         """
         for out in self.outputs:
             settle(out.path.parent)
@@ -147,8 +148,6 @@ class OutputPlan:
                 settle(out.path)
         for out in self.outputs:
             _check_place(out)
-        for out in self.outputs:
-            _check_writable(out)
         files = []  # (path, flag, label, how to name the path)
         for out in self.outputs:
             files.append((out.path, out.flag, out.label, f"{out.path}/" if out.folder else str(out.path)))
@@ -162,6 +161,8 @@ class OutputPlan:
             for other, _, other_label, other_name in files[:i]:
                 if _same(path, other):
                     raise OutputClashError(f"{other_label} {other_name} and {label} {name} name the same file", flag)
+        for out in self.outputs:
+            _check_writable(out)
         if exists:
             for out in self.outputs:
                 self._check_exists(out)
