@@ -133,3 +133,16 @@ def test_inspect_of_a_delta_with_an_empty_entry(work, delta_with_empty):
     for j in (ja, jb):
         j.pop("file", None), j.pop("path", None)
     assert ja == jb
+
+
+@pytest.mark.parametrize("granularity", ["neuron", "layer", "global"])
+def test_select_never_writes_an_empty_entry(made, tmp_path, granularity):
+    """At a budget that leaves some layers without a single entry, those layers have no tensor in the mask."""
+    out = tmp_path / f"{granularity}.safetensors"
+    args = ["--data", "data", "--budget", "0.0115", "--granularity", granularity, "--no-scores", "-o", out]
+    r = fps("select", *TINY_VIT, *args, *FAST, "-q", cwd=made)
+    assert r.exit_code == 0, r.output
+    tensors = load_numpy(out)
+    layers = len(load_numpy(made / "mask.safetensors"))  # at budget 0.05 every candidate layer has entries
+    assert 0 < len(tensors) < layers  # some candidate layers got nothing
+    assert all(t.size > 0 for t in tensors.values())
