@@ -392,6 +392,12 @@ def _checkpoint_problem(state: Mapping[str, Any]) -> str | None:
         return f"its epoch is {epoch!r}, not a whole number"
     if epoch > config["epochs"]:
         return f"its epoch {epoch} is past the run's {config['epochs']} epochs"
+    trainable = state.get("trainable")
+    if not isinstance(trainable, Mapping) or not all(isinstance(t, Tensor) for t in trainable.values()):
+        return "its trainable values are not a mapping of tensors"
+    missing = [k for k in ("optimizer", "scheduler", "scaler", "rng") if not isinstance(state.get(k), Mapping)]
+    if missing:
+        return f"it lacks its {', '.join(missing)} state"
     history = state.get("history")
     if not isinstance(history, list) or not all(isinstance(h, Mapping) for h in history):
         return "its history is not a list of epoch records"
@@ -882,10 +888,18 @@ def restore_checkpoint(
     saved: Mapping[str, Any], state: TrainState, loader: torch.utils.data.DataLoader, config: TrainConfig
 ) -> None:
     """Continue ``state`` from a checkpoint: the trainable values, optimizer, schedule (at a new peak ``lr`` when it
-    changed), scaler and random states, the epoch and the history."""
-    state.start_epoch, state.history = _restore(
-        saved, state.sparse, state.optimizer, state.scheduler, state.scaler, loader, config
-    )
+    changed), scaler and random states, the epoch and the history.
+
+    Raises:
+        TrainingError: the checkpoint's states do not fit this run (a damaged or hand-made checkpoint).
+    """
+    try:
+        state.start_epoch, state.history = _restore(
+            saved, state.sparse, state.optimizer, state.scheduler, state.scaler, loader, config
+        )
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingError(f"the training checkpoint cannot be restored ({reason}); start over with --force") from None
     state.step = state.start_epoch * state.steps_per_epoch
 
 

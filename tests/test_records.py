@@ -250,9 +250,18 @@ def _edit_checkpoint(path: Path, **changes) -> None:
         ({"epoch": 2}, "its history holds 1 epoch, not 2"),
         ({"history": "x"}, "its history is not a list of epoch records"),
         ({"config": None}, "it records no training configuration"),
+        ({"trainable": "x"}, "its trainable values are not a mapping of tensors"),
+        ({"optimizer": [1], "rng": None}, "it lacks its optimizer, rng state"),
     ],
 )
 def test_resume_from_a_crafted_checkpoint_is_one_error(resumable, changes, problem):
     _edit_checkpoint(resumable / "delta.ckpt", **changes)
     message, _ = _resume_error(resumable)
     assert message == f"error: delta.ckpt is not a valid fps training checkpoint: {problem}; start over with --force"
+
+
+def test_resume_from_a_checkpoint_whose_states_do_not_fit_is_one_error(resumable):
+    _edit_checkpoint(resumable / "delta.ckpt", optimizer={"state": {}, "param_groups": []})
+    message, _ = _resume_error(resumable)
+    assert message.startswith("error: the training checkpoint cannot be restored (")
+    assert message.endswith("); start over with --force")
