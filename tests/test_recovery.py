@@ -132,6 +132,26 @@ def test_another_hostname_rolls_back(run, built):
     assert again.returncode == 0, again.stderr
 
 
+def _can_unshare_uts() -> str | None:
+    if os.geteuid() != 0:
+        return "setting another hostname (unshare --uts) needs root"
+    probe = subprocess.run(["unshare", "--uts", "hostname", "probe"], capture_output=True, text=True)
+    return None if probe.returncode == 0 else f"unshare --uts is not allowed here: {probe.stderr.strip()}"
+
+
+def _uts(name: str) -> tuple[str, ...]:
+    """Run the command in its own UTS namespace with the hostname ``name``, as `docker run` gives each container."""
+    return ("unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name)
+
+
+@pytest.mark.skipif(_can_unshare_uts() is not None, reason=str(_can_unshare_uts()))
+def test_another_real_hostname_rolls_back(run, built):
+    before = _kill_select(run, built, prefix=_uts("container-a"))
+    read = fps_process("inspect", "mask.safetensors", "--json", cwd=run, prefix=_uts("container-b"))
+    assert read.returncode == 0, read.stderr
+    assert snapshot(run) == before
+
+
 def _can_unshare() -> str | None:
     if os.geteuid() != 0:
         return "a new pid namespace (unshare --pid) needs root"
