@@ -236,8 +236,9 @@ def check_readable(folder: Path, name: str) -> None:
     Raises:
         ModelError: naming the file, the reason and the way out.
     """
-    for path in sorted(folder.iterdir()):
-        if path.suffix in (".safetensors", ".bin", ".json") and path.is_file():
+    patterns = ("config.json", "preprocessor_config.json", "model*.safetensors", "pytorch_model*.bin", "*.index.json")
+    for path in sorted({p for pattern in patterns for p in folder.glob(pattern)}):
+        if path.is_file():
             try:
                 path.open("rb").close()
             except OSError as e:
