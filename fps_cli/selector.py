@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .activations import InputStats, collect_input_stats
 from .candidates import ParameterRoles, baseline_trainable, find_head, parameter_roles
 from .constants import BASELINE_METHODS, DEFAULT_BUDGET
-from .data import ImageStream, default_num_workers, discover, eval_transform, make_loader, subsample
+from .data import ImageStream, check_selectable, default_num_workers, discover, eval_transform, make_loader, subsample
 from .distributed import Dist, all_reduce, batch_shard, reduce_input_stats, sum_over_ranks
 from .errors import BudgetError, DataError, FileFormatError
 from .formats import (
@@ -65,13 +65,16 @@ class SelectResult:
     gradients: dict[str, Tensor] | None = None
 
 
-def write_scores(path: str | Path, result: SelectResult, *, tx: Transaction | None = None) -> None:
+def write_scores(
+    path: str | Path, result: SelectResult, *, tx: Transaction | None = None, overwrite: bool = False
+) -> None:
     """Write the score file of a fresh selection: input statistics, or summed gradients for ``gps``
-    (``tx``: as part of a group commit, see :func:`.formats.write_atomic`)."""
+    (``tx``: as part of a group commit, see :func:`.formats.write_atomic`; an existing file only with
+    ``overwrite=True``)."""
     if result.gradients is not None:
-        save_gradient_scores(path, result.gradients, result.score_provenance, tx=tx)
+        save_gradient_scores(path, result.gradients, result.score_provenance, tx=tx, overwrite=overwrite)
     elif result.stats is not None:
-        save_scores(path, result.stats, result.score_provenance, tx=tx)
+        save_scores(path, result.stats, result.score_provenance, tx=tx, overwrite=overwrite)
     else:
         raise ValueError("a re-selection has no new scores to write")
 
@@ -243,6 +246,7 @@ def run_select(
     dist = dist or Dist()
     device = torch.device(device)
     folder = discover(data_dir)
+    check_selectable(folder)  # one class, or a dataset's image folder: refused before the model is built
     split = folder.train
     if options.method == "gps" and not split.labeled:
         raise DataError(
@@ -314,7 +318,8 @@ def run_select(
         raise DataError(f"no readable images in {split.root} ({skipped} skipped)")
 
     data_provenance = {
-        "data": str(Path(data_dir).expanduser().resolve()),
+        "data": folder.location,
+        **folder.provenance(),
         "num_samples": seen,
         "skipped_images": skipped,
         "classes": split.classes,
@@ -357,7 +362,9 @@ def run_baseline(spec: ModelSpec, data_dir: str | Path, method: str, *, seed: in
     """
     if method not in BASELINE_METHODS:
         raise ValueError(f"unknown baseline {method!r}; expected one of {BASELINE_METHODS}")
-    split = discover(data_dir).train
+    folder = discover(data_dir)
+    check_selectable(folder)
+    split = folder.train
     num_classes = spec.num_classes if spec.num_classes is not None else (len(split.classes) or None)
     if spec.num_classes is None and num_classes is not None:
         spec = ModelSpec(**{**spec.__dict__, "num_classes": num_classes})
@@ -368,7 +375,8 @@ def run_baseline(spec: ModelSpec, data_dir: str | Path, method: str, *, seed: in
     mask = Mask({}, baseline_trainable(model, method), shapes)
     mask.provenance = {
         **_model_provenance(spec, model, num_classes, spec.img_size, seed),
-        "data": str(Path(data_dir).expanduser().resolve()),
+        "data": folder.location,
+        **folder.provenance(),
         "num_samples": 0,  # no data pass
         "skipped_images": 0,
         "classes": split.classes,
