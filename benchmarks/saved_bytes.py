@@ -48,6 +48,8 @@ def saved_bytes(model: nn.Module, run, indices, full, path: str, recipes: bool =
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
+    pack._fps_pack = True  # returns every tensor as it is, as fps's own hooks do (see sparse._product_recipe)
+
     original = sparse._input_recipe
     if not recipes:
         sparse._input_recipe = lambda *args: None

@@ -57,9 +57,15 @@ output fed to a bf16 Linear). Saved through ``save_for_backward``, so an in-plac
 backward is rejected as autograd rejects any. This drops about a quarter of a ViT block's saved activations for fc2
 and another D per token for each of qkv and fc1 (not block 0's qkv when nothing before it trains: its norm's input
 needs no gradient, so nothing keeps it). Not covered: ReLU / Tanh / Sigmoid (their backward keeps their output, so
-fc2's saved input costs nothing extra), activations and norms called as functions (no module to hook), BatchNorm, a
-gated MLP's product (``down_proj(act(gate) * up)``: made by the parent's code, not a module), and transformers'
-``GELUActivation`` (its forward may be swapped for a hub kernel). :func:`detach` removes the hooks.
+fc2's saved input costs nothing extra), activations and norms called as functions (no module to hook), BatchNorm, and
+transformers' ``GELUActivation`` (its forward may be swapped for a hub kernel). :func:`detach` removes the hooks.
+
+**A gated MLP's product** (``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, Llama's MLP) is no module's output, so
+:func:`sparse_linear` finds it through its autograd node: a ``MulBackward0`` whose operands are a recorded
+activation output (matched by storage, shape and strides) and another tensor. The product's node keeps both
+operands and the activation keeps ``gate``, so ``down_proj`` saves ``(gate, up)`` and rebuilds ``act(gate) * up``
+(same operand order, same bits). Only without saved-tensor hooks other than fps's own (reading a node's saved
+operands under checkpointing or offloading hooks would run them); see :func:`_product_recipe`.
 
 The rebuilt tensor must be the one the Linear received, so a recipe is used only when no other code could have
 changed it: while a model is attached, two global module hooks of fps's count the calls of modules that carry
@@ -458,6 +464,8 @@ def _record_recipe(module: nn.Module, args: tuple, output) -> None:
         return
     versions = tuple(None if t is None else t._version for t in tensors)
     output._fps_recipe = (function, tensors, output._version, versions, _FOREIGN_HOOK_CALLS[0])
+    if len(tensors) == 1:  # an activation: its output may be one operand of a gated product (_product_recipe)
+        _ACTIVATION_OUTPUTS[output.untyped_storage().data_ptr()] = output
 
 
 def _input_recipe(x: Tensor):
@@ -473,6 +481,64 @@ def _input_recipe(x: Tensor):
     if changed or x._version != x_version:
         return None  # something changed in place since the module ran: save x itself
     return function, tensors
+
+
+# Recorded activation outputs by storage: an autograd node's saved operand is another tensor object on the same
+# storage (without fps's mark), so the product's operand is matched to the recorded output through its storage.
+_ACTIVATION_OUTPUTS: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
+
+
+def _recorded_activation(operand: Tensor) -> Tensor | None:
+    output = _ACTIVATION_OUTPUTS.get(operand.untyped_storage().data_ptr())
+    if output is None or (output.shape, output.stride(), output.storage_offset(), output.dtype) != (
+        operand.shape,
+        operand.stride(),
+        operand.storage_offset(),
+        operand.dtype,
+    ):
+        return None
+    return output
+
+
+def _gated_product(activation, activation_first: bool, gate: Tensor, other: Tensor) -> Tensor:
+    """A gated MLP's product ``act(gate) * other`` (in the forward's operand order: the same bits)."""
+    hidden = activation(gate)
+    return hidden * other if activation_first else other * hidden
+
+
+def _product_recipe(x: Tensor):
+    """``(function, tensors)`` if ``x`` is, unmodified, a gated MLP's product ``act(gate) * up`` whose ``act(gate)`` is
+    a recorded activation output (``down_proj(act_fn(gate_proj(x)) * up_proj(x))``); else None.
+
+    The product is no module's output, so it is found through its autograd node: a ``MulBackward0`` keeps both
+    operands, ``up`` and the activation output, and the activation keeps ``gate``: saving ``(gate, up)`` instead of
+    the product costs nothing. Only without saved-tensor hooks other than fps's own (checkpointing or offloading
+    hooks would run on reading the node's saved operands).
+    """
+    node = x.grad_fn
+    if node is None or type(node).__name__ != "MulBackward0" or x._version != 0:
+        return None
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return None
+    hooks = top(False)
+    if hooks is not None and not getattr(hooks[0], "_fps_pack", False):
+        return None
+    try:
+        left, right = node._saved_self, node._saved_other
+    except RuntimeError:  # an operand changed in place since the product: save x itself
+        return None
+    if not (isinstance(left, Tensor) and isinstance(right, Tensor)):
+        return None
+    if left.shape != x.shape or right.shape != x.shape or left.dtype != x.dtype or right.dtype != x.dtype:
+        return None
+    for gated, other, activation_first in ((left, right, True), (right, left, False)):
+        recorded = _recorded_activation(gated)
+        inner = _input_recipe(recorded) if recorded is not None else None
+        if inner is not None and len(inner[1]) == 1:  # an activation's output, not a norm's
+            activation, (gate,) = inner
+            return functools.partial(_gated_product, activation, activation_first), (gate, other)
+    return None
 
 
 def _recompute(function, tensors: tuple, meta, differentiable: bool = False) -> Tensor:
@@ -579,7 +645,9 @@ def sparse_linear(module: nn.Linear, x: Tensor) -> Tensor:
     bias = module.bias
     dtype = None
     # Looked up before autocast's cast, which makes a new tensor: the rebuilt input is cast the same way.
-    recipe = _input_recipe(x) if torch.is_grad_enabled() else None
+    recipe = None
+    if torch.is_grad_enabled():
+        recipe = _input_recipe(x) or _product_recipe(x)
     if torch.is_autocast_enabled(x.device.type):  # cast as autocast would, then compute without it
         dtype = torch.get_autocast_dtype(x.device.type)
         x = x.to(dtype)
@@ -799,6 +867,8 @@ def recompute_sparse_weights() -> Iterator[None]:
             if weight is not None and weight.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
                 return (owner, base, t.size(), t.stride(), t.storage_offset())
         return t
+
+    pack._fps_pack = True  # (a gated product's operands may be read under these hooks: _product_recipe)
 
     def unpack(packed):
         if isinstance(packed, Tensor):

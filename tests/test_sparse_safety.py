@@ -371,3 +371,24 @@ def test_a_linear_with_its_own_forward_keeps_it():
     assert calls == [1]
     sparse.detach(model, params)
     assert model[2].forward is own
+
+
+def test_a_gated_product_under_checkpointing_is_saved_not_read_back():
+    """Under saved-tensor hooks other than fps's (checkpointing), the product's operands are never read back."""
+    from test_sparse_path import _llama_indices, _tiny_llama
+
+    torch.set_default_dtype(torch.float64)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for path in ("dense", "sparse"):
+        torch.manual_seed(0)
+        model = _tiny_llama()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        indices = _llama_indices(model, torch.Generator().manual_seed(1))
+        params = sparse.attach(model, indices, ["lm_head.weight"], path=path)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # a foreign pair, outermost
+            model(input_ids=ids).logits.logsumexp(-1).mean().backward()
+        grads[path] = {n: p.grad.clone() for n, p in params.named_parameters()}
+    for name, value in grads["dense"].items():
+        torch.testing.assert_close(grads["sparse"][name], value, rtol=1e-6, atol=1e-9, msg=name)
