@@ -315,6 +315,15 @@ ValSplitOpt = Annotated[
 ]
 
 
+def _check_task(task: str | None) -> None:
+    """An unknown ``--task`` is a usage error naming the known ones (the registry is read only when it is given)."""
+    if task is not None:
+        from .tasks import task_names
+
+        if task not in task_names():
+            raise _usage(f"unknown task {task!r}; expected one of {', '.join(task_names())}", "--task")
+
+
 TASK_OPTION_NAMES = ("task", "text_field", "label_field", "text_pair_field", "max_length", "val_split")
 
 
@@ -453,6 +462,7 @@ def select_cmd(
         from .options import SelectOptions, check_finite
 
         check_finite(budget=budget)  # before the inputs, as always: a NaN budget is what the user hears about first
+        _check_task(task)
         if from_scores is None and (model is None or data is None):
             raise _usage("--model and --data are required (or re-select with --from-scores FILE)", "--model/--data")
         select_options = functools.partial(
@@ -759,6 +769,7 @@ def train_cmd(
         )
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
+    _check_task(task)
     # The task's options appear in args.yaml only when given (an image run's records keep their form).
     arguments = {k: v for k, v in ctx.params.items() if v is not None or k not in TASK_OPTION_NAMES}
     data_options = _data_options(text_field, label_field, text_pair_field, max_length, val_split)
@@ -952,6 +963,7 @@ def eval_cmd(
     val_split: ValSplitOpt = None,
 ) -> None:
     """Evaluate a base model with a trained delta attached: top-1 / top-5 accuracy and loss."""
+    _check_task(task)
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     report = Reporter(quiet=quiet, as_json=as_json)

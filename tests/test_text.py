@@ -382,3 +382,9 @@ def test_wordnet_example_reads_supersenses_and_writes_few_shot_splits(tmp_path):
     train, val, _ = discover_text(tmp_path / "wn", {})
     assert train.classes == ["noun.animal", "noun.food"] and len(train.samples) == 6 and len(val.samples) == 2
     assert not {e.text for e, _ in train.samples} & {e.text for e, _ in val.samples}
+
+
+def test_unknown_task_is_a_usage_error(tmp_path, bert, data):
+    r = fps("select", "--model", f"hf:{bert}", "--data", data, "--task", "speech", cwd=tmp_path)
+    assert r.exit_code == 2
+    assert "unknown task 'speech'; expected one of image-classification, text-classification" in r.stderr
