@@ -96,7 +96,7 @@ def test_files_record_the_task(tmp_path, image_folder):
     assert "data_options" not in prov  # an image mask keeps its earlier header otherwise
 
 
-CORE = ("activations", "scoring", "selection", "sparse", "formats", "outputs", "candidates", "headers", "indices")
+CORE = ("activations", "scoring", "selection", "sparse", "formats", "outputs", "candidates", "headers")
 
 
 @pytest.mark.parametrize("module", CORE)

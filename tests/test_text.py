@@ -59,7 +59,11 @@ def test_jsonl_train_and_validation_files(data):
     train, val, splits = discover_text(data, {})
     assert train.classes == ["animal", "food"] and val.classes == train.classes
     assert len(train.samples) == 24 and len(val.samples) == 8
-    assert splits == {"train": str(data / "train.jsonl"), "val": str(data / "validation.jsonl")}
+    assert splits == {
+        "layout": "jsonl",
+        "train_split": str(data / "train.jsonl"),
+        "val_split": str(data / "validation.jsonl"),
+    }
     _, label = train.samples[0]
     assert train.classes[label] == json.loads((data / "train.jsonl").read_text().splitlines()[0])["label"]
 
@@ -72,7 +76,7 @@ def test_one_file_with_val_split_is_seeded_and_disjoint(tmp_path):
     where = {e.where for e, _ in train.samples}
     assert not where & {e.where for e, _ in val.samples}  # no example in both
     assert [e.where for e, _ in again[1].samples] == [e.where for e, _ in val.samples]
-    assert splits["val_split"] == 0.25 and splits["train"] == splits["val"] == str(path)
+    assert splits["carved"] == 0.25 and splits["train_split"] == splits["val_split"] == str(path)
 
 
 def test_csv_tsv_custom_fields_and_pairs(tmp_path):
@@ -96,7 +100,7 @@ def test_class_folders_of_txt_files(tmp_path):
     write_text_folder(tmp_path / "t" / "val", per_class=2)
     train, val, splits = discover_text(tmp_path / "t", {})
     assert train.classes == ["animal", "food"] and len(train.samples) == 8 and len(val.samples) == 4
-    assert splits["val"] == str(tmp_path / "t" / "val")
+    assert splits["val_split"] == str(tmp_path / "t" / "val") and splits["layout"] == "text-folders"
 
 
 @pytest.mark.parametrize(
