@@ -314,3 +314,32 @@ def test_the_folder_above_a_dataset_names_the_dataset_folder(tmp_path):
     root = make_cub(tmp_path / "downloads")
     with pytest.raises(DataError, match=rf"\(it holds the split files of a cub dataset: pass --data {root}\)"):
         check_selectable(discover(root.parent))
+
+
+def _idx(path: Path, array) -> None:
+    """An MNIST idx file (big-endian header: magic 0x08 0x<dims>, then each dimension), as torchvision reads it."""
+    import numpy as np
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def test_torch_mnist_spec_reads_a_local_copy_and_never_downloads(tmp_path):
+    import numpy as np
+
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    _idx(raw / "train-images-idx3-ubyte", rng.integers(0, 256, (6, 28, 28)))
+    _idx(raw / "train-labels-idx1-ubyte", np.array([0, 1, 2, 0, 1, 2]))
+    _idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, (3, 28, 28)))
+    _idx(raw / "t10k-labels-idx1-ubyte", np.array([2, 1, 0]))
+    folder = discover(f"torch/mnist@{tmp_path / 'mnist'}")
+    assert (folder.train.name, folder.val.name) == ("train", "test")
+    assert [label for _, label in folder.train.samples] == [0, 1, 2, 0, 1, 2]
+    assert [label for _, label in folder.val.samples] == [2, 1, 0]
+    assert folder.train.classes[0] == "0 - zero" and len(folder.train.classes) == 10
+    from fps_cli.data import ImageDataset
+
+    image, label, _, error = ImageDataset(folder.val.samples, None)[0]
+    assert error == "" and image.mode == "RGB" and image.size == (28, 28) and label == 2
