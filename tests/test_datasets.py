@@ -343,3 +343,17 @@ def test_torch_mnist_spec_reads_a_local_copy_and_never_downloads(tmp_path):
 
     image, label, _, error = ImageDataset(folder.val.samples, None)[0]
     assert error == "" and image.mode == "RGB" and image.size == (28, 28) and label == 2
+
+
+def test_train_reads_the_data_the_way_select_was_told_to(tmp_path, monkeypatch):
+    """A folder that fits two layouts: --dataset-format at select is recorded, and train follows it."""
+    monkeypatch.chdir(tmp_path)
+    root = make_cub(tmp_path)
+    (root / "train.json").write_text(json.dumps({"001.Bird_0/img_000.png": 0, "002.Bird_1/img_000.png": 1}))
+    (root / "test.json").write_text(json.dumps({"001.Bird_0/img_002.png": 0}))
+    assert fps("select", *TINY_VIT, "--data", root, "--budget", "0.05", *FAST, "-q").exit_code == 1  # ambiguous
+    result = fps("select", *TINY_VIT, "--data", root, "--dataset-format", "cub", "--budget", "0.05", *FAST)
+    assert result.exit_code == 0, result.output
+    trained = fps("train", "--epochs", "1", *FAST)
+    assert trained.exit_code == 0, trained.output
+    assert "cub layout: train is_train=1 (6 images), val+test is_train=0 (6 images)" in trained.stderr
