@@ -1329,6 +1329,11 @@ def inspect_cmd(
             reports, comparison, masks = _read_input(lambda _: inspect_files(paths, norm=norm), paths[0], step)
         else:
             reports, comparison, masks = inspect_files(paths, norm=norm)
+        for folder in _data_folders_holding(plot, reports):
+            report.log(
+                f"warning: --plot {plot} is inside {folder}, the mask's data folder: select and train would read "
+                "it as an image; write it elsewhere"
+            )
         with plan.transaction() as tx:
             if plot is not None and comparison is not None:
                 plot_comparison(reports, comparison, plot, [str(p) for p in paths], tx=tx)
@@ -1352,6 +1357,22 @@ def inspect_cmd(
     report.result(payload, "\n\n".join(texts))
 
 
+def _data_folders_holding(plot: Path | None, reports: list[dict[str, Any]]) -> list[str]:
+    """The masks' data folders that an image ``plot`` would land in (and so become a training image)."""
+    if plot is None or plot.suffix.lower() != ".png":
+        return []
+    where = os.path.realpath(plot)
+    folders = {str(r.get("provenance", {}).get("data") or "") for r in reports if r.get("kind") == "mask"}
+    return sorted(f for f in folders if f and where.startswith(os.path.realpath(f) + os.sep))
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, docker stop, a scheduler): stop as Ctrl-C does, saying so
+
+
 def main() -> None:
     """Console entry point (``fps`` and ``python -m fps_cli``)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     app(prog_name="fps")

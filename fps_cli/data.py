@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .constants import DATASET_FORMATS
 from .errors import DataError
+from .outputs import recover
 from .timm_data import TIMM_PREFIXES, timm_splits
 
 if TYPE_CHECKING:
@@ -118,8 +119,13 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
 
 
+def _is_file(path: Path) -> bool:
+    """A file, or a link to one that may be dangling: it is an image the user put there, reported if unreadable."""
+    return path.is_file() or (path.is_symlink() and not path.is_dir())
+
+
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if _is_image(p) and p.is_file())
+    return sorted(p for p in folder.rglob("*") if _is_image(p) and _is_file(p))
 
 
 def scan_split(root: Path, classes: list[str] | None = None, name: str = "") -> ImageSplit:
@@ -135,7 +141,7 @@ def scan_split(root: Path, classes: list[str] | None = None, name: str = "") -> 
         index = {name: i for i, name in enumerate(names)}
         samples = [(path, index[name]) for name in found for path in per_class[name]]
         return ImageSplit(root, samples, list(names), name or root.name)
-    flat = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p))
+    flat = sorted(p for p in root.iterdir() if _is_file(p) and _is_image(p))
     if not flat:
         raise DataError(f"no images found in {root} (looked for {', '.join(IMG_EXTENSIONS)})")
     return ImageSplit(root, [(p, UNLABELED) for p in flat], [], name or root.name)
@@ -196,6 +202,7 @@ def _discover(data_dir: str | os.PathLike, dataset_format: str) -> ImageFolder:
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"data folder {root} is not a directory")
+    recover(root)  # a group write killed half-way in the folder reads as all old (outputs.py)
     kind = dataset_format
     if kind == "auto":
         found = layouts.detect(root)

@@ -10,7 +10,6 @@ every epoch, and a resumable checkpoint at the end of every epoch. The sparse me
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -44,7 +43,7 @@ from .formats import Delta, Mask, weights_digest
 from .hub import torch_load_data
 from .models import ModelSpec, create_model, model_name, model_num_classes, output_logits
 from .options import TrainConfig as TrainConfig  # re-exported: the training options live in options.py
-from .outputs import Transaction
+from .outputs import Transaction, recover
 from .selector import base_digest, seed_everything
 from .sparse import SparseParams, attach, extract, recompute_sparse_weights
 
@@ -360,6 +359,7 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], *, tx: Tr
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a training checkpoint (``weights_only=True``: a checkpoint is data, never code)."""
     path = Path(path)
+    recover(path)  # a group write killed half-way in its folder reads as all old (outputs.py)
     if not path.is_file():
         raise TrainingError(f"no checkpoint {path} to resume from; run without --resume")
     try:
@@ -369,7 +369,38 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise TrainingError(f"cannot read checkpoint {path}: {reason}; start over with --force") from None
     if not isinstance(state, dict) or state.get("fps_checkpoint") != CHECKPOINT_VERSION:
         raise TrainingError(f"{path} is not an fps training checkpoint; start over with --force")
+    problem = _checkpoint_problem(state)
+    if problem is not None:
+        raise TrainingError(f"{path} is not a valid fps training checkpoint: {problem}; start over with --force")
     return state
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checkpoint_problem(state: Mapping[str, Any]) -> str | None:
+    """What makes a (hand-edited) checkpoint unusable, before anything is restored from it."""
+    config = state.get("config")
+    if not isinstance(config, Mapping) or not _whole(config.get("epochs")):
+        return "it records no training configuration"
+    epoch = state.get("epoch")
+    if not _whole(epoch) or epoch < 0:
+        return f"its epoch is {epoch!r}, not a whole number"
+    if epoch > config["epochs"]:
+        return f"its epoch {epoch} is past the run's {config['epochs']} epochs"
+    trainable = state.get("trainable")
+    if not isinstance(trainable, Mapping) or not all(isinstance(t, Tensor) for t in trainable.values()):
+        return "its trainable values are not a mapping of tensors"
+    missing = [k for k in ("optimizer", "scheduler", "scaler", "rng") if not isinstance(state.get(k), Mapping)]
+    if missing:
+        return f"it lacks its {', '.join(missing)} state"
+    history = state.get("history")
+    if not isinstance(history, list) or not all(isinstance(h, Mapping) for h in history):
+        return "its history is not a list of epoch records"
+    if [h.get("epoch") for h in history] != list(range(1, epoch + 1)):
+        return f"its history holds {len(history)} epoch{'' if len(history) == 1 else 's'}, not {epoch}"
+    return None
 
 
 def mask_digest(mask: Mask) -> str:
@@ -429,6 +460,7 @@ class RunFiles:
         if self.delta.exists():
             raise OutputExistsError(f"{self.delta} already exists; pass --force to replace it")
         if resume:
+            self._read_log()  # a hand-edited log is refused before any work
             return
         if self.checkpoint.exists():
             raise OutputExistsError(
@@ -444,17 +476,55 @@ class RunFiles:
         return [self.checkpoint, self.log, self.summary, *([self.args] if self.args is not None else [])]
 
     def begin(self, resume_after: int | None = None) -> None:
-        """Start the log; on resume keep the records up to the checkpoint's epoch (the files are the run's own)."""
+        """Start the log; on resume keep the log's lines up to the checkpoint's epoch (the files are the run's own)
+        and rebuild the summary's rows from the checkpoint's history: ``summary.csv`` is never read back."""
         self.records, self.rows = [], []
         if resume_after is not None:
             self._owned = True
-            if self.log.is_file():
-                for line in self.log.read_text().splitlines():
-                    with contextlib.suppress(json.JSONDecodeError):
-                        record = json.loads(line)
-                        if record.get("event") != "end" and record.get("epoch", 0) <= resume_after:
-                            self.records.append(line)
-            self.rows = records.read_summary(self.summary, resume_after)
+            for line, record in self._read_log():
+                if record.get("event") != "end" and record.get("epoch", 0) <= resume_after:
+                    self.records.append(line)
+            history = load_checkpoint(self.checkpoint)["history"]
+            self.rows = [records.summary_row(e) for e in history if e["epoch"] <= resume_after]
+
+    def _read_log(self) -> list[tuple[str, dict[str, Any]]]:
+        """The metrics log's lines and records, for a resumed run.
+
+        Raises:
+            FileFormatError: the log is not UTF-8, or a line is not a JSON object with a whole-number epoch (named
+                by its number; fps writes the log whole, so such a line was edited by hand).
+        """
+        if not self.log.is_file():
+            return []
+        data = self.log.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FileFormatError(
+                f"{self.log} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); fix or delete the "
+                "file, or start over with --force"
+            ) from None
+        lines = []
+        for n, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                problem = f"is not JSON ({e.msg}: column {e.colno})"
+            else:
+                if not isinstance(record, dict):
+                    problem = f"is not a JSON object: {line if len(line) <= 60 else line[:57] + '...'}"
+                elif "epoch" in record and not _whole(record["epoch"]):
+                    problem = f'has "epoch": {json.dumps(record["epoch"])}, not a whole number'
+                else:
+                    lines.append((line, record))
+                    continue
+            raise FileFormatError(
+                f"{self.log} line {n} {problem}; fix or delete that line (or the whole log: the resumed log then "
+                "starts at the checkpoint), or start over with --force"
+            )
+        return lines
 
     def record(self, event: Event) -> None:
         self.records.append(json.dumps(event))
@@ -816,10 +886,18 @@ def restore_checkpoint(
     saved: Mapping[str, Any], state: TrainState, loader: torch.utils.data.DataLoader, config: TrainConfig
 ) -> None:
     """Continue ``state`` from a checkpoint: the trainable values, optimizer, schedule (at a new peak ``lr`` when it
-    changed), scaler and random states, the epoch and the history."""
-    state.start_epoch, state.history = _restore(
-        saved, state.sparse, state.optimizer, state.scheduler, state.scaler, loader, config
-    )
+    changed), scaler and random states, the epoch and the history.
+
+    Raises:
+        TrainingError: the checkpoint's states do not fit this run (a damaged or hand-made checkpoint).
+    """
+    try:
+        state.start_epoch, state.history = _restore(
+            saved, state.sparse, state.optimizer, state.scheduler, state.scaler, loader, config
+        )
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingError(f"the training checkpoint cannot be restored ({reason}); start over with --force") from None
     state.step = state.start_epoch * state.steps_per_epoch
 
 

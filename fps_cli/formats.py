@@ -129,10 +129,10 @@ def read_header(path: str | os.PathLike, kind: str | None) -> tuple[dict[str, An
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
-    from .outputs import settle
+    from .outputs import recover
 
     path = Path(path)
-    settle(path.parent)  # a group commit killed half-way reads as all old (outputs.py)
+    recover(path)  # a group commit killed half-way reads as all old (outputs.py)
     if not path.is_file():
         raise FileFormatError(f"{path} does not exist")
     try:
@@ -166,7 +166,8 @@ def weights_digest(named_tensors: Iterable[tuple[str, Tensor]]) -> str:
     for name, t in named_tensors:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        if t.numel():  # an empty tensor has no bytes (and viewing it as bytes fails on its stride)
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -227,6 +228,8 @@ def save_mask(path: str | os.PathLike, mask: Mask, *, tx: Transaction | None = N
     existing file is replaced only with ``overwrite=True``."""
     tensors = {}
     for name, idx in mask.indices.items():
+        if idx.numel() == 0:  # selects nothing: written as absent (and read so, see headers.read_mask_arrays)
+            continue
         dtype = torch.int32 if _numel(mask.shapes[name]) <= 2**31 - 1 else torch.int64
         tensors[name] = idx.to(dtype)
     provenance = {
@@ -405,6 +408,8 @@ def save_delta(
     existing file is replaced only with ``overwrite=True``."""
     tensors = {}
     for name, idx in delta.indices.items():
+        if idx.numel() == 0:  # trains nothing: written as absent (and read so, see read_delta)
+            continue
         dtype = torch.int32 if _numel(delta.shapes[name]) <= 2**31 - 1 else torch.int64
         tensors[f"{name}::indices"] = idx.to(dtype)
         tensors[f"{name}::values"] = delta.values[name].float()
@@ -437,7 +442,9 @@ def read_delta(path: str | os.PathLike) -> Delta:
             problems.append(f"{name!r}: {val.numel()} values for {idx.numel()} indices")
         else:
             idx, n = idx.long(), _numel(shapes[name])
-            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= n or not bool((idx[1:] > idx[:-1]).all())):
+            if idx.numel() == 0:  # trains nothing: the parameter is the base's, exactly as if the pair were absent
+                continue
+            if int(idx[0]) < 0 or int(idx[-1]) >= n or not bool((idx[1:] > idx[:-1]).all()):
                 problems.append(f"indices of {name!r} must be sorted, unique and within [0, {n})")
             indices[name], values[name] = idx, val
     for name in fully:

@@ -24,6 +24,7 @@ from .hub import ModelSpec as ModelSpec  # re-exported: where every caller has f
 from .hub import ensure_available, hf_cached, hub_offline, is_offline, quiet_hub, ways_out_hint
 from .hub import load_checkpoint as load_checkpoint  # re-exported
 from .hub import read_state_dict as read_state_dict  # re-exported
+from .outputs import recover
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -106,6 +107,7 @@ def create_model(spec: ModelSpec) -> nn.Module:
             cache_only = _hf_weights_ready(repo, offline, spec.name) and cache_only
     elif spec.name.startswith("local-dir:"):
         folder = Path(spec.name[len("local-dir:") :]).expanduser()
+        recover(folder)  # a group write killed half-way in the folder reads as all old (outputs.py)
         if not (folder / "config.json").is_file():
             raise ModelError(f"{spec.name}: {folder} has no config.json (a timm local-dir: folder needs one)")
         cache_only = True
