@@ -317,7 +317,7 @@ ModelOpt = Annotated[
         "--model",
         "-m",
         help="timm name (vit_base_patch16_224.augreg_in21k), hf-hub:org/name, local-dir:PATH, or hf:ID_OR_PATH for a "
-        "Hugging Face transformers image-classification model.",
+        "Hugging Face transformers image- or text-classification model.",
         rich_help_panel="Model",
     ),
 ]
@@ -393,6 +393,80 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if present)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object with the result to stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing outputs.")]
+# The task seam (fps_cli.tasks): --task forces the task of an hf: model; the text options are text classification's
+# data options, recorded in the mask so that train and eval read the data as select did.
+TaskOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--task",
+        help="image-classification or text-classification (default: from the model's config).",
+        rich_help_panel="Model",
+    ),
+]
+TextFieldOpt = Annotated[
+    str | None,
+    typer.Option("--text-field", help="Text: the field holding the text (default: text).", rich_help_panel="Data"),
+]
+LabelFieldOpt = Annotated[
+    str | None,
+    typer.Option("--label-field", help="Text: the field holding the label (default: label).", rich_help_panel="Data"),
+]
+TextPairFieldOpt = Annotated[
+    str | None,
+    typer.Option("--text-pair-field", help="Text: a second text field (sentence pairs).", rich_help_panel="Data"),
+]
+MaxLengthOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-length",
+        min=2,
+        help="Text: truncate to this many tokens (default: the tokenizer's limit).",
+        rich_help_panel="Data",
+    ),
+]
+ValSplitOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--val-split",
+        help="Text: carve this fraction of a single data file out as the validation split (seeded).",
+        rich_help_panel="Data",
+    ),
+]
+
+
+def _check_task(task: str | None) -> None:
+    """An unknown ``--task`` is a usage error naming the known ones (the registry is read only when it is given)."""
+    if task is not None:
+        from .tasks import task_names
+
+        if task not in task_names():
+            raise _usage(f"unknown task {task!r}; expected one of {', '.join(task_names())}", "--task")
+
+
+TASK_OPTION_NAMES = ("task", "text_field", "label_field", "text_pair_field", "max_length", "val_split")
+
+
+def _data_options(
+    text_field: str | None,
+    label_field: str | None,
+    text_pair_field: str | None,
+    max_length: int | None,
+    val_split: float | None,
+    dataset_format: str = "auto",
+) -> dict[str, Any]:
+    """The task's data options given on the command line (``None`` / ``auto``: not given, the recorded or default
+    value); ``--dataset-format`` is the image task's."""
+    if val_split is not None and not 0 < val_split < 1:
+        raise _usage(f"a fraction strictly between 0 and 1, got {val_split:g}", "--val-split")
+    given = {
+        "text_field": text_field,
+        "label_field": label_field,
+        "text_pair_field": text_pair_field,
+        "max_length": max_length,
+        "val_split": val_split,
+        "dataset_format": dataset_format if dataset_format != "auto" else None,
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 class _Percent(float):
@@ -524,6 +598,12 @@ def select_cmd(
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    task: TaskOpt = None,
+    text_field: TextFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    text_pair_field: TextPairFieldOpt = None,
+    max_length: MaxLengthOpt = None,
+    val_split: ValSplitOpt = None,
 ) -> None:
     """Score every weight with one forward pass and write a mask (and a score file).
 
@@ -535,6 +615,7 @@ def select_cmd(
         from .options import SelectOptions, check_finite
 
         check_finite(budget=budget)  # before the inputs, as always: a NaN budget is what the user hears about first
+        _check_task(task)
         if from_scores is None and (model is None or data is None):
             raise _usage("--model and --data are required (or re-select with --from-scores FILE)", "--model/--data")
         select_options = functools.partial(
@@ -581,15 +662,17 @@ def select_cmd(
             report.log(warning)
         dev = init(dist, _device(device))
         spec = None
+        data_options = _data_options(text_field, label_field, text_pair_field, max_length, val_split, dataset_format)
         if model is not None:
-            spec = ModelSpec(model, pretrained, checkpoint, num_classes, img_size, offline, trust_remote_code)
+            spec = ModelSpec(
+                model, pretrained, checkpoint, num_classes, img_size, offline, trust_remote_code, task=task
+            )
         if data is not None and from_scores is None:  # the data is listed (and refused) before any model is built
-            from .data import check_selectable, discover
+            from .tasks import open_dataset
 
-            data = discover(data, dataset_format)
-            check_selectable(data)
+            data = open_dataset(spec, data, data_options)
         if options.baseline:
-            result = run_baseline(spec, data, options.method, seed=seed)
+            result = run_baseline(spec, data, options.method, seed=seed, data_options=data_options)
         elif from_scores is not None:
             result = reselect(
                 from_scores, options, spec=spec, device=dev, anchor=anchor, trust_remote_code=trust_remote_code
@@ -613,6 +696,7 @@ def select_cmd(
                     on_start=on_start,
                     on_batch=on_batch,
                     dist=dist,
+                    data_options=data_options,
                 )
         if dist.is_main:  # the mask and the scores: all new or all old, even after a kill
             with plan.transaction() as tx:
@@ -627,6 +711,8 @@ def select_cmd(
         report.log(f"{dist.world_size} processes, {prov['num_samples']} images in all")
     if result.skipped_images:
         report.log(f"skipped {_count(len(result.skipped_images), 'unreadable image')}")
+    for note in result.notes:
+        report.log(note)
     # seconds: the whole command (model, data pass, selection, files); pass_seconds: the data pass alone.
     report.result(*_select_summary(result, out, scores if write_scores else None, time.perf_counter() - started))
 
@@ -745,7 +831,7 @@ def _describe(event: dict[str, Any]) -> str:
         ranks = f", {event['world_size']} processes" if event.get("world_size", 1) > 1 else ""
         return (
             f"training {event['trainable']:,} of {event['total_params']:,} parameters on {event['train_samples']} "
-            f"images ({event['val_samples']} validation), {_count(event['epochs'], 'epoch')} x "
+            f"{event.get('items', 'images')} ({event['val_samples']} validation), {_count(event['epochs'], 'epoch')} x "
             f"{_count(event['steps_per_epoch'], 'step')}{resumed}{ranks}"
         )
     return f"warning: {event.get('message', event)}"
@@ -853,6 +939,12 @@ def train_cmd(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     ctx: typer.Context = None,
+    task: TaskOpt = None,
+    text_field: TextFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    text_pair_field: TextPairFieldOpt = None,
+    max_length: MaxLengthOpt = None,
+    val_split: ValSplitOpt = None,
 ) -> None:
     """Fine-tune only the weights a mask selects (plus head and biases) and write a delta file."""
     precision = PRECISION_ALIASES.get(precision, precision)
@@ -875,7 +967,10 @@ def train_cmd(
         )
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    arguments = dict(ctx.params)
+    _check_task(task)
+    # The task's options appear in args.yaml only when given (an image run's records keep their form).
+    arguments = {k: v for k, v in ctx.params.items() if v is not None or k not in TASK_OPTION_NAMES}
+    data_options = _data_options(text_field, label_field, text_pair_field, max_length, val_split, dataset_format)
     with _exits(as_json):
         from .distributed import from_env, init
         from .finetune import RunFiles, run_train, spec_from_provenance
@@ -894,6 +989,7 @@ def train_cmd(
             img_size=img_size,
             offline=offline,
             trust_remote_code=trust_remote_code,
+            task=task,
         )
         # The delta, checkpoint and records are one unit (finetune.RunFiles): checked together, before any work.
         run_files = RunFiles(out, force=force, args=arguments)
@@ -920,9 +1016,9 @@ def train_cmd(
         run_files.set_args(arguments)
         weights = "" if spec.pretrained else ", random weights: --no-pretrained"
         report.log(f"fps train: {spec.name} with {mask} ({dev.type}, {precision}{weights})")
-        from .data import training_folder
+        from .finetune import training_data
 
-        folder = training_folder(data, the_mask.provenance, str(mask), dataset_format)
+        _, folder, _, _ = training_data(data, the_mask.provenance, str(mask), spec, data_options)
         report.log(folder.describe())
         bar = report.progress("training") if dist.is_main else contextlib.nullcontext(((lambda n: None),) * 2)
         events = _TrainEvents(report, run_files, resume=resume, quiet=quiet, dist=dist)
@@ -943,6 +1039,7 @@ def train_cmd(
                     on_event=events,
                     dist=dist,
                     run=run_files,
+                    data_options=data_options,
                 )
         except KeyboardInterrupt:
             if run_files.checkpoint.exists():
@@ -1073,8 +1170,15 @@ def eval_cmd(
     ] = "fp32",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    task: TaskOpt = None,
+    text_field: TextFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    text_pair_field: TextPairFieldOpt = None,
+    max_length: MaxLengthOpt = None,
+    val_split: ValSplitOpt = None,
 ) -> None:
     """Evaluate a base model with a trained delta attached: top-1 / top-5 accuracy and loss."""
+    _check_task(task)
     precision = PRECISION_ALIASES.get(precision, precision)
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -1093,13 +1197,16 @@ def eval_cmd(
             img_size=img_size,
             offline=offline,
             trust_remote_code=trust_remote_code,
+            task=task,
         )
-        from .data import training_folder
+        from .finetune import training_data
 
-        folder = training_folder(data, the_delta.provenance, str(delta), dataset_format)
+        data_options = _data_options(text_field, label_field, text_pair_field, max_length, val_split, dataset_format)
+        _, folder, the_task, _ = training_data(data, the_delta.provenance, str(delta), spec, data_options)
         chosen = folder.split(split)
+        item_name = the_task.item_name
         report.log(f"fps eval: {spec.name} with {delta} on the {split} split ({dev.type}, {precision})")
-        report.log(f"{folder.layout} layout: {split} is {chosen.name} ({_count(len(chosen.samples), 'image')})")
+        report.log(f"{folder.layout} layout: {split} is {chosen.name} ({_count(len(chosen.samples), *item_name)})")
         metrics = run_eval(
             the_delta,
             spec=spec,
@@ -1110,9 +1217,12 @@ def eval_cmd(
             batch_size=batch_size,
             num_workers=num_workers,
             delta_path=delta,
+            data_options=data_options,
         )
+    for note in metrics.pop("notes", []):
+        report.log(note)
     top5 = f", top-5 {metrics['top5']:.2f}%" if "top5" in metrics else ""
-    samples = _count(metrics["samples"], "image")
+    samples = _count(metrics["samples"], *item_name)
     human = f"{split}: top-1 {metrics['top1']:.2f}%{top5}, loss {metrics['loss']:.4f} on {samples}"
     report.result({"delta": str(delta), **metrics}, human)
 
