@@ -465,7 +465,7 @@ def _record_recipe(module: nn.Module, args: tuple, output) -> None:
     versions = tuple(None if t is None else t._version for t in tensors)
     output._fps_recipe = (function, tensors, output._version, versions, _FOREIGN_HOOK_CALLS[0])
     if len(tensors) == 1:  # an activation: its output may be one operand of a gated product (_product_recipe)
-        _ACTIVATION_OUTPUTS[output.untyped_storage().data_ptr()] = output
+        _ACTIVATION_OUTPUTS[output.untyped_storage()._cdata] = output  # (its StorageImpl: also for fake tensors)
 
 
 def _input_recipe(x: Tensor):
@@ -489,7 +489,7 @@ _ACTIVATION_OUTPUTS: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValu
 
 
 def _recorded_activation(operand: Tensor) -> Tensor | None:
-    output = _ACTIVATION_OUTPUTS.get(operand.untyped_storage().data_ptr())
+    output = _ACTIVATION_OUTPUTS.get(operand.untyped_storage()._cdata)
     if output is None or (output.shape, output.stride(), output.storage_offset(), output.dtype) != (
         operand.shape,
         operand.stride(),
