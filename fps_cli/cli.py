@@ -274,6 +274,68 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if present)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object with the result to stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing outputs.")]
+# The task seam (fps_cli.tasks): --task forces the task of an hf: model; the text options are text classification's
+# data options, recorded in the mask so that train and eval read the data as select did.
+TaskOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--task",
+        help="image-classification or text-classification (default: from the model's config).",
+        rich_help_panel="Model",
+    ),
+]
+TextFieldOpt = Annotated[
+    str | None,
+    typer.Option("--text-field", help="Text: the field holding the text (default: text).", rich_help_panel="Data"),
+]
+LabelFieldOpt = Annotated[
+    str | None,
+    typer.Option("--label-field", help="Text: the field holding the label (default: label).", rich_help_panel="Data"),
+]
+TextPairFieldOpt = Annotated[
+    str | None,
+    typer.Option("--text-pair-field", help="Text: a second text field (sentence pairs).", rich_help_panel="Data"),
+]
+MaxLengthOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-length",
+        min=2,
+        help="Text: truncate to this many tokens (default: the tokenizer's limit).",
+        rich_help_panel="Data",
+    ),
+]
+ValSplitOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--val-split",
+        help="Text: carve this fraction of a single data file out as the validation split (seeded).",
+        rich_help_panel="Data",
+    ),
+]
+
+
+TASK_OPTION_NAMES = ("task", "text_field", "label_field", "text_pair_field", "max_length", "val_split")
+
+
+def _data_options(
+    text_field: str | None,
+    label_field: str | None,
+    text_pair_field: str | None,
+    max_length: int | None,
+    val_split: float | None,
+) -> dict[str, Any]:
+    """The task's data options given on the command line (``None``: not given, the recorded or default value)."""
+    if val_split is not None and not 0 < val_split < 1:
+        raise _usage(f"a fraction strictly between 0 and 1, got {val_split:g}", "--val-split")
+    given = {
+        "text_field": text_field,
+        "label_field": label_field,
+        "text_pair_field": text_pair_field,
+        "max_length": max_length,
+        "val_split": val_split,
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 @app.command("select", cls=_Command)
@@ -375,6 +437,12 @@ def select_cmd(
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    task: TaskOpt = None,
+    text_field: TextFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    text_pair_field: TextPairFieldOpt = None,
+    max_length: MaxLengthOpt = None,
+    val_split: ValSplitOpt = None,
 ) -> None:
     """Score every weight with one forward pass and write a mask (and a score file).
 
@@ -431,10 +499,13 @@ def select_cmd(
             report.log(warning)
         dev = init(dist, _device(device))
         spec = None
+        data_options = _data_options(text_field, label_field, text_pair_field, max_length, val_split)
         if model is not None:
-            spec = ModelSpec(model, pretrained, checkpoint, num_classes, img_size, offline, trust_remote_code)
+            spec = ModelSpec(
+                model, pretrained, checkpoint, num_classes, img_size, offline, trust_remote_code, task=task
+            )
         if options.baseline:
-            result = run_baseline(spec, data, options.method, seed=seed)
+            result = run_baseline(spec, data, options.method, seed=seed, data_options=data_options)
         elif from_scores is not None:
             result = reselect(
                 from_scores, options, spec=spec, device=dev, anchor=anchor, trust_remote_code=trust_remote_code
@@ -456,6 +527,7 @@ def select_cmd(
                     on_start=on_start,
                     on_batch=on_batch,
                     dist=dist,
+                    data_options=data_options,
                 )
         if dist.is_main:  # the mask and the scores: all new or all old, even after a kill
             with plan.transaction() as tx:
@@ -470,6 +542,8 @@ def select_cmd(
         report.log(f"{dist.world_size} processes, {prov['num_samples']} images in all")
     if result.skipped_images:
         report.log(f"skipped {_count(len(result.skipped_images), 'unreadable image')}")
+    for note in result.notes:
+        report.log(note)
     # seconds: the whole command (model, data pass, selection, files); pass_seconds: the data pass alone.
     report.result(*_select_summary(result, out, scores if write_scores else None, time.perf_counter() - started))
 
@@ -658,6 +732,12 @@ def train_cmd(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     ctx: typer.Context = None,
+    task: TaskOpt = None,
+    text_field: TextFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    text_pair_field: TextPairFieldOpt = None,
+    max_length: MaxLengthOpt = None,
+    val_split: ValSplitOpt = None,
 ) -> None:
     """Fine-tune only the weights a mask selects (plus head and biases) and write a delta file."""
     with _flags():
@@ -679,7 +759,9 @@ def train_cmd(
         )
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    arguments = dict(ctx.params)
+    # The task's options appear in args.yaml only when given (an image run's records keep their form).
+    arguments = {k: v for k, v in ctx.params.items() if v is not None or k not in TASK_OPTION_NAMES}
+    data_options = _data_options(text_field, label_field, text_pair_field, max_length, val_split)
     with _exits(as_json):
         from .distributed import from_env, init
         from .finetune import RunFiles, run_train, spec_from_provenance
@@ -698,6 +780,7 @@ def train_cmd(
             img_size=img_size,
             offline=offline,
             trust_remote_code=trust_remote_code,
+            task=task,
         )
         # The delta, checkpoint and records are one unit (finetune.RunFiles): checked together, before any work.
         run_files = RunFiles(out, force=force, args=arguments)
@@ -742,6 +825,7 @@ def train_cmd(
                     on_event=events,
                     dist=dist,
                     run=run_files,
+                    data_options=data_options,
                 )
         except KeyboardInterrupt:
             if run_files.checkpoint.exists():
@@ -860,6 +944,12 @@ def eval_cmd(
     precision: Annotated[Literal[PRECISIONS], typer.Option(help="Autocast precision.")] = "fp32",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    task: TaskOpt = None,
+    text_field: TextFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    text_pair_field: TextPairFieldOpt = None,
+    max_length: MaxLengthOpt = None,
+    val_split: ValSplitOpt = None,
 ) -> None:
     """Evaluate a base model with a trained delta attached: top-1 / top-5 accuracy and loss."""
     if offline:
@@ -879,6 +969,7 @@ def eval_cmd(
             img_size=img_size,
             offline=offline,
             trust_remote_code=trust_remote_code,
+            task=task,
         )
         report.log(f"fps eval: {spec.name} with {delta} on the {split} split ({dev.type}, {precision})")
         metrics = run_eval(
@@ -891,9 +982,13 @@ def eval_cmd(
             batch_size=batch_size,
             num_workers=num_workers,
             delta_path=delta,
+            data_options=_data_options(text_field, label_field, text_pair_field, max_length, val_split),
         )
+    for note in metrics.pop("notes", []):
+        report.log(note)
     top5 = f", top-5 {metrics['top5']:.2f}%" if "top5" in metrics else ""
-    samples = _count(metrics["samples"], "image")
+    text = (the_delta.provenance.get("task") or "").startswith("text")
+    samples = _count(metrics["samples"], "text" if text else "image")
     human = f"{split}: top-1 {metrics['top1']:.2f}%{top5}, loss {metrics['loss']:.4f} on {samples}"
     report.result({"delta": str(delta), **metrics}, human)
 

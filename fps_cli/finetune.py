@@ -17,24 +17,23 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
 from . import records
 from .activations import autocast
-from .data import ImageStream, default_num_workers, discover, eval_transform, make_loader, transform_config
+from .data import default_num_workers
 from .distributed import Dist, average_gradients, batch_shard, sum_floats
 from .errors import DataError, FileFormatError, OutputExistsError, TrainingError
 from .formats import Delta, Mask, weights_digest
 from .hub import torch_load_data
-from .models import ModelSpec, create_model, model_name, model_num_classes, output_logits
+from .models import ModelSpec, create_model, model_name, model_num_classes
 from .options import TrainConfig as TrainConfig  # re-exported: the training options live in options.py
 from .outputs import Transaction
 from .selector import base_digest, seed_everything
@@ -133,8 +132,9 @@ def spec_from_provenance(
     img_size: int | None = None,
     offline: bool = False,
     trust_remote_code: bool = False,
+    task: str | None = None,
 ) -> ModelSpec:
-    """The model a mask or delta records, with any of its parts overridden.
+    """The model a mask or delta records (its task included), with any of its parts overridden.
 
     ``trust_remote_code`` is never read from the file: only the user can allow a model's own code to run.
     """
@@ -149,6 +149,7 @@ def spec_from_provenance(
         img_size=img_size if img_size is not None else prov.get("img_size"),
         offline=offline,
         trust_remote_code=trust_remote_code,
+        task=task if task is not None else prov.get("task"),
     )
 
 
@@ -240,20 +241,36 @@ def _check_classes(classes: list[str], num_classes: int | None, root: Path, sour
         )
 
 
-def _data_split(data_dir: str | os.PathLike | None, prov: Mapping[str, Any], source: str):
+def _data_split(
+    data_dir: str | os.PathLike | None,
+    prov: Mapping[str, Any],
+    source: str,
+    spec: ModelSpec | None = None,
+    data_options: Mapping[str, Any] | None = None,
+):
+    """``--data`` (default: the folder the file records) as the model's task finds it (:mod:`.tasks`), with the
+    data options the file records overridden by ``data_options``; returns ``(data_dir, TaskData, task, options)``."""
+    from .tasks import check_data, check_data_options, resolve_task
+
     if data_dir is None:
         recorded = prov.get("data")
         if not recorded:
             raise DataError(f"{source} records no data folder; pass --data DIR")
-        if not Path(recorded).is_dir():
+        if not Path(recorded).exists():
             raise DataError(f"data folder {recorded} recorded in {source} does not exist; pass --data DIR")
         data_dir = recorded
-    folder = discover(data_dir)
+    spec = spec or spec_from_provenance(prov)
+    task = resolve_task(spec)
+    given = {k: v for k, v in (data_options or {}).items() if v is not None}
+    check_data_options(task, given)
+    options = {**(prov.get("data_options") or {}), **given}
+    check_data(task, spec, data_dir)
+    folder = task.discover(Path(data_dir), options)
     if not folder.train.labeled:
         raise DataError(f"{folder.train.root} has no class sub-folders; fine-tuning needs DIR/<class>/<images>")
     if len(folder.train.classes) < 2:
         raise DataError(f"{folder.train.root} has only one class ({folder.train.classes[0]}); training needs two")
-    return Path(data_dir), folder
+    return Path(data_dir), folder, task, options
 
 
 def freeze_norm_statistics(model: nn.Module) -> None:
@@ -270,46 +287,49 @@ def freeze_norm_statistics(model: nn.Module) -> None:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[Mapping[str, Any]],
     *,
     device: torch.device,
     precision: str = "fp32",
     num_classes: int,
     dist: Dist | None = None,
+    task: Any = None,
 ) -> dict[str, Any]:
-    """Top-1 (and top-5 with at least 5 classes) accuracy in percent, and mean cross-entropy, on ``batches``.
+    """The task's metrics on ``batches`` (classification: top-1, and top-5 with at least 5 classes, in percent, and
+    mean cross-entropy).
 
-    Under torchrun each rank evaluates its shard and the counts are summed over ranks.
+    Under torchrun each rank evaluates its shard and the sums are summed over ranks.
+
+    Args:
+        batches: dict batches of ``task`` (see :mod:`.tasks`).
+        task: the task (default: image classification).
     """
+    if task is None:
+        from .tasks import IMAGE_CLASSIFICATION, get_task
+
+        task = get_task(IMAGE_CLASSIFICATION)
     was_training = model.training
     model.eval()
-    correct1 = correct5 = seen = 0
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    k = min(5, num_classes)
+    sums: dict[str, Tensor] = {}
     try:
-        for images, labels in batches:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        for batch in batches:
+            batch = _to_device(batch, device)
             with autocast(device, precision):
-                logits = output_logits(model(images))
-            logits = logits.float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-            top = logits.topk(k, dim=1).indices  # [B, k]
-            hits = top.eq(labels[:, None])
-            correct1 += int(hits[:, 0].sum())
-            correct5 += int(hits.any(dim=1).sum())
-            seen += labels.numel()
+                logits = task.forward(model, batch)
+            for key, value in task.eval_sums(logits, batch).items():
+                sums[key] = sums[key] + value.double() if key in sums else value.double()
     finally:
         model.train(was_training)
+    keys = task.eval_keys  # the same on every rank, also one that had no batch
+    values = [float(sums[k]) if k in sums else 0.0 for k in keys]
     if dist is not None and dist.enabled:
-        correct1, correct5, seen, total_loss = sum_floats([correct1, correct5, seen, float(loss_sum)], device)
-        correct1, correct5, seen = int(correct1), int(correct5), int(seen)
-        loss_sum = torch.tensor(total_loss, dtype=torch.float64)
-    if seen == 0:
-        return {"samples": 0}
-    metrics = {"top1": 100.0 * correct1 / seen, "loss": float(loss_sum) / seen, "samples": seen}
-    if num_classes >= 5:
-        metrics["top5"] = 100.0 * correct5 / seen
-    return metrics
+        values = sum_floats(values, device)
+    return task.summarize(dict(zip(keys, values, strict=True)), num_classes)
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    pin = device.type == "cuda"
+    return {k: v.to(device, non_blocking=pin) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------- checkpoint
@@ -502,6 +522,8 @@ class RunInputs:
         model: the base model, on the CPU, nothing attached yet.
         num_classes: the head's size.
         touched_sha256: digest of the base weights the mask selects from (a resumed run must share it).
+        task: the model's task (:mod:`.tasks`): its data, batches, loss and metrics.
+        data_options: the task's data options in effect (the mask's, overridden by the caller's).
     """
 
     spec: ModelSpec
@@ -512,15 +534,28 @@ class RunInputs:
     model: nn.Module
     num_classes: int
     touched_sha256: str
+    task: Any = None
+    data_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class Loaders:
-    """A run's data loaders (:func:`make_loaders`); ``sampler`` sets each epoch's order."""
+    """A run's data loaders (:func:`make_loaders`); ``sampler`` sets each epoch's order; ``task`` streams them."""
 
     train: torch.utils.data.DataLoader
     val: torch.utils.data.DataLoader | None
     sampler: DistributedSampler
+    task: Any = None
+
+    @property
+    def notes(self) -> list[str]:
+        """What the loaders report once (e.g. how many texts were truncated), training split first."""
+        loaders = [("training", self.train), ("validation", self.val)]
+        return [f"{split}: {n}" for split, loader in loaders if loader is not None for n in _notes(loader)]
+
+
+def _notes(loader: torch.utils.data.DataLoader) -> list[str]:
+    return list(getattr(loader.dataset, "notes", []))
 
 
 @dataclass
@@ -555,8 +590,10 @@ def build_run(
     data_dir: str | os.PathLike | None = None,
     mask_path: str | os.PathLike | None = None,
     emit: Callable[[Event], None] = lambda event: None,
+    data_options: Mapping[str, Any] | None = None,
 ) -> RunInputs:
-    """Find the data and rebuild the base model the mask was made on, and check that they fit it.
+    """Find the data (as the model's task reads it, with the mask's data options overridden by ``data_options``)
+    and rebuild the base model the mask was made on, and check that they fit it.
 
     Raises:
         FileFormatError: the mask does not fit the model (every mismatch listed) or was made on other weights.
@@ -565,7 +602,8 @@ def build_run(
     source = str(mask_path) if mask_path is not None else "the mask"
     prov = mask.provenance
     spec = spec or spec_from_provenance(prov)
-    data_dir, folder = _data_split(data_dir, prov, source)
+    data_dir, folder, task, options = _data_split(data_dir, prov, source, spec, data_options)
+    spec = replace(spec, task=task.name)
     classes = folder.train.classes
     if spec.num_classes is not None:  # fail before the model is built
         _check_classes(classes, spec.num_classes, folder.train.root, source)
@@ -578,46 +616,47 @@ def build_run(
     _check_classes(classes, num_classes, folder.train.root, source)
     base_params = dict(model.named_parameters())
     touched_sha256 = weights_digest((n, base_params[n]) for n in mask.indices)
-    return RunInputs(spec, prov, source, data_dir, folder, model, num_classes, touched_sha256)
+    return RunInputs(spec, prov, source, data_dir, folder, model, num_classes, touched_sha256, task, options)
 
 
 def make_loaders(
     run: RunInputs, config: TrainConfig, *, device: torch.device, num_workers: int | None = None, dist: Dist
 ) -> Loaders:
-    """timm's train transform (or the eval transform with ``augment`` off) over the train split, in an order that
-    depends only on the seed and the epoch; the eval transform over the validation split, sharded over ranks."""
-    folder, img_size = run.folder, run.spec.img_size
-    if config.augment:
-        from timm.data import create_transform
-
-        train_tf = create_transform(**transform_config(run.model, img_size), is_training=True)
-    else:
-        train_tf = eval_transform(run.model, img_size)
+    """The task's training loader (images: timm's train transform, or the eval transform with ``augment`` off) over
+    the train split, in an order that depends only on the seed and the epoch; its eval loader over the validation
+    split, sharded over ranks."""
+    folder, task = run.folder, run.task
+    common = {"img_size": run.spec.img_size, "data_options": run.data_options}
     workers = default_num_workers(device) if num_workers is None else num_workers
     # Every world size, one included, takes an epoch's order from (seed, epoch): a resumed or a multi-process run
     # sees the same global batches as a plain one.
     sampler = DistributedSampler(
         range(len(folder.train.samples)), num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=config.seed
     )
-    train_loader = make_loader(
+    train_loader = task.loader(
+        run.model,
         folder.train.samples,
-        train_tf,
+        "train",
+        augment=config.augment,
         batch_size=config.batch_size,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         sampler=sampler,
         seed=config.seed,
+        **common,
     )
     val_loader = None
     if folder.val is not None:
-        val_loader = make_loader(
+        val_loader = task.loader(
+            run.model,
             folder.val.samples,
-            eval_transform(run.model, img_size),
+            "eval",
             batch_size=config.batch_size,
             num_workers=workers,
             batches=batch_shard(len(folder.val.samples), config.batch_size, dist),
+            **common,
         )
-    return Loaders(train_loader, val_loader, sampler)
+    return Loaders(train_loader, val_loader, sampler, task)
 
 
 def make_train_state(
@@ -653,11 +692,12 @@ def train_one_epoch(
     checkpoint_path: str | os.PathLike | None = None,
     root: str | os.PathLike = "the data folder",
     emit: Callable[[Event], None] = lambda event: None,
+    task: Any = None,
 ) -> dict[str, Any]:
-    """One pass over ``loader``: forward under autocast, backward, gradients averaged over ranks, clipping, an
-    optimizer and a schedule step every ``grad_accum`` batches. Emits ``progress`` every step and ``step`` every
-    ``log_every`` steps, at the epoch's last step and at ``first_step``. ``checkpoint_path`` and ``root`` only
-    name things in error messages.
+    """One pass over ``loader`` (batches of ``task``, default image classification): forward under autocast,
+    backward, gradients averaged over ranks, clipping, an optimizer and a schedule step every ``grad_accum`` batches.
+    Emits ``progress`` every step and ``step`` every ``log_every`` steps, at the epoch's last step and at
+    ``first_step``. ``checkpoint_path`` and ``root`` only name things in error messages.
 
     Returns:
         the epoch's record: ``train_loss``, ``train_top1`` (over every rank) and the final ``lr``.
@@ -669,7 +709,6 @@ def train_one_epoch(
     model, optimizer, scheduler, scaler = state.model, state.optimizer, state.scheduler, state.scaler
     model.train()
     freeze_norm_statistics(model)
-    pin = device.type == "cuda"
     params = state.sparse.parameters()
     window_start, window_images = time.perf_counter(), 0
     # Running sums stay on the device and a non-finite loss is only noted there (first step, value): the loop
@@ -683,24 +722,26 @@ def train_one_epoch(
     def check_finite() -> None:
         _check_finite(first_bad, bad_loss, epoch, checkpoint_path, state.start_epoch, state.history)
 
-    stream = ImageStream(loader, with_labels=True)
+    task = task or _image_task()
+    stream = task.stream(loader, False)
     micro = step_images = 0
-    for images, labels in stream:
-        images, labels = images.to(device, non_blocking=pin), labels.to(device, non_blocking=pin)
+    for batch in stream:
+        batch = _to_device(batch, device)
         with recompute_sparse_weights(), autocast(device, config.precision):
-            logits = output_logits(model(images))
-        loss = state.criterion(logits.float(), labels)
+            logits = task.forward(model, batch)
+        loss = task.loss(logits, batch, state.criterion)
+        n = task.count(batch)
         scaler.scale(loss / config.grad_accum).backward()
         detached = loss.detach()
         newly_bad = ~torch.isfinite(detached) & (first_bad == 0)
         first_bad = torch.where(newly_bad, state.step + 1, first_bad)
         bad_loss = torch.where(newly_bad, detached, bad_loss)
-        loss_sum += detached.double() * labels.numel()
-        correct += logits.detach().argmax(dim=1).eq(labels).sum()
-        seen += labels.numel()
-        window_images += labels.numel()
+        loss_sum += detached.double() * n
+        correct += task.hits(logits, batch)
+        seen += n
+        window_images += n
         micro += 1
-        step_images += labels.numel()
+        step_images += n
         if micro % config.grad_accum and micro != len(loader):
             continue
         if dist.enabled:
@@ -769,19 +810,23 @@ def validate(
     dist: Dist,
     epoch: int,
     checkpoint_path: str | os.PathLike | None = None,
+    task: Any = None,
 ) -> dict[str, Any]:
-    """Top-1 / top-5 and loss on the validation split, as ``val_*`` entries of the epoch's record.
+    """The task's metrics (top-1 / top-5 and loss) on the validation split, as ``val_*`` entries of the epoch's
+    record.
 
     Raises:
         TrainingError: the validation loss is NaN or infinite.
     """
+    task = task or _image_task()
     val = evaluate(
         state.model,
-        ImageStream(loader, with_labels=True),
+        task.stream(loader, False),
         device=device,
         precision=config.precision,
         num_classes=num_classes,
         dist=dist,
+        task=task,
     )
     metrics = {f"val_{k}": v for k, v in val.items()}
     if "val_loss" in metrics and not math.isfinite(metrics["val_loss"]):
@@ -840,6 +885,7 @@ def run_train(
     on_event: Callable[[Event], None] | None = None,
     dist: Dist | None = None,
     run: RunFiles | None = None,
+    data_options: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Fine-tune the entries ``mask`` selects (and its fully trainable tensors) on the images in ``data_dir``.
 
@@ -868,6 +914,7 @@ def run_train(
             first step and each epoch's last), ``epoch`` and ``warning`` events (plain dicts).
         dist: this process's rank under torchrun (default: a single process).
         run: the run's files (checkpoint and log committed together); replaces ``checkpoint_path``.
+        data_options: the task's data options (text: ``max_length``, fields...), overriding the mask's.
 
     Raises:
         FileFormatError: the mask does not fit the model (every mismatch listed) or was made on other weights.
@@ -879,7 +926,7 @@ def run_train(
     device = torch.device(device)
     if run is not None:
         checkpoint_path = run.checkpoint
-    inputs = build_run(mask, spec=spec, data_dir=data_dir, mask_path=mask_path, emit=emit)
+    inputs = build_run(mask, spec=spec, data_dir=data_dir, mask_path=mask_path, emit=emit, data_options=data_options)
     spec, folder = inputs.spec, inputs.folder
     run_id = _run_identity(inputs.data_dir, spec, mask_path, inputs.touched_sha256, mask_digest(mask))
 
@@ -910,6 +957,8 @@ def run_train(
             "world_size": dist.world_size,
         }
     )
+    for note in loaders.notes:  # reported once per run, not per epoch
+        emit({"event": "warning", "message": note})
     started = time.perf_counter()
     first_step = state.step + 1
     save = run.save_checkpoint if run is not None else partial(save_checkpoint, checkpoint_path)
@@ -928,6 +977,7 @@ def run_train(
             checkpoint_path=checkpoint_path,
             root=folder.train.root,
             emit=emit,
+            task=inputs.task,
         )
         if loaders.val is not None:
             record.update(
@@ -940,6 +990,7 @@ def run_train(
                     dist=dist,
                     epoch=epoch,
                     checkpoint_path=checkpoint_path,
+                    task=inputs.task,
                 )
             )
         record["seconds"] = time.perf_counter() - epoch_start
@@ -981,6 +1032,7 @@ def _trained_delta(
         "mask_sha256": mask_digest(mask),
         "selection": {k: prov.get(k) for k in ("method", "norm", "granularity", "budget", "topk_per_neuron")},
         "data": str(Path(inputs.data_dir).expanduser().resolve()),
+        **_task_record(inputs),
         "classes": folder.train.classes,
         "train_samples": len(folder.train.samples),
         "val_samples": len(folder.val.samples) if folder.val is not None else 0,
@@ -988,6 +1040,23 @@ def _trained_delta(
         "metrics": final,
     }
     return Delta(indices, values, full, dict(mask.shapes), provenance)
+
+
+def _task_record(inputs: RunInputs) -> dict[str, Any]:
+    """The task, data options and splits a delta records (image files keep their earlier form: the task only)."""
+    from .tasks import IMAGE_CLASSIFICATION
+
+    record: dict[str, Any] = {"task": inputs.task.name}
+    splits = getattr(inputs.folder, "provenance", None)
+    if inputs.task.name != IMAGE_CLASSIFICATION or inputs.data_options or splits:
+        record.update(data_options=dict(inputs.data_options), splits=dict(splits or {}))
+    return record
+
+
+def _image_task() -> Any:
+    from .tasks import IMAGE_CLASSIFICATION, get_task
+
+    return get_task(IMAGE_CLASSIFICATION)
 
 
 def _check_finite(
@@ -1126,8 +1195,10 @@ def run_eval(
     batch_size: int = 32,
     num_workers: int | None = None,
     delta_path: str | os.PathLike | None = None,
+    data_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a base model with ``delta`` attached on the ``val`` (or ``train``) split of ``data_dir``.
+    """Evaluate a base model with ``delta`` attached on the ``val`` (or ``train``) split of ``data_dir``, as its
+    task reads it (``data_options`` override the delta's).
 
     Raises:
         FileFormatError: the delta does not fit the model, or was trained on other base weights.
@@ -1140,10 +1211,12 @@ def run_eval(
         raise FileFormatError(f"{source} holds NaN or infinite values in {len(bad)} tensors ({', '.join(bad)})")
     prov = delta.provenance
     spec = spec or spec_from_provenance(prov)
-    data_dir, folder = _data_split(data_dir, prov, source)
+    data_dir, folder, task, options = _data_split(data_dir, prov, source, spec, data_options)
+    spec = replace(spec, task=task.name)
     chosen = folder.val if split == "val" else folder.train
     if chosen is None:
-        raise DataError(f"{data_dir} has no validation split (val/, validation/ or test/); pass --split train")
+        where = "val/, validation/ or test/" if task.data_kind == "images" else "validation.jsonl, or --val-split"
+        raise DataError(f"{data_dir} has no validation split ({where}); pass --split train")
     model = build_base(spec, delta.shapes, prov, source)
     touched = weights_digest((n, dict(model.named_parameters())[n]) for n in delta.indices)
     if prov.get("touched_sha256") and touched != prov["touched_sha256"]:
@@ -1153,10 +1226,17 @@ def run_eval(
     model.to(device)
     attach_delta(model, delta)
     workers = default_num_workers(device) if num_workers is None else num_workers
-    loader = make_loader(
-        chosen.samples, eval_transform(model, spec.img_size), batch_size=batch_size, num_workers=workers
+    loader = task.loader(
+        model,
+        chosen.samples,
+        "eval",
+        img_size=spec.img_size,
+        data_options=options,
+        batch_size=batch_size,
+        num_workers=workers,
     )
     metrics = evaluate(
-        model, ImageStream(loader, with_labels=True), device=device, precision=precision, num_classes=num_classes
+        model, task.stream(loader, False), device=device, precision=precision, num_classes=num_classes, task=task
     )
-    return {"split": split, "data": str(Path(data_dir).resolve()), **metrics}
+    notes = _notes(loader)
+    return {"split": split, "data": str(Path(data_dir).resolve()), **metrics, **({"notes": notes} if notes else {})}

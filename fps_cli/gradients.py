@@ -17,6 +17,7 @@ gradient). The backward pass is real, so the peak memory is that of full fine-tu
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -186,6 +187,7 @@ def collect_gradients(
     precision: str = "fp32",
     on_batch: Callable[[int], None] | None = None,
     reduce: Callable[[list[Tensor]], None] | None = None,
+    batch_loss: Callable[[nn.Module, Mapping[str, Any], str], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Backpropagate the GPS loss of every batch once and return each weight's summed gradient (fp32 or better).
 
@@ -204,6 +206,8 @@ def collect_gradients(
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast for the forward pass; gradients stay fp32).
         on_batch: called with the number of images after each batch.
         reduce: sums the fp64 totals across processes, in place (torchrun), before they are cast.
+        batch_loss: ``batch_loss(model, batch, loss)`` for dict batches (a task's ``gps_loss``, see
+            :mod:`fps_cli.tasks`; tensors moved to ``device`` here); default: ``batches`` are ``(views, labels)``.
     """
     if loss not in GPS_LOSSES:
         raise ValueError(f"unknown GPS loss {loss!r}; expected one of {GPS_LOSSES}")
@@ -221,18 +225,28 @@ def collect_gradients(
             p.requires_grad_(id(p) in wanted)
         dtype = next(iter(weights.values())).dtype if weights else torch.float32
         with torch.enable_grad():
-            for views, labels in batches:
-                views = views.to(device, dtype=dtype, non_blocking=True)  # the model's dtype (fp32 unless cast)
-                labels = labels.to(device, non_blocking=True)
-                with autocast(device, precision):
-                    value = gps_loss(model, views, labels, loss)
+            for batch in batches:
+                if batch_loss is None:
+                    views, labels = batch
+                    views = views.to(device, dtype=dtype, non_blocking=True)  # the model's dtype (fp32 unless cast)
+                    labels = labels.to(device, non_blocking=True)
+                    with autocast(device, precision):
+                        value = gps_loss(model, views, labels, loss)
+                    size = views.shape[0]
+                else:
+                    batch = {
+                        k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()
+                    }
+                    with autocast(device, precision):
+                        value = batch_loss(model, batch, loss)
+                    size = len(batch["labels"])
                 value.backward()
                 for name, w in weights.items():
                     if w.grad is not None:
                         totals[name] += w.grad
                         w.grad = None
                 if on_batch is not None:
-                    on_batch(views.shape[0])
+                    on_batch(size)
         if reduce is not None:
             reduce(list(totals.values()))
         for name, w in weights.items():

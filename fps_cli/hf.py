@@ -22,7 +22,7 @@ import contextlib
 import importlib.util
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -138,13 +138,31 @@ def _one_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def create_hf_model(spec: ModelSpec) -> nn.Module:
+def create_hf_model(
+    spec: ModelSpec,
+    *,
+    auto_class: str = "AutoModelForImageClassification",
+    task: str = "image-classification",
+    load_processor: Callable[[str, Mapping[str, Any]], Any] | None = None,
+    processor_file: str = PROCESSOR_FILE,
+) -> nn.Module:
     """Build the transformers model ``spec`` names (``hf:ID_OR_PATH``), on the CPU, in eval mode, in fp32.
 
+    Args:
+        spec: the model.
+        auto_class: the transformers Auto class of the task (a task module passes its own).
+        task: the task's name, for messages.
+        load_processor: ``(source, from_pretrained kwargs) -> processor``, kept on the model (``PROCESSOR_ATTR``)
+            and written by :func:`save_hf_pretrained`; default: the image processor (which also gives the timm data
+            config of the transforms).
+        processor_file: the processor's file, fetched when the hub answers and the cache lacks it.
+
     Raises:
-        ModelError: transformers missing, unreachable or missing files, remote code not allowed, not an
-            image-classification model, pretrained weights that do not fit (other than the head).
+        ModelError: transformers missing, unreachable or missing files, remote code not allowed, not a model of
+            ``auto_class``, pretrained weights that do not fit (other than the head).
     """
+    image = load_processor is None
+    load_processor = load_processor or _load_processor
     name = spec.name
     _require_transformers(name)
     source, revision, local = _source(name)
@@ -161,11 +179,14 @@ def create_hf_model(spec: ModelSpec) -> nn.Module:
         if pretrained:
             cached = any(_known_in_cache(source, revision, f) for f in HF_MODEL_WEIGHT_FILES)
             cache_only = ensure_available("pretrained weights", source, cached, offline, name) and cache_only
-        if cache_only and not offline and not _known_in_cache(source, revision, PROCESSOR_FILE):
+        if cache_only and not offline and not _known_in_cache(source, revision, processor_file):
             # Only the image processor is missing: fetch it if the hub answers, else use the defaults.
             cache_only = unreachable_reason(hf_endpoint()) is not None
 
-    from transformers import AutoConfig, AutoModelForImageClassification
+    import transformers
+    from transformers import AutoConfig
+
+    auto_model = getattr(transformers, auto_class)
 
     trust = spec.trust_remote_code
     common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust}
@@ -177,12 +198,12 @@ def create_hf_model(spec: ModelSpec) -> nn.Module:
             if spec.img_size is not None and hasattr(config, "image_size"):
                 config.image_size = spec.img_size
             if pretrained:
-                model, info = AutoModelForImageClassification.from_pretrained(
+                model, info = auto_model.from_pretrained(
                     source, config=config, ignore_mismatched_sizes=True, output_loading_info=True, **common
                 )
             else:
-                model, info = AutoModelForImageClassification.from_config(config, trust_remote_code=trust), None
-            processor = _load_processor(source, common)
+                model, info = auto_model.from_config(config, trust_remote_code=trust), None
+            processor = load_processor(source, common)
     except ValueError as e:
         message = str(e)
         if "trust_remote_code" in message:
@@ -191,8 +212,7 @@ def create_hf_model(spec: ModelSpec) -> nn.Module:
             ) from None
         if "Unrecognized configuration class" in message or "Unrecognized model" in message:
             raise ModelError(
-                f"{name} is not an image-classification model transformers knows "
-                f"(AutoModelForImageClassification): {_one_line(e)}"
+                f"{name} is not a {task} model transformers knows ({auto_class}): {_one_line(e)}"
             ) from None
         raise ModelError(f"could not load {name}: {_one_line(e)}") from None
     except (OSError, RuntimeError, ImportError, KeyError) as e:
@@ -202,8 +222,10 @@ def create_hf_model(spec: ModelSpec) -> nn.Module:
     if info is not None:
         _check_loading_info(model, info, name, spec.img_size)
     model = model.float()  # transformers may load a checkpoint's own dtype; the rest of fps works in fp32
-    # timm's data-config attribute: resolve_model_data_config reads it, so one transform path serves both families.
-    model.pretrained_cfg = data_config(processor, config)
+    if image:
+        # timm's data-config attribute: resolve_model_data_config reads it, so one transform path serves both
+        # families.
+        model.pretrained_cfg = data_config(processor, config)
     setattr(model, PROCESSOR_ATTR, processor)
     if spec.checkpoint is not None:
         load_checkpoint(model, spec.checkpoint)

@@ -39,6 +39,7 @@ class ModelSpec:
         img_size: input resolution override (models that take ``img_size``).
         offline: never touch the network.
         trust_remote_code: let an ``hf:`` model run code from its repository (never recorded in a file).
+        task: the task the model is built for (``--task``; :mod:`fps_cli.tasks`); ``None``: as its config says.
     """
 
     name: str
@@ -48,6 +49,7 @@ class ModelSpec:
     img_size: int | None = None
     offline: bool = False
     trust_remote_code: bool = False
+    task: str | None = None  # added by issue 21 (the task seam), last so positional construction still works
 
 
 def is_offline(spec_offline: bool = False) -> bool:

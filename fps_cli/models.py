@@ -74,7 +74,20 @@ def _hf_weights_ready(repo: str, offline: bool, name: str, resolved: str | None 
 
 
 def create_model(spec: ModelSpec) -> nn.Module:
-    """Build the model ``spec`` describes, on the CPU, in eval mode.
+    """Build the model ``spec`` describes, on the CPU, in eval mode, for its task (:func:`fps_cli.tasks.resolve_task`:
+    ``spec.task``, or what the model's config says).
+
+    Raises:
+        ModelError: unknown name, unreachable or missing weights, a checkpoint that does not fit.
+    """
+    from .tasks import resolve_task
+
+    return resolve_task(spec).build_model(spec)
+
+
+def create_image_model(spec: ModelSpec) -> nn.Module:
+    """Build the image classifier ``spec`` describes (a timm model, or an ``hf:`` image classifier), on the CPU, in
+    eval mode.
 
     Raises:
         ModelError: unknown name, unreachable or missing weights, a checkpoint that does not fit.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .activations import InputStats, collect_input_stats
+from .activations import InputStats, autocast, input_stats_hooks
 from .candidates import ParameterRoles, baseline_trainable, find_head, parameter_roles
 from .constants import BASELINE_METHODS, DEFAULT_BUDGET
-from .data import ImageStream, default_num_workers, discover, eval_transform, make_loader, subsample
+from .data import default_num_workers, subsample
 from .distributed import Dist, all_reduce, batch_shard, reduce_input_stats, sum_over_ranks
 from .errors import BudgetError, DataError, FileFormatError
 from .formats import (
@@ -55,6 +55,7 @@ class SelectResult:
         score_provenance: the provenance to write into the score file.
         pass_seconds: wall time of the statistics pass (0 when re-selecting from scores).
         skipped_images: unreadable images skipped with ``skip_bad``.
+        notes: what the data loading reports once (e.g. how many texts were truncated).
     """
 
     mask: Mask
@@ -63,6 +64,7 @@ class SelectResult:
     pass_seconds: float = 0.0
     skipped_images: list[Path] = field(default_factory=list)
     gradients: dict[str, Tensor] | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def write_scores(path: str | Path, result: SelectResult, *, tx: Transaction | None = None) -> None:
@@ -219,31 +221,40 @@ def run_select(
     on_start: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
     dist: Dist | None = None,
+    data_options: Mapping[str, Any] | None = None,
 ) -> SelectResult:
-    """Select parameters of ``spec``'s model on the images in ``data_dir``.
+    """Select parameters of ``spec``'s model on the examples in ``data_dir``.
+
+    The model's task (:func:`fps_cli.tasks.resolve_task`: ``spec.task``, or what the model's config says) builds
+    the model, finds and loads the data and runs a batch; the statistics, scores and selection are the task-free
+    core's.
 
     Args:
-        spec: the model; ``num_classes`` defaults to the number of class folders.
-        data_dir: an image folder (class sub-folders, ``train/`` split, or flat).
+        spec: the model; ``num_classes`` defaults to the number of classes in the data.
+        data_dir: the task's data: an image folder (class sub-folders, ``train/`` split, or flat); for text, JSON
+            Lines / CSV files or class folders of ``.txt`` files.
         options: method, budget, granularity, ...
         device: where the model runs.
         precision: autocast precision of the forward pass (statistics stay fp32).
-        batch_size: images per forward pass.
+        batch_size: examples per forward pass.
         num_workers: DataLoader workers (default: :func:`default_num_workers`).
-        max_samples: a seeded random subset of at most this many images.
+        max_samples: a seeded random subset of at most this many examples.
         skip_bad_images: skip unreadable images instead of failing.
         anchor: a score file of input statistics of the same model on other data (experimental, ``fps`` and
             ``activation``): the activation statistic becomes its growth ``a_task / (a_anchor + eps)``.
-        on_start: called with the number of images before the pass.
+        on_start: called with the number of examples before the pass.
         on_batch: called with each batch's size during the pass.
         dist: this process's rank under torchrun: it reads every ``world_size``-th batch, and the statistics
             are summed over ranks before selection (default: a single process).
+        data_options: the task's own data options (text: ``text_field``, ``label_field``, ``text_pair_field``,
+            ``max_length``, ``val_split``); recorded in the mask, so ``fps train`` reads the data the same way.
     """
     _check_method(options, anchor)
     dist = dist or Dist()
     device = torch.device(device)
-    folder = discover(data_dir)
-    split = folder.train
+    task, spec, data_options = _task_inputs(spec, data_dir, data_options)
+    found = task.discover(Path(data_dir), data_options)
+    split = found.train
     if options.method == "gps" and not split.labeled:
         raise DataError(
             f"--method gps needs labels, but {split.root} is a flat folder of unlabeled images; put the images in "
@@ -251,7 +262,7 @@ def run_select(
         )
     num_classes = spec.num_classes if spec.num_classes is not None else (len(split.classes) or None)
     if spec.num_classes is None and num_classes is not None:
-        spec = ModelSpec(**{**spec.__dict__, "num_classes": num_classes})
+        spec = replace(spec, num_classes=num_classes)
     samples = subsample(split.samples, max_samples, options.seed)
 
     seed_everything(options.seed)
@@ -263,22 +274,21 @@ def run_select(
     anchor_stats = load_anchor(anchor, roles, spec.name, options.method) if anchor is not None else None
 
     gps = options.method == "gps"
-    if gps:
-        from .gradients import gps_transform
-
-        transform = gps_transform(model, spec.img_size, augment=options.augment)
-    else:
-        transform = eval_transform(model, spec.img_size)
     workers = default_num_workers(device) if num_workers is None else num_workers
-    loader = make_loader(
+    loader = task.loader(
+        model,
         samples,
-        transform,
+        "gps" if gps else "select",
+        img_size=spec.img_size,
+        augment=options.augment,
+        data_options=data_options,
         batch_size=batch_size,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         batches=batch_shard(len(samples), batch_size, dist),
     )
-    stream = ImageStream(loader, skip_bad=skip_bad_images, with_labels=gps)
+    notes = list(getattr(loader.dataset, "notes", []))
+    stream = task.stream(loader, skip_bad_images)
     model.to(device)
     if on_start is not None:
         on_start(len(samples))
@@ -297,10 +307,18 @@ def run_select(
             precision=precision,
             on_batch=on_batch,
             reduce=all_reduce if dist.enabled else None,
+            batch_loss=task.gps_loss,
         )
     else:
-        stats = collect_input_stats(
-            model, roles.candidates, stream, device=device, precision=precision, on_batch=on_batch
+        stats = gather_input_stats(
+            model,
+            roles.candidates,
+            stream,
+            forward=task.forward,
+            real_tokens=task.real_tokens,
+            device=device,
+            precision=precision,
+            on_batch=on_batch,
         )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -319,12 +337,14 @@ def run_select(
         "skipped_images": skipped,
         "classes": split.classes,
         "precision": precision,
+        **_task_provenance(task, data_options, found.provenance),
     }
+    augment = options.augment and task.gps_augments
     if gps:
-        data_provenance.update(gps_loss=options.loss, augment=options.augment, batch_size=batch_size)
+        data_provenance.update(gps_loss=options.loss, augment=augment, batch_size=batch_size)
     score_provenance = {**_model_provenance(spec, model, num_classes, spec.img_size, options.seed), **data_provenance}
     mask = _mask_from(roles, options, stats, gradients, anchor_stats)
-    mask.provenance = {**score_provenance, **_selection_provenance(options, anchor)}
+    mask.provenance = {**score_provenance, **_selection_provenance(options, anchor, (options.loss, augment))}
     return SelectResult(
         mask,
         {k: _to_cpu(v) for k, v in stats.items()} if stats is not None else None,
@@ -332,7 +352,74 @@ def run_select(
         seconds,
         stream.skipped,
         {k: v.cpu() for k, v in gradients.items()} if gradients is not None else None,
+        notes,
     )
+
+
+def _task_inputs(
+    spec: ModelSpec, data_dir: str | Path, data_options: Mapping[str, Any] | None
+) -> tuple[Any, ModelSpec, dict[str, Any]]:
+    """The model's task, the spec with that task set, and the data options given (checked against the task and
+    the data's kind before the model is built)."""
+    from .tasks import check_data, check_data_options, resolve_task
+
+    task = resolve_task(spec)
+    data_options = {k: v for k, v in (data_options or {}).items() if v is not None}
+    check_data_options(task, data_options)
+    check_data(task, spec, data_dir)
+    return task, replace(spec, task=task.name), data_options
+
+
+def _task_provenance(task: Any, data_options: Mapping[str, Any], splits: Mapping[str, Any]) -> dict[str, Any]:
+    """What a file records about its task: the task's name and, for tasks other than image classification (whose
+    files keep their earlier form), the data options and the files the splits came from."""
+    from .tasks import IMAGE_CLASSIFICATION
+
+    if task.name == IMAGE_CLASSIFICATION and not data_options and not splits:
+        return {"task": task.name}
+    return {"task": task.name, "data_options": dict(data_options), "splits": dict(splits)}
+
+
+def gather_input_stats(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    forward: Callable[[nn.Module, Mapping[str, Any]], Any],
+    real_tokens: Callable[[Mapping[str, Any]], Tensor | None],
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, InputStats]:
+    """Run ``forward(model, batch)`` over dict batches once, with no gradients, and return every module's input
+    statistics (:func:`fps_cli.activations.input_stats_hooks`).
+
+    ``real_tokens(batch)`` (``[batch, seq]`` bool, or ``None`` for all) says which positions count: a layer input
+    ``[batch, seq, ...]`` that lines up with it is reduced to its real tokens, so padding never counts; an input
+    that does not (e.g. a pooler's ``[batch, dim]``, one vector per sequence) counts whole.
+    """
+    device = torch.device(device)
+    keep: list[Tensor | None] = [None]
+
+    def select_tokens(name: str, x: Tensor) -> Tensor:
+        k = keep[0]
+        if k is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(k.shape):
+            return x
+        return x[k]  # [real tokens, ...]
+
+    was_training = model.training
+    model.eval()
+    try:
+        with input_stats_hooks(modules, select_tokens) as stats, torch.inference_mode(), autocast(device, precision):
+            for batch in batches:
+                batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                keep[0] = real_tokens(batch)
+                forward(model, batch)
+                if on_batch is not None:
+                    on_batch(len(batch["labels"]))
+    finally:
+        model.train(was_training)
+    return stats
 
 
 def _check_method(options: SelectOptions, anchor: str | Path | None) -> None:
@@ -343,7 +430,14 @@ def _check_method(options: SelectOptions, anchor: str | Path | None) -> None:
         replace(options, anchor=True)  # raises OptionsError, with the command line's text, when it does not fit
 
 
-def run_baseline(spec: ModelSpec, data_dir: str | Path, method: str, *, seed: int = 0) -> SelectResult:
+def run_baseline(
+    spec: ModelSpec,
+    data_dir: str | Path,
+    method: str,
+    *,
+    seed: int = 0,
+    data_options: Mapping[str, Any] | None = None,
+) -> SelectResult:
     """The mask of a baseline with a fixed trainable set: ``full``, ``linear`` (head only) or ``bias`` (BitFit).
 
     No image is read and no budget applies (the provenance says ``budget: null, budget_ignored: true``); the data
@@ -351,16 +445,19 @@ def run_baseline(spec: ModelSpec, data_dir: str | Path, method: str, *, seed: in
 
     Args:
         spec: the model; ``num_classes`` defaults to the number of class folders.
-        data_dir: the task's image folder (only its class folders are listed).
+        data_dir: the task's data (only its classes are listed).
         method: one of :data:`~fps_cli.constants.BASELINE_METHODS`.
         seed: initialisation seed of the model (and of its new head).
+        data_options: the task's own data options (see :func:`run_select`), recorded for ``fps train``.
     """
     if method not in BASELINE_METHODS:
         raise ValueError(f"unknown baseline {method!r}; expected one of {BASELINE_METHODS}")
-    split = discover(data_dir).train
+    task, spec, data_options = _task_inputs(spec, data_dir, data_options)
+    found = task.discover(Path(data_dir), data_options)
+    split = found.train
     num_classes = spec.num_classes if spec.num_classes is not None else (len(split.classes) or None)
     if spec.num_classes is None and num_classes is not None:
-        spec = ModelSpec(**{**spec.__dict__, "num_classes": num_classes})
+        spec = replace(spec, num_classes=num_classes)
     seed_everything(seed)
     model = create_model(spec)
     num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
@@ -372,6 +469,7 @@ def run_baseline(spec: ModelSpec, data_dir: str | Path, method: str, *, seed: in
         "num_samples": 0,  # no data pass
         "skipped_images": 0,
         "classes": split.classes,
+        **_task_provenance(task, data_options, found.provenance),
         "method": method,
         "norm": None,
         "granularity": None,
@@ -489,6 +587,7 @@ def reselect(
             num_classes=prov["num_classes"],
             img_size=prov.get("img_size"),
             trust_remote_code=trust_remote_code,
+            task=prov.get("task"),
         )
     except (KeyError, TypeError):
         raise FileFormatError(f"{scores_path}: score header lacks the model provenance") from None
@@ -517,10 +616,10 @@ def reselect(
         # The GPS settings a gradient file was made with are part of its scores; a new mask keeps them.
         gps = (prov.get("gps_loss", options.loss), prov.get("augment", options.augment))
     mask = _mask_from(roles, options, stats, gradients, anchor_stats)
-    score_keys = ("data", "num_samples", "skipped_images", "classes", "precision")
+    score_keys = ("data", "num_samples", "skipped_images", "classes", "precision", "task", "data_options", "splits")
     mask.provenance = {
         **_model_provenance(spec, model, recorded.num_classes, spec.img_size, init_seed),
-        **{k: prov.get(k) for k in score_keys},
+        **{k: prov.get(k) for k in score_keys if k in prov or k not in ("task", "data_options", "splits")},
         **_selection_provenance(options, anchor, gps),
         "from_scores": str(Path(scores_path).resolve()),
     }
