@@ -342,7 +342,7 @@ def run_merge(
         # A transformers save_pretrained folder needs the model's config and image processor: keep the model,
         # at the cost of one extra copy of the weights while merging.
         merge_state_dict(state, delta, DTYPES[dtype])
-        labels = delta.provenance.get("classes")
+        labels = delta.provenance.get("classes") or None  # a language model has none
         save_hf_pretrained(model, target.path, state_dict=state, labels=labels, force=True, tx=tx)
     else:
         img_size = spec.img_size if spec is not None else delta.provenance.get("img_size")

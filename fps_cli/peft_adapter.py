@@ -255,10 +255,15 @@ def adapter_tensors(model: nn.Module, delta: Delta, plan: AdapterPlan) -> tuple[
     return tensors, padded
 
 
-def adapter_config(plan: AdapterPlan, base_model: str | None) -> dict[str, Any]:
+# PEFT's task_type for fps's tasks whose adapters an AutoPeftModelFor... class should load (the others keep none).
+PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM"}
+
+
+def adapter_config(plan: AdapterPlan, base_model: str | None, task_type: str | None = None) -> dict[str, Any]:
     """``adapter_config.json`` as PEFT's ``ShiraConfig`` writes it."""
     peft = require_peft()
     config = peft.ShiraConfig(
+        task_type=task_type,
         r=plan.r,
         mask_type="fps",  # SHiRA reloads the stored indices and needs no mask_fn; the name records their origin
         target_modules=sorted(plan.sparse),
@@ -390,7 +395,11 @@ def export_peft(
         "fps.padding": json.dumps(padded),
     }
     name = spec.name if spec is not None else prov.get("model")
-    config = adapter_config(plan, name)
+    task_type = PEFT_TASK_TYPES.get(prov.get("task") or "")
+    if task_type is not None and name and name.startswith("hf:"):
+        # AutoPeftModelForCausalLM.from_pretrained(DIR) loads the base from this with transformers: no hf: prefix.
+        name = name[len("hf:") :]
+    config = adapter_config(plan, name, task_type)
     if own_plan is None:
         write_adapter_folder(path, tensors, metadata, config, tx=tx)
         size = tx.staged(path / WEIGHTS_NAME).stat().st_size

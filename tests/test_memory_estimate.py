@@ -44,7 +44,9 @@ def test_live_memory_counts_what_is_alive(memory_estimate):
 
 
 def test_the_estimate_runs_a_llama_from_its_config_alone(memory_estimate):
-    args = memory_estimate._args(["--model", "tiny-llama", "--seq-len", "32", "--lora-r", "2", "--checkpointing", "off"])
+    args = memory_estimate._args(
+        ["--model", "tiny-llama", "--seq-len", "32", "--lora-r", "2", "--checkpointing", "off"]
+    )
     assert args.batch_size == 4 and args.passes == list(memory_estimate.LLM_PASSES)
     report = memory_estimate.estimate_llm(args)
     peaks = report["no_checkpointing"]["peak_bytes"]

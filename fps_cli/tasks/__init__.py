@@ -99,6 +99,12 @@ class Task:
         eval_keys: the keys of ``eval_sums`` (every rank reduces the same ones, even with no batch).
         data_options: the keys of ``data_options`` this task reads (the others are refused).
         gps_augments: GPS's two views are augmented (images); ``False``: both views are the same input (text).
+        labeled: its data has classes (a new head of that many); ``False``: language modelling.
+        roles: ``(model, train_bias) -> ParameterRoles``: the candidates and fully trained parameters, where they
+            differ from :func:`fps_cli.candidates.parameter_roles` (a causal LM: no head, the output embedding no
+            candidate); ``None``: that function.
+        statistics_forward: ``(model, batch)``: the forward of the FPS pass, where it can do less than ``forward``
+            (a causal LM: no ``[batch, seq, vocab]`` logits); ``None``: ``forward``.
     """
 
     name: str
@@ -121,6 +127,18 @@ class Task:
     eval_keys: tuple[str, ...] = ("correct1", "correct5", "loss", "samples")
     data_options: tuple[str, ...] = ()
     gps_augments: bool = True
+    labeled: bool = True
+    roles: Callable[[nn.Module, bool], Any] | None = None
+    statistics_forward: Callable[[nn.Module, Batch], Any] | None = None
+
+
+def task_roles(task: Task, model: nn.Module, train_bias: bool) -> Any:
+    """The task's parameter roles (:attr:`Task.roles`, default :func:`fps_cli.candidates.parameter_roles`)."""
+    from ..candidates import parameter_roles
+
+    if task.roles is not None:
+        return task.roles(model, train_bias)
+    return parameter_roles(model, train_bias=train_bias)
 
 
 def _registry() -> dict[str, Task]:

@@ -33,17 +33,22 @@ import inspect
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError, ModelError
+from . import BatchStream, Task, TaskData
 
 Batch = dict[str, Any]
+CAUSAL_LM = "causal-lm"
+DATA_OPTIONS = ("max_length", "packing", "train_on_inputs", "val_split")
 
 IGNORE_INDEX = -100
 DEFAULT_MAX_LENGTH = 1024  # TRL's SFTConfig.max_length
@@ -442,3 +447,262 @@ def statistics_forward(model: nn.Module, batch: Mapping[str, Any]) -> Any:
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
     return model(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------ the task
+
+
+def build_model(spec: Any) -> nn.Module:
+    """An ``hf:`` ``AutoModelForCausalLM`` with its tokenizer (kept on the model, written beside merged weights).
+
+    Raises:
+        ModelError: not an ``hf:`` model, a folder without tokenizer files, or what
+            :func:`fps_cli.hf.create_hf_model` raises.
+    """
+    from ..hf import create_hf_model
+    from .text_classification import TOKENIZER_FILES, _load_tokenizer
+
+    if not spec.name.startswith("hf:"):
+        raise ModelError(f"{CAUSAL_LM} needs an hf: model (a transformers folder or hub id), not {spec.name}")
+    folder = Path(spec.name[len("hf:") :]).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(
+            f"{spec.name}: {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...); a language model "
+            "needs its tokenizer: save it there with tokenizer.save_pretrained(folder)"
+        )
+    return create_hf_model(
+        spec,
+        auto_class="AutoModelForCausalLM",
+        task=CAUSAL_LM,
+        load_processor=_load_tokenizer,
+        processor_file="tokenizer_config.json",
+    )
+
+
+@dataclass
+class TextSplit:
+    """One split of language-model data, shaped like the other tasks' splits (no classes).
+
+    Attributes:
+        root: the file or folder it was read from.
+        samples: ``(Record, 0)`` in file order (the 0 stands for a class: language modelling has none).
+        files: the files read.
+    """
+
+    root: Path
+    samples: list[tuple[Record, int]]
+    files: list[Path]
+    classes: list[str] = field(default_factory=list)
+
+    @property
+    def labeled(self) -> bool:
+        return False
+
+
+def discover(path: Path, data_options: Mapping[str, Any]) -> TaskData:
+    """The training split (and the validation split, from ``val.jsonl`` / ``validation.jsonl`` / ``test.jsonl`` or
+    ``--val-split``) of ``--data``.
+
+    Raises:
+        DataError: what :func:`data_files` and :func:`read_records` raise; ``--val-split`` beside a validation file.
+    """
+    from .text_data import SPLIT_SEED, carve
+
+    root = Path(path).expanduser()
+    train_files, val_files = data_files(root)
+    records = read_records(train_files)
+    val_records = read_records(val_files) if val_files else None
+    val_split = data_options.get("val_split")
+    if val_split is not None:
+        if val_records is not None:
+            raise DataError(f"{root} has a validation file {val_files[0].name}; --val-split carves one from the rest")
+        records, val_records = carve(records, val_split)
+    train = TextSplit(root, [(r, 0) for r in records], train_files)
+    val = None
+    if val_records:
+        val = TextSplit(val_files[0] if val_files else root, [(r, 0) for r in val_records], val_files)
+    provenance: dict[str, Any] = {
+        "train": [str(f.resolve()) for f in train_files],
+        "val": [str(f.resolve()) for f in val_files] if val_files else None,
+    }
+    if val_split is not None:
+        provenance.update(val_split=val_split, split_seed=SPLIT_SEED)
+    return TaskData(train, val, provenance)
+
+
+def tokenizer_of(model: nn.Module) -> Any:
+    from ..hf import PROCESSOR_ATTR
+
+    tokenizer = getattr(model, PROCESSOR_ATTR, None)
+    if tokenizer is None or not callable(tokenizer):
+        raise ModelError(f"{type(model).__name__} was built without its tokenizer (load it with fps_cli.create_model)")
+    return tokenizer
+
+
+class TokenizedLM(Dataset):
+    """Examples tokenized once, in the main process (:func:`tokenize_all`).
+
+    Attributes:
+        items: one :class:`Tokenized` per example, in order.
+        notes: what to report once (the pad token, how many examples were truncated).
+    """
+
+    def __init__(self, samples: Sequence[tuple[Record, int]], tokenizer: Any, options: Mapping[str, Any]) -> None:
+        max_length = int(options.get("max_length") or DEFAULT_MAX_LENGTH)
+        self.notes: list[str] = []
+        notice = ensure_pad_token(tokenizer)
+        if notice:
+            self.notes.append(notice)
+        records = [r for r, _ in samples]
+        self.items, truncated = tokenize_all(tokenizer, records, max_length, bool(options.get("train_on_inputs")))
+        if truncated:
+            self.notes.append(
+                f"{truncated} of {len(records)} examples are longer than --max-length {max_length} tokens and were "
+                "truncated"
+            )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Tokenized:
+        return self.items[index]
+
+
+def _collate(items: list[Tokenized], pad_id: int, pack_to: int | None) -> Batch:
+    if pack_to is not None:
+        items = pack(items, pack_to) or list(items)
+    return collate(items, pad_id)
+
+
+def loader(
+    model: nn.Module,
+    samples: list,
+    purpose: str,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+    batches: list[list[int]] | None = None,
+    sampler: torch.utils.data.Sampler | None = None,
+    data_options: Mapping[str, Any] | None = None,
+    **unused: Any,
+) -> DataLoader:
+    """A loader of padded token batches (``input_ids``, ``attention_mask``, ``labels``). With ``packing`` each batch's
+    examples are concatenated and cut into rows of ``max_length`` tokens (so a batch holds at most ``batch_size``
+    rows, and the samplers and shards of the other tasks work unchanged)."""
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1, got {batch_size}")
+    options = data_options or {}
+    tokenizer = tokenizer_of(model)
+    dataset = TokenizedLM(samples, tokenizer, options)
+    pack_to = int(options.get("max_length") or DEFAULT_MAX_LENGTH) if options.get("packing") else None
+    collate_fn = partial(_collate, pad_id=tokenizer.pad_token_id, pack_to=pack_to)
+    if batches is not None:
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn, pin_memory=pin_memory)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else None,
+        sampler=sampler,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate_fn,
+        pin_memory=pin_memory,
+    )
+
+
+def stream(loader: DataLoader, skip_bad: bool = False) -> BatchStream:
+    return BatchStream(loader)
+
+
+def forward(model: nn.Module, batch: Batch) -> Tensor:
+    """The logits of ``model(input_ids=..., attention_mask=...)``, ``[batch, seq, vocab]``."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def task_loss(logits: Tensor, batch: Batch, criterion: Any = None) -> Tensor:
+    """Mean next-token NLL over the counted tokens (the classification criterion and its label smoothing do not
+    apply)."""
+    return loss(logits, batch)
+
+
+def count(batch: Batch) -> int:
+    """Tokens the loss counts in the batch."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def hits(logits: Tensor, batch: Batch) -> Tensor:
+    """Counted tokens whose next token is the top-1 prediction (next-token accuracy's numerator)."""
+    labels = batch["labels"][:, 1:]
+    return (logits[:, :-1].detach().argmax(-1).eq(labels) & (labels != IGNORE_INDEX)).sum()
+
+
+def eval_sums(logits: Tensor, batch: Batch) -> dict[str, Tensor]:
+    """Summed NLL (fp64), counted tokens and next-token top-1 hits of one batch."""
+    nll, tokens = loss_sums(logits, batch["labels"])
+    return {"nll": nll, "tokens": tokens, "correct1": hits(logits, batch)}
+
+
+def summarize_metrics(sums: Mapping[str, float], num_classes: int | None = None) -> dict[str, Any]:
+    """Mean NLL per counted token, perplexity (``exp`` of it), next-token top-1 accuracy in percent, tokens."""
+    metrics = summarize(sums)
+    if metrics.get("tokens"):
+        metrics["top1"] = 100.0 * float(sums.get("correct1", 0.0)) / metrics["tokens"]
+    return metrics
+
+
+def real_tokens(batch: Batch) -> Tensor:
+    """The real tokens, ``[batch, seq]``: padding never counts in the statistics."""
+    return batch["attention_mask"].bool()
+
+
+def gps_loss(model: nn.Module, batch: Batch, loss_name: str) -> Tensor:
+    """GPS's loss for a language model: the next-token loss (there is no class feature for a contrastive loss)."""
+    return loss(forward(model, batch), batch)
+
+
+def roles(model: nn.Module, train_bias: bool):
+    """fps's parameter roles in a causal LM: no task head (``lm_head`` is the pretrained output embedding, often
+    tied to ``embed_tokens``), and the output embedding is no candidate: every ``nn.Linear`` of the decoder is."""
+    from ..candidates import ParameterRoles, parameter_roles
+
+    found = parameter_roles(model, train_bias=train_bias, head=[])
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is None:
+        return found
+    out_ids = {id(p) for p in output.parameters()}
+    params = dict(model.named_parameters())
+    dropped = [n for n in [*found.candidates, *found.fully_trainable] if id(params[n]) in out_ids]
+    candidates = {n: m for n, m in found.candidates.items() if n not in dropped}
+    fully = [n for n in found.fully_trainable if n not in dropped]
+    return ParameterRoles(candidates, fully, [*found.frozen, *dropped], found.shapes)
+
+
+TASK = Task(
+    name=CAUSAL_LM,
+    data_kind="text",
+    data_hint="text for a language model (JSON Lines with text, prompt and completion, or messages; or .txt files)",
+    hf_auto_class="AutoModelForCausalLM",
+    hf_suffixes=("ForCausalLM",),
+    build_model=build_model,
+    discover=discover,
+    loader=loader,
+    stream=stream,
+    forward=forward,
+    loss=task_loss,
+    count=count,
+    hits=hits,
+    eval_sums=eval_sums,
+    summarize=summarize_metrics,
+    real_tokens=real_tokens,
+    gps_loss=gps_loss,
+    eval_keys=("nll", "tokens", "correct1"),
+    data_options=DATA_OPTIONS,
+    gps_augments=False,
+    labeled=False,
+    roles=roles,
+    statistics_forward=statistics_forward,
+)
