@@ -34,7 +34,7 @@ from pathlib import Path
 WORDNET_NOUNS = Path("/usr/share/wordnet/data.noun")
 
 
-def python_docstrings(limit: int = 4000) -> list[str]:
+def python_docstrings(limit: int = 3000) -> list[str]:
     """Docstrings (first paragraph, one line each) of the standard library's top-level modules, their classes and
     functions, read from the source with ``ast``."""
     texts: list[str] = []
@@ -55,7 +55,7 @@ def python_docstrings(limit: int = 4000) -> list[str]:
     return texts[:limit]
 
 
-def wordnet_glosses(path: Path = WORDNET_NOUNS, limit: int = 4000) -> list[str]:
+def wordnet_glosses(path: Path = WORDNET_NOUNS, limit: int = 3000) -> list[str]:
     """The glosses (definitions and examples) of WordNet's nouns."""
     texts = []
     with path.open(encoding="utf-8", errors="replace") as f:
@@ -264,8 +264,8 @@ def run(pretrain_texts: list[str], finetune_texts: list[str], args: argparse.Nam
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--finetune-text", type=Path, default=None, help="one text per line (default: WordNet's glosses)")
-    p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--finetune-steps", type=int, default=150)
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--finetune-steps", type=int, default=100)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--vocab-size", type=int, default=1024)
@@ -273,9 +273,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--lora-r", type=int, default=4)
     p.add_argument("--pretrain-lr", type=float, default=3e-3)
-    p.add_argument("--fps-lr", type=float, default=1e-2)
-    p.add_argument("--lora-lr", type=float, default=1e-2)
-    p.add_argument("--norm-lr", type=float, default=1e-2)
+    p.add_argument("--fps-lr", type=float, default=3e-2)
+    p.add_argument("--lora-lr", type=float, default=3e-2)
+    p.add_argument("--norm-lr", type=float, default=3e-2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     return p.parse_args(argv)
