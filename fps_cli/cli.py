@@ -238,7 +238,7 @@ ModelOpt = Annotated[
         "--model",
         "-m",
         help="timm name (vit_base_patch16_224.augreg_in21k), hf-hub:org/name, local-dir:PATH, or hf:ID_OR_PATH for a "
-        "Hugging Face transformers image-classification model.",
+        "Hugging Face transformers image- or text-classification model.",
         rich_help_panel="Model",
     ),
 ]
@@ -331,6 +331,15 @@ TrainOnInputsOpt = Annotated[
         rich_help_panel="Data",
     ),
 ]
+
+
+def _check_task(task: str | None) -> None:
+    """An unknown ``--task`` is a usage error naming the known ones (the registry is read only when it is given)."""
+    if task is not None:
+        from .tasks import task_names
+
+        if task not in task_names():
+            raise _usage(f"unknown task {task!r}; expected one of {', '.join(task_names())}", "--task")
 
 
 TASK_OPTION_NAMES = (
@@ -487,6 +496,7 @@ def select_cmd(
         from .options import SelectOptions, check_finite
 
         check_finite(budget=budget)  # before the inputs, as always: a NaN budget is what the user hears about first
+        _check_task(task)
         if from_scores is None and (model is None or data is None):
             raise _usage("--model and --data are required (or re-select with --from-scores FILE)", "--model/--data")
         select_options = functools.partial(
@@ -687,7 +697,7 @@ def _describe(event: dict[str, Any]) -> str:
         ranks = f", {event['world_size']} processes" if event.get("world_size", 1) > 1 else ""
         return (
             f"training {event['trainable']:,} of {event['total_params']:,} parameters on {event['train_samples']} "
-            f"images ({event['val_samples']} validation), {_count(event['epochs'], 'epoch')} x "
+            f"{event.get('items', 'images')} ({event['val_samples']} validation), {_count(event['epochs'], 'epoch')} x "
             f"{_count(event['steps_per_epoch'], 'step')}{resumed}{ranks}"
         )
     return f"warning: {event.get('message', event)}"
@@ -807,6 +817,7 @@ def train_cmd(
         )
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
+    _check_task(task)
     # The task's options appear in args.yaml only when given (an image run's records keep their form).
     arguments = {k: v for k, v in ctx.params.items() if v not in (None, False) or k not in TASK_OPTION_NAMES}
     data_options = _data_options(
@@ -1007,6 +1018,7 @@ def eval_cmd(
     train_on_inputs: TrainOnInputsOpt = False,
 ) -> None:
     """Evaluate a base model with a trained delta attached: top-1 / top-5 accuracy and loss."""
+    _check_task(task)
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     report = Reporter(quiet=quiet, as_json=as_json)
@@ -1027,6 +1039,9 @@ def eval_cmd(
             task=task,
         )
         report.log(f"fps eval: {spec.name} with {delta} on the {split} split ({dev.type}, {precision})")
+        from .tasks import resolve_task
+
+        item_name = resolve_task(spec).item_name
         metrics = run_eval(
             the_delta,
             spec=spec,
@@ -1051,8 +1066,7 @@ def eval_cmd(
         report.result({"delta": str(delta), **metrics}, human)
         return
     top5 = f", top-5 {metrics['top5']:.2f}%" if "top5" in metrics else ""
-    text = (the_delta.provenance.get("task") or "").startswith("text")
-    samples = _count(metrics["samples"], "text" if text else "image")
+    samples = _count(metrics["samples"], *item_name)
     human = f"{split}: top-1 {metrics['top1']:.2f}%{top5}, loss {metrics['loss']:.4f} on {samples}"
     report.result({"delta": str(delta), **metrics}, human)
 

@@ -30,7 +30,7 @@ from . import records
 from .activations import autocast
 from .data import default_num_workers
 from .distributed import Dist, average_gradients, batch_shard, sum_floats
-from .errors import DataError, FileFormatError, ModelError, OutputExistsError, TrainingError
+from .errors import DataError, FileFormatError, OutputExistsError, TrainingError
 from .formats import Delta, Mask, weights_digest
 from .hub import torch_load_data
 from .models import ModelSpec, create_model, model_name, model_num_classes
@@ -266,28 +266,13 @@ def _data_split(
     options = {**(prov.get("data_options") or {}), **given}
     check_data(task, spec, data_dir)
     folder = task.discover(Path(data_dir), options)
-    if not task.labeled:  # language modelling: no classes to check
+    if not task.classifies:
         return Path(data_dir), folder, task, options
     if not folder.train.labeled:
         raise DataError(f"{folder.train.root} has no class sub-folders; fine-tuning needs DIR/<class>/<images>")
     if len(folder.train.classes) < 2:
         raise DataError(f"{folder.train.root} has only one class ({folder.train.classes[0]}); training needs two")
     return Path(data_dir), folder, task, options
-
-
-def enable_grad_checkpointing(model: nn.Module) -> None:
-    """transformers' activation checkpointing, non-reentrant (a block whose input needs no gradient, as behind a
-    frozen embedding, still passes gradients to its own trainable entries).
-
-    Raises:
-        ModelError: the model has no gradient checkpointing (timm models, transformers models without it).
-    """
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ModelError(
-            f"--grad-checkpointing: {type(model).__name__} does not support gradient checkpointing (transformers "
-            "models that do say so in supports_gradient_checkpointing); train without it"
-        )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def freeze_norm_statistics(model: nn.Module) -> None:
@@ -622,7 +607,7 @@ def build_run(
     data_dir, folder, task, options = _data_split(data_dir, prov, source, spec, data_options)
     spec = replace(spec, task=task.name)
     classes = folder.train.classes
-    if spec.num_classes is not None and task.labeled:  # fail before the model is built
+    if spec.num_classes is not None and task.classifies:  # fail before the model is built
         _check_classes(classes, spec.num_classes, folder.train.root, source)
     recorded_classes = prov.get("classes")
     if recorded_classes and len(recorded_classes) == len(classes) and list(recorded_classes) != classes:
@@ -630,7 +615,7 @@ def build_run(
 
     model = build_base(spec, mask.shapes, prov, source)
     num_classes = _num_classes(model) or len(classes)
-    if task.labeled:
+    if task.classifies:
         _check_classes(classes, num_classes, folder.train.root, source)
     base_params = dict(model.named_parameters())
     touched_sha256 = weights_digest((n, base_params[n]) for n in mask.indices)
@@ -904,7 +889,6 @@ def run_train(
     dist: Dist | None = None,
     run: RunFiles | None = None,
     data_options: Mapping[str, Any] | None = None,
-    grad_checkpointing: bool = False,
 ) -> TrainResult:
     """Fine-tune the entries ``mask`` selects (and its fully trainable tensors) on the images in ``data_dir``.
 
@@ -934,8 +918,6 @@ def run_train(
         dist: this process's rank under torchrun (default: a single process).
         run: the run's files (checkpoint and log committed together); replaces ``checkpoint_path``.
         data_options: the task's data options (text: ``max_length``, fields...), overriding the mask's.
-        grad_checkpointing: recompute each transformer block's activations in the backward instead of keeping
-            them (:func:`enable_grad_checkpointing`).
 
     Raises:
         FileFormatError: the mask does not fit the model (every mismatch listed) or was made on other weights.
@@ -948,8 +930,6 @@ def run_train(
     if run is not None:
         checkpoint_path = run.checkpoint
     inputs = build_run(mask, spec=spec, data_dir=data_dir, mask_path=mask_path, emit=emit, data_options=data_options)
-    if grad_checkpointing:
-        enable_grad_checkpointing(inputs.model)
     spec, folder = inputs.spec, inputs.folder
     run_id = _run_identity(inputs.data_dir, spec, mask_path, inputs.touched_sha256, mask_digest(mask))
 
@@ -978,6 +958,7 @@ def run_train(
             "total_params": mask.total_params,
             "resumed_from": state.start_epoch,
             "world_size": dist.world_size,
+            **({"items": inputs.task.item_name[1]} if inputs.task.item_name[1] != "images" else {}),
         }
     )
     for note in loaders.notes:  # reported once per run, not per epoch
@@ -1245,7 +1226,7 @@ def run_eval(
     if prov.get("touched_sha256") and touched != prov["touched_sha256"]:
         raise FileFormatError(f"{source} was trained on other base weights than {spec.name} as loaded now")
     num_classes = _num_classes(model) or len(folder.train.classes)
-    if task.labeled:
+    if task.classifies:
         _check_classes(folder.train.classes, num_classes, folder.train.root, source)
     model.to(device)
     attach_delta(model, delta)

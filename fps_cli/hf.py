@@ -1,4 +1,5 @@
-"""Hugging Face transformers image-classification models: ``--model hf:ID_OR_PATH``.
+"""Hugging Face transformers models: ``--model hf:ID_OR_PATH`` (image classifiers here; a task module, such as
+:mod:`fps_cli.tasks.text_classification`, passes its own Auto class and processor to :func:`create_hf_model`).
 
 ``hf:google/vit-base-patch16-224-in21k`` (a hub id, optionally ``@revision``) or ``hf:PATH`` (a local folder with a
 ``config.json``) is loaded with ``AutoModelForImageClassification`` and given a new head of ``num_classes``

@@ -255,7 +255,7 @@ def run_select(
     task, spec, data_options = _task_inputs(spec, data_dir, data_options)
     found = task.discover(Path(data_dir), data_options)
     split = found.train
-    if options.method == "gps" and task.labeled and not split.labeled:
+    if options.method == "gps" and task.classifies and not split.labeled:
         raise DataError(
             f"--method gps needs labels, but {split.root} is a flat folder of unlabeled images; put the images in "
             "class sub-folders (DIR/<class>/...), or use --method fps, which does not need labels"
@@ -267,7 +267,7 @@ def run_select(
 
     seed_everything(options.seed)
     model = create_model(spec)
-    if task.labeled:
+    if task.classifies:
         num_classes = num_classes if num_classes is not None else model_num_classes(model)
     from .tasks import task_roles
 

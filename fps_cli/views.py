@@ -54,8 +54,18 @@ def _provenance_line(prov: dict[str, Any], keys: Sequence[str]) -> str:
             continue
         if isinstance(value, list):
             value = f"{len(value)} ({', '.join(map(str, value[:4]))}{', …' if len(value) > 4 else ''})"
+        if isinstance(value, dict):
+            if not value:
+                continue
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
         parts.append(f"{key} {value}")
     return "  " + "; ".join(parts)
+
+
+def _task_lines(prov: dict[str, Any]) -> list[str]:
+    """The task a file was made for and its data options (files from before the task seam have none)."""
+    line = _provenance_line(prov, ("task", "data_options"))
+    return [line] if line.strip() else []
 
 
 # ------------------------------------------------------------------------------------------------ masks
@@ -68,6 +78,7 @@ def render_mask(report: dict[str, Any]) -> str:
     lines.append(_provenance_line(prov, ("method", "norm", "granularity", "budget", "topk_per_neuron", "train_bias")))
     lines.append(_provenance_line(prov, ("pretrained_tag", "pretrained", "checkpoint", "num_classes", "img_size")))
     lines.append(_provenance_line(prov, ("data", "num_samples", "classes", "seed")))
+    lines += _task_lines(prov)
     lines += ["", "totals"]
     lines += table(
         ("", "entries", "% of model"),
@@ -237,6 +248,7 @@ def render_delta(report: dict[str, Any]) -> str:
     lines = [f"{report['file']}: delta of {prov.get('model')}"]
     lines.append(_provenance_line(prov, ("pretrained_tag", "pretrained", "checkpoint", "num_classes", "img_size")))
     lines.append(_provenance_line(prov, ("mask", "data", "train_samples", "val_samples", "classes")))
+    lines += _task_lines(prov)
     if prov.get("selection"):
         lines.append(_provenance_line(prov["selection"], tuple(prov["selection"])))
     if report["train_config"]:

@@ -175,8 +175,7 @@ def test_select_train_eval_merge_pipeline_and_peft(tmp_path, bert, data):
     from fps_cli.models import ModelSpec
 
     _select_train(tmp_path, bert, data)
-    mask_prov = json.loads(fps("inspect", "--json", cwd=tmp_path).stdout)
-    assert "task" in json.dumps(mask_prov)
+    assert "\n  task text-classification\n" in fps("inspect", cwd=tmp_path).stdout
     evaluated = fps("eval", "--json", "-q", cwd=tmp_path)
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(evaluated.stdout)
@@ -231,6 +230,19 @@ def test_baselines_and_gps_work_for_text(tmp_path, bert, data, method):
     if method == "gps":
         assert out["gps_loss"] == "supcon" and out["augment"] is False  # text: both views are the same sequence
     r = fps("train", "--epochs", 1, "--json", "-q", cwd=tmp_path)
+    assert r.exit_code == 0, r.output
+
+
+def test_reselect_from_text_scores_keeps_the_task(tmp_path, bert, data):
+    r = fps("select", "--model", f"hf:{bert}", "--data", data, "--budget", "0.05", "--max-length", 16, cwd=tmp_path)
+    assert r.exit_code == 0, r.output
+    r = fps("select", "--from-scores", "scores.safetensors", "--budget", "0.1", "-o", "m2.safetensors", cwd=tmp_path)
+    assert r.exit_code == 0, r.output
+    from fps_cli.formats import read_mask
+
+    prov = read_mask(tmp_path / "m2.safetensors").provenance
+    assert prov["task"] == "text-classification" and prov["data_options"] == {"max_length": 16}
+    r = fps("train", "--mask", "m2.safetensors", "--epochs", 1, "-q", cwd=tmp_path)
     assert r.exit_code == 0, r.output
 
 
@@ -321,7 +333,7 @@ def test_text_model_given_images_and_image_model_given_text(tmp_path, bert, data
         "timm name) (--task forces the task of an hf: model)"
     )
     line = one_error_line(fps("select", "--model", "test_vit", "--no-pretrained", "--data", data, "-q", cwd=tmp_path))
-    assert line.startswith(f"error: test_vit is a image-classification model, but {data} holds text;")
+    assert line.startswith(f"error: test_vit is an image-classification model, but {data} holds text; give it an image")
     assert snapshot(tmp_path) == before
 
 
@@ -346,3 +358,33 @@ def test_val_split_out_of_range_is_a_usage_error(tmp_path, bert, data):
     r = fps("select", "--model", f"hf:{bert}", "--data", data, "--val-split", 1.5, cwd=tmp_path)
     assert r.exit_code == 2
     assert "a fraction strictly between 0 and 1, got 1.5" in r.stderr
+
+
+def test_wordnet_example_reads_supersenses_and_writes_few_shot_splits(tmp_path):
+    """examples/wordnet_supersenses.py on a made-up data.noun in WordNet's format (licence header, field 1 the
+    lexicographer file number, the gloss after |)."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("wordnet_supersenses", REPO / "examples" / "wordnet_supersenses.py")
+    wordnet = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wordnet)
+    lines = ["  1 This software and database is being provided to you, the LICENSEE, by"]
+    for i in range(4):
+        lines.append(f"0000{i}000 05 n 01 cat{i} 0 000 | a small domesticated feline number {i}  ")
+        lines.append(f'0000{i}100 13 n 01 bread{i} 0 000 | food made from flour number {i}; "fresh bread"  ')
+    lines.append("00009000 16 n 01 want 0 000 | the one motive here  ")
+    (tmp_path / "data.noun").write_text("\n".join(lines) + "\n")
+    assert wordnet.read_glosses(tmp_path / "data.noun")[0] == ("a small domesticated feline number 0", "noun.animal")
+    classes = wordnet.write_supersenses(tmp_path / "wn", shots=3, val=1, source=tmp_path / "data.noun")
+    assert classes == {"noun.animal": 3, "noun.food": 3}  # noun.motive has too few glosses
+    train, val, _ = discover_text(tmp_path / "wn", {})
+    assert train.classes == ["noun.animal", "noun.food"] and len(train.samples) == 6 and len(val.samples) == 2
+    assert not {e.text for e, _ in train.samples} & {e.text for e, _ in val.samples}
+
+
+def test_unknown_task_is_a_usage_error(tmp_path, bert, data):
+    r = fps("select", "--model", f"hf:{bert}", "--data", data, "--task", "speech", cwd=tmp_path)
+    assert r.exit_code == 2
+    assert "unknown task 'speech'; expected one of image-classification, text-classification" in r.stderr

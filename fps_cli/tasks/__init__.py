@@ -99,12 +99,14 @@ class Task:
         eval_keys: the keys of ``eval_sums`` (every rank reduces the same ones, even with no batch).
         data_options: the keys of ``data_options`` this task reads (the others are refused).
         gps_augments: GPS's two views are augmented (images); ``False``: both views are the same input (text).
-        labeled: its data has classes (a new head of that many); ``False``: language modelling.
         roles: ``(model, train_bias) -> ParameterRoles``: the candidates and fully trained parameters, where they
             differ from :func:`fps_cli.candidates.parameter_roles` (a causal LM: no head, the output embedding no
             candidate); ``None``: that function.
         statistics_forward: ``(model, batch)``: the forward of the FPS pass, where it can do less than ``forward``
             (a causal LM: no ``[batch, seq, vocab]`` logits); ``None``: ``forward``.
+        item_name: what one example is called in messages, singular and plural.
+        classifies: the data has classes and the head one output per class (training checks that the data's
+            classes fit the head); ``False`` for a task without classes, such as language modelling.
     """
 
     name: str
@@ -127,9 +129,10 @@ class Task:
     eval_keys: tuple[str, ...] = ("correct1", "correct5", "loss", "samples")
     data_options: tuple[str, ...] = ()
     gps_augments: bool = True
-    labeled: bool = True
     roles: Callable[[nn.Module, bool], Any] | None = None
     statistics_forward: Callable[[nn.Module, Batch], Any] | None = None
+    classifies: bool = True
+    item_name: tuple[str, str] = ("image", "images")
 
 
 def task_roles(task: Task, model: nn.Module, train_bias: bool) -> Any:
@@ -287,9 +290,10 @@ def check_data(task: Task, spec: ModelSpec, path: str | Path) -> None:
     if kind is None or kind == task.data_kind:
         return
     other = "an image model (a timm name)" if kind == "images" else "a text model (hf: ...ForSequenceClassification)"
+    article = "an" if task.name[0] in "aeiou" else "a"
     raise DataError(
-        f"{spec.name} is a {task.name} model, but {path} holds {kind}; give it {task.data_hint}, or use {other} "
-        "(--task forces the task of an hf: model)"
+        f"{spec.name} is {article} {task.name} model, but {path} holds {kind}; give it {task.data_hint}, or use "
+        f"{other} (--task forces the task of an hf: model)"
     )
 
 

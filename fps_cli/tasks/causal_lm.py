@@ -702,7 +702,8 @@ TASK = Task(
     eval_keys=("nll", "tokens", "correct1"),
     data_options=DATA_OPTIONS,
     gps_augments=False,
-    labeled=False,
+    classifies=False,
+    item_name=("example", "examples"),
     roles=roles,
     statistics_forward=statistics_forward,
 )

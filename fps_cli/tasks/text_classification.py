@@ -262,4 +262,5 @@ TASK = Task(
     gps_loss=gps_loss,
     data_options=DATA_OPTIONS,
     gps_augments=False,
+    item_name=("text", "texts"),
 )
