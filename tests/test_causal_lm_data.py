@@ -185,3 +185,27 @@ def test_loss_and_perplexity_match_transformers_mean_over_counted_tokens():
     torch.testing.assert_close(lm.loss(out.logits, batch), out.loss)
     metrics = lm.summarize({"nll": float(nll), "tokens": int(count)})
     assert metrics["perplexity"] == pytest.approx(float(torch.exp(out.loss)), rel=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_roles_select_the_decoder_linears_and_train_nothing_in_full(tied):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(tiny_llama_config(64, tie_word_embeddings=tied))
+    roles = lm.roles(model, train_bias=True)
+    assert roles.fully_trainable == []
+    assert all(".layers." in name for name in roles.candidates) and len(roles.candidates) == 2 * 7
+    assert "lm_head.weight" not in roles.candidates and "model.embed_tokens.weight" in roles.frozen
+    assert ("lm_head.weight" in roles.frozen) is not tied  # tied: one parameter, listed once as embed_tokens
+
+
+def test_the_statistics_forward_asks_for_the_last_position_only():
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(tiny_llama_config(64)).eval()
+    batch = {"input_ids": torch.randint(0, 64, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    with torch.no_grad():
+        out = lm.statistics_forward(model, batch)
+        full = model(**batch).logits
+    assert out.logits.shape == (2, 1, 64)
+    torch.testing.assert_close(out.logits[:, 0], full[:, -1])
