@@ -487,11 +487,13 @@ class TextSplit:
         root: the file or folder it was read from.
         samples: ``(Record, 0)`` in file order (the 0 stands for a class: language modelling has none).
         files: the files read.
+        name: how the split is named in messages (its file, or the files' folder).
     """
 
     root: Path
     samples: list[tuple[Record, int]]
     files: list[Path]
+    name: str = ""
     classes: list[str] = field(default_factory=list)
 
     @property
@@ -499,7 +501,12 @@ class TextSplit:
         return False
 
 
-def discover(path: Path, data_options: Mapping[str, Any]) -> TaskData:
+def _split(root: Path, records: list[Record], files: list[Path]) -> TextSplit:
+    name = files[0].name if len(files) == 1 else f"{len(files)} files in {root.name}"
+    return TextSplit(root, [(r, 0) for r in records], files, name)
+
+
+def discover(path: Any, data_options: Mapping[str, Any]) -> TaskData:
     """The training split (and the validation split, from ``val.jsonl`` / ``validation.jsonl`` / ``test.jsonl`` or
     ``--val-split``) of ``--data``.
 
@@ -517,17 +524,32 @@ def discover(path: Path, data_options: Mapping[str, Any]) -> TaskData:
         if val_records is not None:
             raise DataError(f"{root} has a validation file {val_files[0].name}; --val-split carves one from the rest")
         records, val_records = carve(records, val_split)
-    train = TextSplit(root, [(r, 0) for r in records], train_files)
-    val = None
-    if val_records:
-        val = TextSplit(val_files[0] if val_files else root, [(r, 0) for r in val_records], val_files)
-    provenance: dict[str, Any] = {
-        "train": [str(f.resolve()) for f in train_files],
-        "val": [str(f.resolve()) for f in val_files] if val_files else None,
-    }
+    train = _split(root, records, train_files)
+    val = _split(root, val_records, val_files or train_files) if val_records else None
+    layout = "jsonl" if all(f.suffix.lower() == ".jsonl" for f in train_files) else "text-files"
+    provenance: dict[str, Any] = {"train_split": [str(f.resolve()) for f in train_files]}
+    if val is not None:
+        provenance["val_split"] = [str(f.resolve()) for f in (val_files or train_files)]
     if val_split is not None:
-        provenance.update(val_split=val_split, split_seed=SPLIT_SEED)
-    return TaskData(train, val, provenance)
+        provenance.update(carved=val_split, split_seed=SPLIT_SEED)
+    return TaskData(train, val, None, layout, str(root.resolve()), provenance, "examples")
+
+
+def training_data(path: Any, recorded: Mapping[str, Any], source: str, data_options: Mapping[str, Any]) -> Any:
+    """The text ``fps train`` / ``fps eval`` read: ``path``, or the data the mask or delta records.
+
+    Raises:
+        DataError: nothing recorded and nothing given, or the recorded data is gone.
+    """
+    from . import dataset_of
+
+    if path is None:
+        path = recorded.get("data")
+        if not path:
+            raise DataError(f"{source} records no data; pass --data")
+        if not Path(path).exists():
+            raise DataError(f"data {path} recorded in {source} does not exist; pass --data")
+    return dataset_of(TASK, path, data_options)
 
 
 def tokenizer_of(model: nn.Module) -> Any:
@@ -699,6 +721,8 @@ TASK = Task(
     summarize=summarize_metrics,
     real_tokens=real_tokens,
     gps_loss=gps_loss,
+    check_select=lambda dataset: None,
+    training_data=training_data,
     eval_keys=("nll", "tokens", "correct1"),
     data_options=DATA_OPTIONS,
     gps_augments=False,
