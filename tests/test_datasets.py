@@ -314,3 +314,46 @@ def test_the_folder_above_a_dataset_names_the_dataset_folder(tmp_path):
     root = make_cub(tmp_path / "downloads")
     with pytest.raises(DataError, match=rf"\(it holds the split files of a cub dataset: pass --data {root}\)"):
         check_selectable(discover(root.parent))
+
+
+def _idx(path: Path, array) -> None:
+    """An MNIST idx file (big-endian header: magic 0x08 0x<dims>, then each dimension), as torchvision reads it."""
+    import numpy as np
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def test_torch_mnist_spec_reads_a_local_copy_and_never_downloads(tmp_path):
+    import numpy as np
+
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    _idx(raw / "train-images-idx3-ubyte", rng.integers(0, 256, (6, 28, 28)))
+    _idx(raw / "train-labels-idx1-ubyte", np.array([0, 1, 2, 0, 1, 2]))
+    _idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, (3, 28, 28)))
+    _idx(raw / "t10k-labels-idx1-ubyte", np.array([2, 1, 0]))
+    folder = discover(f"torch/mnist@{tmp_path / 'mnist'}")
+    assert (folder.train.name, folder.val.name) == ("train", "test")
+    assert [label for _, label in folder.train.samples] == [0, 1, 2, 0, 1, 2]
+    assert [label for _, label in folder.val.samples] == [2, 1, 0]
+    assert folder.train.classes[0] == "0 - zero" and len(folder.train.classes) == 10
+    from fps_cli.data import ImageDataset
+
+    image, label, _, error = ImageDataset(folder.val.samples, None)[0]
+    assert error == "" and image.mode == "RGB" and image.size == (28, 28) and label == 2
+
+
+def test_train_reads_the_data_the_way_select_was_told_to(tmp_path, monkeypatch):
+    """A folder that fits two layouts: --dataset-format at select is recorded, and train follows it."""
+    monkeypatch.chdir(tmp_path)
+    root = make_cub(tmp_path)
+    (root / "train.json").write_text(json.dumps({"001.Bird_0/img_000.png": 0, "002.Bird_1/img_000.png": 1}))
+    (root / "test.json").write_text(json.dumps({"001.Bird_0/img_002.png": 0}))
+    assert fps("select", *TINY_VIT, "--data", root, "--budget", "0.05", *FAST, "-q").exit_code == 1  # ambiguous
+    result = fps("select", *TINY_VIT, "--data", root, "--dataset-format", "cub", "--budget", "0.05", *FAST)
+    assert result.exit_code == 0, result.output
+    trained = fps("train", "--epochs", "1", *FAST)
+    assert trained.exit_code == 0, trained.output
+    assert "cub layout: train is_train=1 (6 images), val+test is_train=0 (6 images)" in trained.stderr
