@@ -399,7 +399,7 @@ TaskOpt = Annotated[
     str | None,
     typer.Option(
         "--task",
-        help="image-classification or text-classification (default: from the model's config).",
+        help="image-classification, text-classification or causal-lm (default: from the model's config).",
         rich_help_panel="Model",
     ),
 ]
@@ -420,7 +420,7 @@ MaxLengthOpt = Annotated[
     typer.Option(
         "--max-length",
         min=2,
-        help="Text: truncate to this many tokens (default: the tokenizer's limit).",
+        help="Text: truncate to this many tokens (default: the tokenizer's limit; causal LM: 1024).",
         rich_help_panel="Data",
     ),
 ]
@@ -429,6 +429,24 @@ ValSplitOpt = Annotated[
     typer.Option(
         "--val-split",
         help="Text: carve this fraction of a single data file out as the validation split (seeded).",
+        rich_help_panel="Data",
+    ),
+]
+
+
+PackingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--packing",
+        help="Causal LM: concatenate each batch's examples and cut them into rows of --max-length tokens.",
+        rich_help_panel="Data",
+    ),
+]
+TrainOnInputsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--train-on-inputs",
+        help="Causal LM: the loss covers every token, not only completions / assistant turns.",
         rich_help_panel="Data",
     ),
 ]
@@ -443,7 +461,16 @@ def _check_task(task: str | None) -> None:
             raise _usage(f"unknown task {task!r}; expected one of {', '.join(task_names())}", "--task")
 
 
-TASK_OPTION_NAMES = ("task", "text_field", "label_field", "text_pair_field", "max_length", "val_split")
+TASK_OPTION_NAMES = (
+    "task",
+    "text_field",
+    "label_field",
+    "text_pair_field",
+    "max_length",
+    "val_split",
+    "packing",
+    "train_on_inputs",
+)
 
 
 def _data_options(
@@ -453,6 +480,8 @@ def _data_options(
     max_length: int | None,
     val_split: float | None,
     dataset_format: str = "auto",
+    packing: bool = False,
+    train_on_inputs: bool = False,
 ) -> dict[str, Any]:
     """The task's data options given on the command line (``None`` / ``auto``: not given, the recorded or default
     value); ``--dataset-format`` is the image task's."""
@@ -465,6 +494,9 @@ def _data_options(
         "max_length": max_length,
         "val_split": val_split,
         "dataset_format": dataset_format if dataset_format != "auto" else None,
+        # Switches: off means not given (the recorded value, or the default, holds).
+        "packing": packing or None,
+        "train_on_inputs": train_on_inputs or None,
     }
     return {k: v for k, v in given.items() if v is not None}
 
@@ -604,6 +636,8 @@ def select_cmd(
     text_pair_field: TextPairFieldOpt = None,
     max_length: MaxLengthOpt = None,
     val_split: ValSplitOpt = None,
+    packing: PackingOpt = False,
+    train_on_inputs: TrainOnInputsOpt = False,
 ) -> None:
     """Score every weight with one forward pass and write a mask (and a score file).
 
@@ -662,7 +696,9 @@ def select_cmd(
             report.log(warning)
         dev = init(dist, _device(device))
         spec = None
-        data_options = _data_options(text_field, label_field, text_pair_field, max_length, val_split, dataset_format)
+        data_options = _data_options(
+            text_field, label_field, text_pair_field, max_length, val_split, dataset_format, packing, train_on_inputs
+        )
         if model is not None:
             spec = ModelSpec(
                 model, pretrained, checkpoint, num_classes, img_size, offline, trust_remote_code, task=task
@@ -819,7 +855,9 @@ def _describe(event: dict[str, Any]) -> str:
         )
     if kind == "epoch":
         val = ""
-        if "val_top1" in event:
+        if "val_perplexity" in event:  # a language model: top-1 is next-token accuracy
+            val = f"; val loss {event['val_loss']:.4f}, perplexity {event['val_perplexity']:.2f}"
+        elif "val_top1" in event:
             top5 = f", top-5 {event['val_top5']:.2f}%" if "val_top5" in event else ""
             val = f"; val top-1 {event['val_top1']:.2f}%{top5}, loss {event['val_loss']:.4f}"
         return (
@@ -892,6 +930,14 @@ def train_cmd(
     clip_grad: Annotated[
         float | None, typer.Option(min=0.0, help="Clip the gradient norm to this value.", rich_help_panel="Training")
     ] = None,
+    grad_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--grad-checkpointing",
+            help="transformers models: recompute each block's activations in the backward (less memory, ~1/3 slower).",
+            rich_help_panel="Training",
+        ),
+    ] = False,
     no_augment: Annotated[
         bool,
         typer.Option(
@@ -945,6 +991,8 @@ def train_cmd(
     text_pair_field: TextPairFieldOpt = None,
     max_length: MaxLengthOpt = None,
     val_split: ValSplitOpt = None,
+    packing: PackingOpt = False,
+    train_on_inputs: TrainOnInputsOpt = False,
 ) -> None:
     """Fine-tune only the weights a mask selects (plus head and biases) and write a delta file."""
     precision = PRECISION_ALIASES.get(precision, precision)
@@ -969,8 +1017,10 @@ def train_cmd(
         os.environ["HF_HUB_OFFLINE"] = "1"
     _check_task(task)
     # The task's options appear in args.yaml only when given (an image run's records keep their form).
-    arguments = {k: v for k, v in ctx.params.items() if v is not None or k not in TASK_OPTION_NAMES}
-    data_options = _data_options(text_field, label_field, text_pair_field, max_length, val_split, dataset_format)
+    arguments = {k: v for k, v in ctx.params.items() if v not in (None, False) or k not in TASK_OPTION_NAMES}
+    data_options = _data_options(
+        text_field, label_field, text_pair_field, max_length, val_split, dataset_format, packing, train_on_inputs
+    )
     with _exits(as_json):
         from .distributed import from_env, init
         from .finetune import RunFiles, run_train, spec_from_provenance
@@ -1040,6 +1090,7 @@ def train_cmd(
                     dist=dist,
                     run=run_files,
                     data_options=data_options,
+                    grad_checkpointing=grad_checkpointing,
                 )
         except KeyboardInterrupt:
             if run_files.checkpoint.exists():
@@ -1125,6 +1176,8 @@ def _train_summary(result: Any, run_files: Any, epochs: int) -> tuple[dict[str, 
     }
     final = result.metrics
     score = f"val top-1 {final['val_top1']:.2f}%" if "val_top1" in final else "no validation split"
+    if "val_perplexity" in final:
+        score = f"val perplexity {final['val_perplexity']:.2f}"
     human = (
         f"trained {delta.trained:,} of {payload['total_params']:,} parameters for {_count(epochs, 'epoch')} "
         f"(train loss {final['train_loss']:.4f}; {score})\n"
@@ -1176,6 +1229,8 @@ def eval_cmd(
     text_pair_field: TextPairFieldOpt = None,
     max_length: MaxLengthOpt = None,
     val_split: ValSplitOpt = None,
+    packing: PackingOpt = False,
+    train_on_inputs: TrainOnInputsOpt = False,
 ) -> None:
     """Evaluate a base model with a trained delta attached: top-1 / top-5 accuracy and loss."""
     _check_task(task)
@@ -1201,7 +1256,9 @@ def eval_cmd(
         )
         from .finetune import training_data
 
-        data_options = _data_options(text_field, label_field, text_pair_field, max_length, val_split, dataset_format)
+        data_options = _data_options(
+            text_field, label_field, text_pair_field, max_length, val_split, dataset_format, packing, train_on_inputs
+        )
         _, folder, the_task, _ = training_data(data, the_delta.provenance, str(delta), spec, data_options)
         chosen = folder.split(split)
         item_name = the_task.item_name
@@ -1221,6 +1278,13 @@ def eval_cmd(
         )
     for note in metrics.pop("notes", []):
         report.log(note)
+    if "perplexity" in metrics:  # a language model
+        human = (
+            f"{split}: loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}, next-token top-1 "
+            f"{metrics['top1']:.2f}% over {_count(metrics['tokens'], 'token')}"
+        )
+        report.result({"delta": str(delta), **metrics}, human)
+        return
     top5 = f", top-5 {metrics['top5']:.2f}%" if "top5" in metrics else ""
     samples = _count(metrics["samples"], *item_name)
     human = f"{split}: top-1 {metrics['top1']:.2f}%{top5}, loss {metrics['loss']:.4f} on {samples}"

@@ -29,7 +29,7 @@ from . import records
 from .activations import autocast
 from .data import default_num_workers
 from .distributed import Dist, average_gradients, batch_shard, sum_floats
-from .errors import DataError, FileFormatError, OutputExistsError, TrainingError
+from .errors import DataError, FileFormatError, ModelError, OutputExistsError, TrainingError
 from .formats import Delta, Mask, weights_digest
 from .hub import torch_load_data
 from .models import ModelSpec, create_model, model_name, model_num_classes
@@ -269,6 +269,21 @@ def training_data(
         check_data(task, spec, data_dir if data_dir is not None else str(recorded))
     folder = task.training_data(data_dir, prov, source, options)
     return folder.location, folder, task, options
+
+
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """transformers' activation checkpointing, non-reentrant (a block whose input needs no gradient, as behind a
+    frozen embedding, still passes gradients to its own trainable entries).
+
+    Raises:
+        ModelError: the model has no gradient checkpointing (timm models, transformers models without it).
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelError(
+            f"--grad-checkpointing: {type(model).__name__} does not support gradient checkpointing (transformers "
+            "models that do say so in supports_gradient_checkpointing); train without it"
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def freeze_norm_statistics(model: nn.Module) -> None:
@@ -965,6 +980,7 @@ def run_train(
     dist: Dist | None = None,
     run: RunFiles | None = None,
     data_options: Mapping[str, Any] | None = None,
+    grad_checkpointing: bool = False,
 ) -> TrainResult:
     """Fine-tune the entries ``mask`` selects (and its fully trainable tensors) on the images in ``data_dir``.
 
@@ -994,6 +1010,8 @@ def run_train(
         dist: this process's rank under torchrun (default: a single process).
         run: the run's files (checkpoint and log committed together); replaces ``checkpoint_path``.
         data_options: the task's data options (text: ``max_length``, fields...), overriding the mask's.
+        grad_checkpointing: recompute each transformer block's activations in the backward instead of keeping
+            them (:func:`enable_grad_checkpointing`).
 
     Raises:
         FileFormatError: the mask does not fit the model (every mismatch listed) or was made on other weights.
@@ -1006,6 +1024,8 @@ def run_train(
     if run is not None:
         checkpoint_path = run.checkpoint
     inputs = build_run(mask, spec=spec, data_dir=data_dir, mask_path=mask_path, emit=emit, data_options=data_options)
+    if grad_checkpointing:
+        enable_grad_checkpointing(inputs.model)
     spec, folder = inputs.spec, inputs.folder
     run_id = _run_identity(inputs.data_dir, spec, mask_path, inputs.touched_sha256, mask_digest(mask))
 

@@ -348,7 +348,7 @@ def run_merge(
         # A transformers save_pretrained folder needs the model's config and image processor: keep the model,
         # at the cost of one extra copy of the weights while merging.
         merge_state_dict(state, delta, DTYPES[dtype])
-        labels = delta.provenance.get("classes")
+        labels = delta.provenance.get("classes") or None  # a language model has none
         replace = tx is not None or overwrite  # a plan's transaction was checked by the plan
         save_hf_pretrained(model, target.path, state_dict=state, labels=labels, force=replace, tx=tx)
     else:

@@ -271,13 +271,23 @@ def adapter_tensors(model: nn.Module, delta: Delta, plan: AdapterPlan) -> tuple[
     return tensors, padded
 
 
+# PEFT's task_type for fps's tasks that have one (a causal LM: PeftModelForCausalLM, AutoPeftModelForCausalLM).
+PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM"}
+
+
 def adapter_config(
-    plan: AdapterPlan, base_model: str | None, *, revision: str | None = None, auto_mapping: dict | None = None
+    plan: AdapterPlan,
+    base_model: str | None,
+    *,
+    revision: str | None = None,
+    auto_mapping: dict | None = None,
+    task_type: str | None = None,
 ) -> dict[str, Any]:
     """``adapter_config.json`` as PEFT's ``ShiraConfig`` writes it (``auto_mapping``: as ``PeftModel.save_pretrained``
     adds it for a model without a ``task_type``, so that ``AutoPeftModel.from_pretrained(DIR)`` finds the class)."""
     peft = require_peft()
     config = peft.ShiraConfig(
+        task_type=task_type,
         r=plan.r,
         mask_type="fps",  # SHiRA reloads the stored indices and needs no mask_fn; the name records their origin
         target_modules=sorted(plan.sparse),
@@ -434,7 +444,8 @@ def export_peft(
     }
     name = spec.name if spec is not None else prov.get("model")
     base_name, revision, auto_mapping = base_identity(model, name)
-    config = adapter_config(plan, base_name, revision=revision, auto_mapping=auto_mapping)
+    task_type = PEFT_TASK_TYPES.get(prov.get("task") or "")
+    config = adapter_config(plan, base_name, revision=revision, auto_mapping=auto_mapping, task_type=task_type)
     if own_plan is None:
         write_adapter_folder(path, tensors, metadata, config, tx=tx)
         size = tx.staged(path / WEIGHTS_NAME).stat().st_size

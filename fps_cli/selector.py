@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .activations import InputStats, autocast, input_stats_hooks
-from .candidates import ParameterRoles, baseline_trainable, find_head, parameter_roles
+from .candidates import ParameterRoles, baseline_trainable, find_head
 from .constants import BASELINE_METHODS, DEFAULT_BUDGET
 from .data import default_num_workers, subsample
 from .distributed import Dist, all_reduce, batch_shard, reduce_input_stats, sum_over_ranks
@@ -261,7 +261,7 @@ def run_select(
     found = dataset_of(task, data_dir, data_options)
     task.check_select(found)  # e.g. one class, or a dataset's image folder: refused before the model is built
     split = found.train
-    if options.method == "gps" and not split.labeled:
+    if options.method == "gps" and task.classifies and not split.labeled:
         raise DataError(
             f"--method gps needs labels, but {split.root} is a flat folder of unlabeled images; put the images in "
             "class sub-folders (DIR/<class>/...), or use --method fps, which does not need labels"
@@ -273,8 +273,11 @@ def run_select(
 
     seed_everything(options.seed)
     model = create_model(spec)
-    num_classes = num_classes if num_classes is not None else model_num_classes(model)
-    roles = parameter_roles(model, train_bias=options.train_bias)
+    if task.classifies:
+        num_classes = num_classes if num_classes is not None else model_num_classes(model)
+    from .tasks import task_roles
+
+    roles = task_roles(task, model, options.train_bias)
     if options.topk_per_neuron is None:
         selection_count(roles, options.budget)  # fail on an impossible budget before the data pass
     anchor_stats = load_anchor(anchor, roles, spec.name, options.method) if anchor is not None else None
@@ -320,7 +323,7 @@ def run_select(
             model,
             roles.candidates,
             stream,
-            forward=task.forward,
+            forward=task.statistics_forward or task.forward,
             real_tokens=task.real_tokens,
             device=device,
             precision=precision,
@@ -607,7 +610,9 @@ def reselect(
     init_seed = int(prov.get("init_seed", 0))
     seed_everything(init_seed)
     model = create_model(spec).to(device)
-    roles = parameter_roles(model, train_bias=options.train_bias)
+    from .tasks import resolve_task, task_roles
+
+    roles = task_roles(resolve_task(spec), model, options.train_bias)
 
     digest = base_digest(model)
     if prov.get("base_sha256") and digest != prov["base_sha256"]:

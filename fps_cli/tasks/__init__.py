@@ -136,6 +136,11 @@ class Task:
         eval_keys: the keys of ``eval_sums`` (every rank reduces the same ones, even with no batch).
         data_options: the keys of ``data_options`` this task reads (the others are refused).
         gps_augments: GPS's two views are augmented (images); ``False``: both views are the same input (text).
+        roles: ``(model, train_bias) -> ParameterRoles``: the candidates and fully trained parameters, where they
+            differ from :func:`fps_cli.candidates.parameter_roles` (a causal LM: no head, the output embedding no
+            candidate); ``None``: that function.
+        statistics_forward: ``(model, batch)``: the forward of the FPS pass, where it can do less than ``forward``
+            (a causal LM: no ``[batch, seq, vocab]`` logits); ``None``: ``forward``.
         item_name: what one example is called in messages, singular and plural.
         classifies: the data has classes and the head one output per class (training checks that the data's
             classes fit the head); ``False`` for a task without classes, such as language modelling.
@@ -163,8 +168,19 @@ class Task:
     eval_keys: tuple[str, ...] = ("correct1", "correct5", "loss", "samples")
     data_options: tuple[str, ...] = ()
     gps_augments: bool = True
+    roles: Callable[[nn.Module, bool], Any] | None = None
+    statistics_forward: Callable[[nn.Module, Batch], Any] | None = None
     classifies: bool = True
     item_name: tuple[str, str] = ("image", "images")
+
+
+def task_roles(task: Task, model: nn.Module, train_bias: bool) -> Any:
+    """The task's parameter roles (:attr:`Task.roles`, default :func:`fps_cli.candidates.parameter_roles`)."""
+    from ..candidates import parameter_roles
+
+    if task.roles is not None:
+        return task.roles(model, train_bias)
+    return parameter_roles(model, train_bias=train_bias)
 
 
 def _registry() -> dict[str, Task]:
