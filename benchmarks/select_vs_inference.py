@@ -2,11 +2,16 @@
 
     python benchmarks/select_vs_inference.py --model vit_base_patch16_224 --batch-size 32 --batches 6
     python benchmarks/select_vs_inference.py --device cuda --precision bf16 --batch-size 64 --batches 50 --json
+    python benchmarks/select_vs_inference.py --batch-size 16 --batches 3 --repeats 2 --busy 4   # idle and busy
 
 Both variants run the same model, batch, precision and device on the same images (seeded random tensors, so no
 data loading is timed). Each runs in its own subprocess, so that a CPU run's peak RSS belongs to one variant only;
 on CUDA the peak is ``torch.cuda.max_memory_allocated``. One warm-up batch is not timed. Targets: throughput
 ratio >= 0.90, memory ratio <= 1.10.
+
+``--busy N`` measures everything a second time with N competing CPU-bound processes running (benchmarks/busy.py),
+the idle and busy runs alternated within each repeat, and reports both side by side with the load average seen
+at each run (on a shared machine "idle" means: no competitors of the benchmark's own).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from busy import busy, load_average
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -31,12 +39,20 @@ def worker(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes).to(device).eval()
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, **kwargs).to(device).eval()
     size = model.pretrained_cfg["input_size"][-1] if args.img_size is None else args.img_size
     images = torch.randn(args.batch_size, 3, size, size)
     if device.type == "cuda":
         images = images.pin_memory()
     candidates = parameter_roles(model).candidates
+
+    if args.variant == "fps_all_threads":  # the reductions' parallel regions as before issue 20, for comparison
+        import contextlib
+
+        import fps_cli.activations
+
+        fps_cli.activations.one_thread = contextlib.nullcontext
 
     def run(batches: int) -> None:
         if args.variant == "inference":
@@ -67,6 +83,7 @@ def worker(args: argparse.Namespace) -> dict:
         activations_peak = None
     return {
         "variant": args.variant,
+        "threads": torch.get_num_threads(),
         "images_per_s": args.batch_size * args.batches / seconds,
         "seconds": seconds,
         "peak_bytes": peak,
@@ -85,27 +102,67 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=None)
     parser.add_argument("--num-classes", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=1, help="alternate the two variants this many times")
+    parser.add_argument("--busy", type=int, default=0, help="also measure with N competing CPU-bound processes")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--variant", choices=["inference", "fps"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--with-all-threads",
+        action="store_true",
+        help="also run the pass with its reductions on all threads (as before issue 20), alternated with the others",
+    )
+    parser.add_argument("--variant", choices=["inference", "fps", "fps_all_threads"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(worker(args)))
         return
 
-    runs: dict[str, list[dict]] = {"inference": [], "fps": []}
-    passthrough = [a for a in sys.argv[1:] if a != "--json"]
+    conditions = ["idle", "busy"] if args.busy else ["idle"]
+    variants = ["inference", "fps", *(["fps_all_threads"] if args.with_all_threads else [])]
+    runs: dict[str, dict[str, list[dict]]] = {c: {v: [] for v in variants} for c in conditions}
+    skip = {"--json", "--with-all-threads"}
+    passthrough, argv = [], sys.argv[1:]
+    for i, a in enumerate(argv):  # the workers get neither --json nor --busy
+        if a in skip or a.startswith("--busy") or (i > 0 and argv[i - 1] == "--busy"):
+            continue
+        passthrough.append(a)
     for _ in range(args.repeats):
-        for variant in runs:
-            out = subprocess.run(
-                [sys.executable, __file__, *passthrough, "--variant", variant],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for condition in conditions:  # alternated: a slow spell of the machine hits both conditions
+            with busy(args.busy if condition == "busy" else 0):
+                for variant in variants:
+                    load = load_average()
+                    out = subprocess.run(
+                        [sys.executable, __file__, *passthrough, "--variant", variant],
+                        check=True,
+                        capture_output=True,
+                        text=True,
+                    )
+                    run = json.loads(out.stdout.strip().splitlines()[-1])
+                    run["load_average"] = [load, load_average()]
+                    runs[condition][variant].append(run)
+                    print(f"{condition} {variant}: {json.dumps(run)}", file=sys.stderr, flush=True)  # progress
 
-    def best(variant: str, key: str, fn=max) -> float:
-        return fn(r[key] for r in runs[variant])
+    def summary(by_variant: dict[str, list[dict]]) -> dict:
+        def best(variant: str, key: str, fn=max) -> float:
+            return fn(r[key] for r in by_variant[variant])
+
+        row = {
+            "inference_images_per_s": best("inference", "images_per_s"),
+            "fps_images_per_s": best("fps", "images_per_s"),
+            "inference_peak_bytes": best("inference", "peak_bytes", min),
+            "fps_peak_bytes": best("fps", "peak_bytes", min),
+            "memory_unit": by_variant["fps"][0]["memory_unit"],
+            # Every run's own ratio too: the best-of figures may come from different spells of the machine.
+            "throughput_ratios_per_repeat": [
+                f["images_per_s"] / i["images_per_s"]
+                for i, f in zip(by_variant["inference"], by_variant["fps"], strict=True)
+            ],
+            "load_average": [r["load_average"] for v in by_variant for r in by_variant[v]],
+        }
+        row["throughput_ratio"] = row["fps_images_per_s"] / row["inference_images_per_s"]
+        if "fps_all_threads" in by_variant:
+            row["fps_all_threads_images_per_s"] = best("fps_all_threads", "images_per_s")
+            row["all_threads_throughput_ratio"] = row["fps_all_threads_images_per_s"] / row["inference_images_per_s"]
+        row["memory_ratio"] = row["fps_peak_bytes"] / row["inference_peak_bytes"]
+        return row
 
     result = {
         "model": args.model,
@@ -114,26 +171,36 @@ def main() -> None:
         "device": args.device,
         "precision": args.precision,
         "repeats": args.repeats,
-        "inference_images_per_s": best("inference", "images_per_s"),
-        "fps_images_per_s": best("fps", "images_per_s"),
-        "inference_peak_bytes": best("inference", "peak_bytes", min),
-        "fps_peak_bytes": best("fps", "peak_bytes", min),
-        "memory_unit": runs["fps"][0]["memory_unit"],
+        "threads": runs["idle"]["fps"][0].get("threads"),
+        **summary(runs["idle"]),
     }
-    result["throughput_ratio"] = result["fps_images_per_s"] / result["inference_images_per_s"]
-    result["memory_ratio"] = result["fps_peak_bytes"] / result["inference_peak_bytes"]
+    if args.busy:
+        result["busy"] = {"processes": args.busy, **summary(runs["busy"])}
     if args.json:
         print(json.dumps(result))
         return
     mib = 2**20
-    print(f"{args.model}  batch {args.batch_size} x {args.batches}  {args.device} {args.precision}")
-    for label, key in (("inference", "inference"), ("fps pass", "fps")):
-        rate, peak = result[f"{key}_images_per_s"], result[f"{key}_peak_bytes"] / mib
-        print(f"  {label:10} {rate:8.1f} img/s  peak {peak:8.0f} MiB")
     print(
-        f"  throughput ratio {result['throughput_ratio']:.3f} (target >= 0.90)   "
-        f"memory ratio {result['memory_ratio']:.3f} (target <= 1.10)   [{result['memory_unit']}]"
+        f"{args.model}  batch {args.batch_size} x {args.batches}  {args.device} {args.precision}  "
+        f"{result['threads']} threads, best of {args.repeats}"
     )
+    rows = [("idle", result)] + ([(f"busy ({args.busy} competing processes)", result["busy"])] if args.busy else [])
+    for condition, row in rows:
+        loads = [x for pair in row["load_average"] for x in pair]
+        print(f" {condition}: load average {min(loads):.1f}-{max(loads):.1f}")
+        for label, key in (("inference", "inference"), ("fps pass", "fps")):
+            rate, peak = row[f"{key}_images_per_s"], row[f"{key}_peak_bytes"] / mib
+            print(f"  {label:10} {rate:8.2f} img/s  peak {peak:8.0f} MiB")
+        if "all_threads_throughput_ratio" in row:
+            print(
+                f"  fps pass, reductions on all threads (before issue 20) {row['fps_all_threads_images_per_s']:8.2f} "
+                f"img/s  ratio {row['all_threads_throughput_ratio']:.3f}"
+            )
+        per_repeat = ", ".join(f"{r:.3f}" for r in row["throughput_ratios_per_repeat"])
+        print(
+            f"  throughput ratio {row['throughput_ratio']:.3f} (target >= 0.90; per repeat {per_repeat})   "
+            f"memory ratio {row['memory_ratio']:.3f} (target <= 1.10)   [{row['memory_unit']}]"
+        )
 
 
 if __name__ == "__main__":

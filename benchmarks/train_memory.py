@@ -22,6 +22,11 @@ state = 2 numbers per trainable element.
 
     python benchmarks/train_memory.py --batch-size 16 --repeats 2     # vit_base_patch16_224, CPU fp32
     python benchmarks/train_memory.py --device cuda --batch-size 64 --precision bf16
+    python benchmarks/train_memory.py --batch-size 16 --variants full sparse --repeats 2 --busy 4   # idle and busy
+
+``--busy N`` measures every variant a second time with N competing CPU-bound processes running
+(benchmarks/busy.py), the idle and busy runs alternated within each repeat, and reports both side by side with the
+load average seen at each run (on a shared machine "idle" means: no competitors of the benchmark's own).
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from busy import busy, load_average  # noqa: E402
 
 VARIANTS = ("full", "sparse", "sparse_dense", "lora", "shira")
 # Every transformer block's linear layers (timm ViT names; patch_embed.proj is a convolution).
@@ -49,6 +57,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--num-classes", type=int, default=100, help="head size (a VTAB-1k-sized task by default)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (after --warmup-steps)")
     p.add_argument("--warmup-steps", type=int, default=1)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
@@ -57,6 +66,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=1, help="fresh processes per variant (the minimum is reported)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--busy", type=int, default=0, help="also measure with N competing CPU-bound processes")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--shira-r", type=int, help=argparse.SUPPRESS)
@@ -100,7 +110,8 @@ def child(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes).to(device).train()
+    kwargs = {"img_size": args.img_size} if getattr(args, "img_size", None) else {}
+    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, **kwargs).to(device).train()
     config = TrainConfig(precision=args.precision)
     total_params = sum(p.numel() for p in model.parameters())  # before attaching adds the deltas
     context = torch.enable_grad
@@ -130,6 +141,8 @@ def child(args: argparse.Namespace) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 
     size = base_model(model).pretrained_cfg.get("input_size", (3, 224, 224))
+    if getattr(args, "img_size", None):
+        size = (size[0], args.img_size, args.img_size)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, *size, generator=generator).to(device)
     labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=generator).to(device)
@@ -186,7 +199,8 @@ def write_mask(args: argparse.Namespace, path: Path) -> dict:
     from fps_cli.selector import selection_count
 
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
+    kwargs = {"img_size": args.img_size} if getattr(args, "img_size", None) else {}
+    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, **kwargs)
     roles = parameter_roles(model)
     with torch.no_grad():
         scores = {n: m.weight.abs().reshape(m.weight.shape[0], -1) for n, m in roles.candidates.items()}
@@ -207,42 +221,67 @@ def write_mask(args: argparse.Namespace, path: Path) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = _args(argv)
-    if args.variant:
-        print(json.dumps(child(args)))
-        return
-    base = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
-    runs: dict[str, list[dict]] = {v: [] for v in args.variants}
-    with tempfile.TemporaryDirectory() as tmp:
-        mask_path = Path(tmp) / "mask.safetensors"
-        mask_info = write_mask(args, mask_path)
-        for _ in range(args.repeats):
-            for variant in args.variants:  # alternated: a slow spell of the machine hits every variant
-                extra = ["--shira-r", str(mask_info["shira_r"])] if variant == "shira" else []
-                out = subprocess.run(
-                    [sys.executable, __file__, *base, "--variant", variant, "--mask", str(mask_path), *extra],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                )
-                runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per variant: the minimum of each figure over repeats, and the ratios to full fine-tuning."""
     results = {}
     for variant, rs in runs.items():
         best = dict(rs[0])
+        best.pop("load_average", None)
+        best["load_averages"] = [r["load_average"] for r in rs]
         for key in ("peak_bytes", "step_seconds", "step_seconds_median"):
             best[key] = min(r[key] for r in rs)
         if best["rss_before_training"] is not None:
             best["training_bytes"] = min(r["peak_bytes"] - r["rss_before_training"] for r in rs)
         results[variant] = best
     full = results.get("full")
-    for r in results.values():
+    for variant, r in results.items():
         r["state_elements_per_trainable"] = r["optimizer_state_elements"] / r["trainable"]
         if full is not None:
             r["memory_ratio"] = r["peak_bytes"] / full["peak_bytes"]
             r["step_time_ratio"] = r["step_seconds"] / full["step_seconds"]
+            # Each repeat's own ratio too (the variants of one repeat ran back to back).
+            r["step_time_ratios_per_repeat"] = [
+                a["step_seconds"] / b["step_seconds"] for a, b in zip(runs[variant], runs["full"], strict=True)
+            ]
             if "training_bytes" in r:
                 r["training_memory_ratio"] = r["training_bytes"] / full["training_bytes"]
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _args(argv)
+    if args.variant:
+        print(json.dumps(child(args)))
+        return
+    given = list(argv if argv is not None else sys.argv[1:])
+    base = []
+    for i, a in enumerate(given):  # the children get neither --json nor --busy
+        if a == "--json" or a.startswith("--busy") or (i > 0 and given[i - 1] == "--busy"):
+            continue
+        base.append(a)
+    conditions = ["idle", "busy"] if args.busy else ["idle"]
+    runs: dict[str, dict[str, list[dict]]] = {c: {v: [] for v in args.variants} for c in conditions}
+    with tempfile.TemporaryDirectory() as tmp:
+        mask_path = Path(tmp) / "mask.safetensors"
+        mask_info = write_mask(args, mask_path)
+        for _ in range(args.repeats):
+            for condition in conditions:  # alternated: a slow spell of the machine hits both conditions
+                with busy(args.busy if condition == "busy" else 0):
+                    for variant in args.variants:  # alternated: a slow spell of the machine hits every variant
+                        extra = ["--shira-r", str(mask_info["shira_r"])] if variant == "shira" else []
+                        load = load_average()
+                        out = subprocess.run(
+                            [sys.executable, __file__, *base, "--variant", variant, "--mask", str(mask_path), *extra],
+                            check=True,
+                            capture_output=True,
+                            text=True,
+                        )
+                        run = json.loads(out.stdout.strip().splitlines()[-1])
+                        run["load_average"] = [load, load_average()]
+                        runs[condition][variant].append(run)
+                        print(f"{condition} {variant}: {json.dumps(run)}", file=sys.stderr, flush=True)  # progress
+    results = summarize(runs["idle"])
+    busy_results = summarize(runs["busy"]) if args.busy else None
     report = {
         "model": args.model,
         "batch_size": args.batch_size,
@@ -253,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
         "mask": mask_info,
         "variants": results,
     }
+    if busy_results is not None:
+        report["busy"] = {"processes": args.busy, "variants": busy_results}
     if args.json:
         print(json.dumps(report))
         return
@@ -262,16 +303,23 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.steps} timed steps, min of {args.repeats} fresh process(es) per variant"
     )
     print(f"mask: {mask_info['trainable']:,} of {mask_info['total_params']:,} parameters trainable")
-    for name, r in results.items():
-        ratios = ""
-        if full is not None:
-            ratios = f"  time {r['step_time_ratio']:.3f}  peak {r['memory_ratio']:.3f}"
-            if "training_memory_ratio" in r:
-                ratios += f" (growth {r['training_memory_ratio']:.3f})"
-        print(
-            f"  {name:12s} peak {r['peak_bytes'] / gib:6.2f} GiB  step {r['step_seconds']:7.3f} s  "
-            f"trainable {r['trainable']:,}  state/trainable {r['state_elements_per_trainable']:g}{ratios}"
-        )
+    tables = [("idle", results)] + ([(f"busy ({args.busy} competing processes)", busy_results)] if args.busy else [])
+    for condition, table in tables:
+        loads = [x for r in table.values() for pair in r["load_averages"] for x in pair]
+        print(f" {condition}: load average {min(loads):.1f}-{max(loads):.1f}")
+        base_full = table.get("full")
+        for name, r in table.items():
+            ratios = ""
+            if base_full is not None:
+                ratios = f"  time {r['step_time_ratio']:.3f}  peak {r['memory_ratio']:.3f}"
+                if "training_memory_ratio" in r:
+                    ratios += f" (growth {r['training_memory_ratio']:.3f})"
+                if len(r["step_time_ratios_per_repeat"]) > 1:
+                    ratios += " per repeat " + ", ".join(f"{x:.3f}" for x in r["step_time_ratios_per_repeat"])
+            print(
+                f"  {name:12s} peak {r['peak_bytes'] / gib:6.2f} GiB  step {r['step_seconds']:7.3f} s  "
+                f"trainable {r['trainable']:,}  state/trainable {r['state_elements_per_trainable']:g}{ratios}"
+            )
     print("targets: sparse time <= 0.75 and below lora's; sparse peak <= 0.80; 2 state elements per trainable")
 
 

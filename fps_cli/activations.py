@@ -111,12 +111,33 @@ class Scratch:
         return (b[n : 2 * n].view(rows, cols) if both else None), b[:n].view(rows, cols)
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the CPU ops inside on the calling thread alone (``torch.set_num_threads(1)``), then restore the count.
+
+    The statistics are many short, memory-bound reductions. Each CPU op over more than ATen's grain of elements is
+    an OpenMP parallel region, and on a busy machine every region waits for its slowest thread, possibly
+    descheduled: the pass cost twice inference under a load of 7 on 2 cores, with the reductions taking most of
+    it. On one thread they never wait, and they were memory-bound anyway (the GEMMs keep all threads).
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _abs_and_square_sums(x: Tensor, scratch: Scratch | None) -> tuple[Tensor, Tensor]:
     """fp32 sums of ``|x|`` and ``x**2`` over the first dimension of ``x``, shaped ``x.shape[1:]``.
 
     In fp32 whatever the input's dtype, and without a temporary the size of ``x`` (the FPS pass keeps inference's
-    peak memory): on CUDA as two fused reductions (``vector_norm``, ord 1 and 2); elsewhere in chunks of rows. On
-    the CPU each chunk's column sums are a BLAS matrix-vector product, a third faster than ``sum(0)``.
+    peak memory): on CUDA as two fused reductions (``vector_norm``, ord 1 and 2); elsewhere in chunks of rows, on
+    one thread (:func:`one_thread`). On the CPU each chunk's column sums are a BLAS matrix-vector product, a third
+    faster than ``sum(0)``, and ``x**2`` is taken as ``|x|**2`` in place in the same buffer (the same bits).
     """
     rows = x.reshape(x.shape[0], -1)  # [n, cols], a view of a contiguous input
     if x.device.type == "cuda":
@@ -135,17 +156,20 @@ def _abs_and_square_sums(x: Tensor, scratch: Scratch | None) -> tuple[Tensor, Te
     sq_sum = torch.zeros(cols, dtype=torch.float32, device=x.device)
     gemv = x.device.type == "cpu"
     ones = torch.ones(step, dtype=torch.float32, device=x.device) if gemv else None
-    for start in range(0, n, step):
-        chunk = rows[start : start + step]  # [c, cols]
-        c = chunk.shape[0]
-        if chunk.dtype != torch.float32:  # squares of low-precision inputs are taken in fp32
-            chunk = as_fp32[:c].copy_(chunk)
-        for total, op in ((abs_sum, torch.abs), (sq_sum, torch.square)):
-            value = op(chunk, out=tmp[:c])  # one temporary, reused: each value is reduced before the next
-            if gemv:
-                total.addmv_(value.t(), ones[:c])
-            else:
-                total += value.sum(0)
+    with one_thread() if gemv else contextlib.nullcontext():
+        for start in range(0, n, step):
+            chunk = rows[start : start + step]  # [c, cols]
+            c = chunk.shape[0]
+            if chunk.dtype != torch.float32:  # squares of low-precision inputs are taken in fp32
+                chunk = as_fp32[:c].copy_(chunk)
+            value = torch.abs(chunk, out=tmp[:c])  # one temporary, reused: each value is reduced before the next
+            for total in (abs_sum, sq_sum):
+                if gemv:
+                    total.addmv_(value.t(), ones[:c])
+                else:
+                    total += value.sum(0)
+                if total is abs_sum:
+                    value.mul_(value)  # |x| * |x| == x * x, bit for bit
     return abs_sum.view(x.shape[1:]), sq_sum.view(x.shape[1:])
 
 
@@ -181,7 +205,8 @@ def conv_input_sums(module: nn.Module, x: Tensor, scratch: Scratch | None = None
             windows = windows.unfold(1 + i, d * (k - 1) + 1, s)  # a view: [in, *out_grid, *spans]
         windows = windows[(..., *(slice(None, None, d) for d in module.dilation))]  # [in, *out_grid, *kernel]
         count = x.shape[0] * math.prod(windows.shape[1 : 1 + dims])
-        sums.append(windows.sum(tuple(range(1, 1 + dims))))  # [in, *kernel]
+        with one_thread() if x.device.type == "cpu" else contextlib.nullcontext():
+            sums.append(windows.sum(tuple(range(1, 1 + dims))))  # [in, *kernel]
     return sums[0], sums[1], count
 
 

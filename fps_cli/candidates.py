@@ -4,6 +4,11 @@ Modules are classified by type, never by name: the weights of ``Linear`` and ``C
 the backbone are candidates for selection; the task head is fully trainable; the biases of those layers are
 fully trainable unless ``train_bias=False``; everything else (normalisation layers, position embeddings,
 class / register tokens, other embeddings) is frozen.
+
+A tied weight (one tensor used by several modules, e.g. two Linears sharing a weight, or a language model's
+``lm_head`` sharing the embedding) is never a candidate: its gradient sums every use, while its input statistic
+would be one module's, and a partial delta on one module would not reach the others. It stays frozen (and
+:func:`fps_cli.sparse.attach` refuses to train part of it); train it in full by listing it as fully trainable.
 """
 
 from __future__ import annotations
@@ -117,6 +122,11 @@ def parameter_roles(
         for p in module.parameters(recurse=False):
             owner.setdefault(id(p), module)
 
+    uses: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+
     candidates: dict[str, nn.Module] = {}
     fully_trainable: list[str] = []
     frozen: list[str] = []
@@ -126,7 +136,7 @@ def parameter_roles(
         module = owner[id(p)]
         if id(p) in head_params:
             fully_trainable.append(name)
-        elif isinstance(module, CANDIDATE_TYPES) and p is module.weight:
+        elif isinstance(module, CANDIDATE_TYPES) and p is module.weight and uses[id(p)] == 1:
             candidates[name] = module
         elif isinstance(module, CANDIDATE_TYPES) and p is module.bias and train_bias:
             fully_trainable.append(name)

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 from .constants import (
+    DATASET_FORMATS,
     DEFAULT_BUDGET,
     GPS_LOSSES,
     GRANULARITIES,
@@ -33,8 +34,21 @@ from .constants import (
     SELECT_METHODS,
 )
 
+
+class _Group(TyperGroup):
+    """The root command: its help shows no ``<bool>`` after ``--version`` and ``--help``."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""  # a flag takes no value
+        return params
+
+
 app = typer.Typer(
     name="fps",
+    cls=_Group,
     help="Select the few weights of a pretrained vision model worth fine-tuning, in one forward pass.",
     no_args_is_help=True,
     add_completion=False,
@@ -97,14 +111,25 @@ class Reporter:
         typer.echo(json.dumps(payload) if self.as_json else human)
 
     @contextlib.contextmanager
-    def progress(self, description: str) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    def progress(
+        self, description: str, *, lines: bool = False, preparing: str | None = None
+    ) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
         """Yields ``(on_start(total), on_advance(n))`` callbacks driving a rich bar on an interactive stderr.
 
         The bar counts images and shows images per second and the time left, both from the mean rate since
-        ``on_start``, so they appear after the first batch (rich's own estimate waits for several updates).
+        ``on_start``, so they appear after the first batch (rich's own estimate waits for several updates). Before
+        ``on_start`` the bar shows ``preparing`` (``building the model``) as a step of its own. Off a terminal (CI
+        logs, SLURM) and with ``lines``, a line is logged at every tenth of the total instead, with the same rate
+        and time left.
         """
-        if self.quiet or not sys.stderr.isatty():
+        if self.quiet:
             yield (lambda total: None), (lambda n: None)
+            return
+        if not sys.stderr.isatty():
+            if not lines:
+                yield (lambda total: None), (lambda n: None)
+                return
+            yield _ProgressLines(description, self.log).callbacks()
             return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
@@ -112,18 +137,60 @@ class Reporter:
 
         class RateColumn(ProgressColumn):
             def render(self, task: Any) -> Text:
+                if task.total is None:
+                    return Text("")
                 elapsed = task.elapsed or 0.0
                 if not task.completed or elapsed <= 0:
                     return Text("- img/s, ETA -:--:--")
                 rate = task.completed / elapsed
                 left = max((task.total or task.completed) - task.completed, 0) / rate
-                clock = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
-                return Text(f"{rate:,.1f} img/s, ETA {clock}")
+                return Text(f"{rate:,.1f} img/s, ETA {_clock(left)}")
 
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn())
+        class CountColumn(MofNCompleteColumn):
+            def render(self, task: Any) -> Text:
+                return super().render(task) if task.total is not None else Text("")
+
+        columns = (TextColumn("{task.description}"), BarColumn(), CountColumn(), RateColumn())
         with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task(description, total=None)
-            yield (lambda total: bar.reset(task, total=total)), (lambda n: bar.advance(task, n))
+            task = bar.add_task(preparing or description, total=None)
+
+            def on_start(total: int) -> None:
+                bar.reset(task, total=total, description=description)
+
+            yield on_start, (lambda n: bar.advance(task, n))
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
+
+
+class _ProgressLines:
+    """Progress as log lines (no terminal): ``scoring: 320/3,200 images (10%), 45.2 img/s, ETA 0:01:04``, at
+    every tenth of the total, like ``fps train``'s step lines."""
+
+    def __init__(self, description: str, log: Callable[[str], None]) -> None:
+        self.description, self.log = description, log
+        self.total = self.done = self.next_tenth = 0
+        self.started = 0.0
+
+    def callbacks(self) -> tuple[Callable[[int], None], Callable[[int], None]]:
+        return self.start, self.advance
+
+    def start(self, total: int) -> None:
+        self.total, self.done, self.next_tenth, self.started = total, 0, 1, time.perf_counter()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if not self.total or self.done * 10 < self.next_tenth * self.total:
+            return
+        self.next_tenth = self.done * 10 // self.total + 1
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        rate = self.done / elapsed
+        left = max(self.total - self.done, 0) / rate
+        self.log(
+            f"{self.description}: {self.done:,}/{self.total:,} images ({self.done / self.total:.0%}), "
+            f"{rate:,.1f} img/s, ETA {_clock(left)}"
+        )
 
 
 def _json_error(message: str, exit_code: int) -> None:
@@ -220,6 +287,18 @@ def _plan_on_base(source: Path, flag: str, spec: Any, *, force: bool) -> Any:
     return plan
 
 
+def _read_input(reader: Callable[[Path], Any], path: Path, next_step: str) -> Any:
+    """Read a mask or delta; a missing one says the step that makes it (``run fps select first, or pass --mask``)."""
+    from .errors import FileFormatError
+
+    try:
+        return reader(path)
+    except FileFormatError as e:
+        if path.exists():
+            raise
+        raise FileFormatError(f"{e}: {next_step}") from None
+
+
 @contextlib.contextmanager
 def _flags() -> Iterator[None]:
     """Options the library refuses (:class:`~fps_cli.errors.OptionsError`) are usage errors naming the flag."""
@@ -248,7 +327,12 @@ PretrainedOpt = Annotated[
 ]
 CheckpointOpt = Annotated[
     Path | None,
-    typer.Option("--checkpoint", help="Local weights (safetensors or torch file).", rich_help_panel="Model"),
+    typer.Option(
+        "--checkpoint",
+        "--initial-checkpoint",
+        help="Local weights (safetensors or torch file).",
+        rich_help_panel="Model",
+    ),
 ]
 NumClassesOpt = Annotated[
     int | None,
@@ -270,6 +354,41 @@ TrustRemoteCodeOpt = Annotated[
         rich_help_panel="Model",
     ),
 ]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        "-d",
+        help="Image folder (DIR/<class>/..., DIR/train|val|test/<class>/...), a dataset as published (CUB_200_2011 "
+        "as downloaded, VTAB-1k list files, FGVC JSON splits), a .tar, or a timm dataset (hfds/NAME, "
+        "torch/NAME@ROOT).",
+        rich_help_panel="Data",
+    ),
+]
+DatasetFormatOpt = Annotated[
+    Literal[DATASET_FORMATS],
+    typer.Option(
+        "--dataset-format",
+        help="How to read --data: detected from its files (auto), or forced where a folder fits two layouts.",
+        rich_help_panel="Data",
+    ),
+]
+# timm train.py's spellings are accepted beside fps's own (-b, -j/--workers, --amp-dtype, ...); help shows both.
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, rich_help_panel="Data")]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--num-workers",
+        "--workers",
+        "-j",
+        min=0,
+        help="DataLoader workers (default: by device).",
+        rich_help_panel="Data",
+    ),
+]
+# timm's --amp-dtype names (float16, bfloat16) beside fps's (fp16, bf16).
+PRECISION_NAMES = (*PRECISIONS, "float32", "bfloat16", "float16")
+PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, cuda or cuda:N.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object with the result to stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs.")]
@@ -280,7 +399,7 @@ TaskOpt = Annotated[
     str | None,
     typer.Option(
         "--task",
-        help="image-classification or text-classification (default: from the model's config).",
+        help="image-classification, text-classification or causal-lm (default: from the model's config).",
         rich_help_panel="Model",
     ),
 ]
@@ -301,7 +420,7 @@ MaxLengthOpt = Annotated[
     typer.Option(
         "--max-length",
         min=2,
-        help="Text: truncate to this many tokens (default: the tokenizer's limit).",
+        help="Text: truncate to this many tokens (default: the tokenizer's limit; causal LM: 1024).",
         rich_help_panel="Data",
     ),
 ]
@@ -315,7 +434,43 @@ ValSplitOpt = Annotated[
 ]
 
 
-TASK_OPTION_NAMES = ("task", "text_field", "label_field", "text_pair_field", "max_length", "val_split")
+PackingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--packing",
+        help="Causal LM: concatenate each batch's examples and cut them into rows of --max-length tokens.",
+        rich_help_panel="Data",
+    ),
+]
+TrainOnInputsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--train-on-inputs",
+        help="Causal LM: the loss covers every token, not only completions / assistant turns.",
+        rich_help_panel="Data",
+    ),
+]
+
+
+def _check_task(task: str | None) -> None:
+    """An unknown ``--task`` is a usage error naming the known ones (the registry is read only when it is given)."""
+    if task is not None:
+        from .tasks import task_names
+
+        if task not in task_names():
+            raise _usage(f"unknown task {task!r}; expected one of {', '.join(task_names())}", "--task")
+
+
+TASK_OPTION_NAMES = (
+    "task",
+    "text_field",
+    "label_field",
+    "text_pair_field",
+    "max_length",
+    "val_split",
+    "packing",
+    "train_on_inputs",
+)
 
 
 def _data_options(
@@ -324,8 +479,12 @@ def _data_options(
     text_pair_field: str | None,
     max_length: int | None,
     val_split: float | None,
+    dataset_format: str = "auto",
+    packing: bool = False,
+    train_on_inputs: bool = False,
 ) -> dict[str, Any]:
-    """The task's data options given on the command line (``None``: not given, the recorded or default value)."""
+    """The task's data options given on the command line (``None`` / ``auto``: not given, the recorded or default
+    value); ``--dataset-format`` is the image task's."""
     if val_split is not None and not 0 < val_split < 1:
         raise _usage(f"a fraction strictly between 0 and 1, got {val_split:g}", "--val-split")
     given = {
@@ -334,20 +493,52 @@ def _data_options(
         "text_pair_field": text_pair_field,
         "max_length": max_length,
         "val_split": val_split,
+        "dataset_format": dataset_format if dataset_format != "auto" else None,
+        # Switches: off means not given (the recorded value, or the default, holds).
+        "packing": packing or None,
+        "train_on_inputs": train_on_inputs or None,
     }
     return {k: v for k, v in given.items() if v is not None}
+
+
+class _Percent(float):
+    """A ``--budget`` given as a percentage (``0.77%``): the fraction, and the text the user wrote."""
+
+    text = ""
+
+
+def _parse_budget(value: str | float) -> float:
+    """``--budget``: a fraction (``0.0077``) or a percentage (``0.77%``, read as 0.0077 with a notice)."""
+    if isinstance(value, float):
+        return value
+    text = str(value).strip()
+    number = text[:-1].strip() if text.endswith("%") else text
+    try:
+        fraction = float(number)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not a number; give a fraction (0.0077) or a percentage (0.77%)", param_hint="--budget"
+        ) from None
+    if not text.endswith("%"):
+        return fraction
+    percent = _Percent(fraction / 100)
+    percent.text = text
+    return percent
 
 
 @app.command("select", cls=_Command)
 @_json_failures
 def select_cmd(
     model: ModelOpt = None,
-    data: Annotated[Path | None, typer.Option("--data", "-d", help="Image folder.", rich_help_panel="Data")] = None,
+    data: DataOpt = None,
+    dataset_format: DatasetFormatOpt = "auto",
     budget: Annotated[
         float | None,
         typer.Option(
+            parser=_parse_budget,
+            metavar="FRACTION",
             help=f"Fraction of all parameters trainable in total, strictly between 0 and 1 (selected + head + "
-            f"biases); default {DEFAULT_BUDGET}.",
+            f"biases), or a percentage (0.77%); default {DEFAULT_BUDGET}.",
             rich_help_panel="Selection",
         ),
     ] = None,
@@ -393,6 +584,7 @@ def select_cmd(
         bool,
         typer.Option(
             "--no-augment",
+            "--no-aug",
             help="GPS: both views are the deterministic eval transform (exactly reproducible mask).",
             rich_help_panel="Selection",
         ),
@@ -421,10 +613,8 @@ def select_cmd(
     img_size: ImgSizeOpt = None,
     offline: OfflineOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
-    batch_size: Annotated[int, typer.Option(min=1, rich_help_panel="Data")] = 32,
-    num_workers: Annotated[
-        int | None, typer.Option(min=0, help="DataLoader workers (default: by device).", rich_help_panel="Data")
-    ] = None,
+    batch_size: BatchSizeOpt = 32,
+    num_workers: WorkersOpt = None,
     max_samples: Annotated[
         int | None, typer.Option(min=1, help="A seeded random subset of this many images.", rich_help_panel="Data")
     ] = None,
@@ -432,7 +622,10 @@ def select_cmd(
         bool, typer.Option("--skip-bad-images", help="Skip and count unreadable images.", rich_help_panel="Data")
     ] = False,
     device: DeviceOpt = "auto",
-    precision: Annotated[Literal[PRECISIONS], typer.Option(help="Autocast precision of the forward pass.")] = "fp32",
+    precision: Annotated[
+        Literal[PRECISION_NAMES],
+        typer.Option("--precision", "--amp-dtype", help="Autocast precision of the forward pass."),
+    ] = "fp32",
     seed: Annotated[int, typer.Option(help="Seed of sampling, initialisation and random scores.")] = 0,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -443,16 +636,20 @@ def select_cmd(
     text_pair_field: TextPairFieldOpt = None,
     max_length: MaxLengthOpt = None,
     val_split: ValSplitOpt = None,
+    packing: PackingOpt = False,
+    train_on_inputs: TrainOnInputsOpt = False,
 ) -> None:
     """Score every weight with one forward pass and write a mask (and a score file).
 
     --method gps is the GPS baseline (a backward pass, needs class folders); --anchor is experimental.
     """
     started = time.perf_counter()
+    precision = PRECISION_ALIASES.get(precision, precision)
     with _flags():
         from .options import SelectOptions, check_finite
 
         check_finite(budget=budget)  # before the inputs, as always: a NaN budget is what the user hears about first
+        _check_task(task)
         if from_scores is None and (model is None or data is None):
             raise _usage("--model and --data are required (or re-select with --from-scores FILE)", "--model/--data")
         select_options = functools.partial(
@@ -495,15 +692,21 @@ def select_cmd(
             plan.file(scores, "--scores")
         if dist.is_main:
             plan.check()
-        for warning in _select_warnings(options, budget, topk_per_neuron):
+        for warning in _select_warnings(options, budget, topk_per_neuron, pretrained=pretrained or model is None):
             report.log(warning)
         dev = init(dist, _device(device))
         spec = None
-        data_options = _data_options(text_field, label_field, text_pair_field, max_length, val_split)
+        data_options = _data_options(
+            text_field, label_field, text_pair_field, max_length, val_split, dataset_format, packing, train_on_inputs
+        )
         if model is not None:
             spec = ModelSpec(
                 model, pretrained, checkpoint, num_classes, img_size, offline, trust_remote_code, task=task
             )
+        if data is not None and from_scores is None:  # the data is listed (and refused) before any model is built
+            from .tasks import open_dataset
+
+            data = open_dataset(spec, data, data_options)
         if options.baseline:
             result = run_baseline(spec, data, options.method, seed=seed, data_options=data_options)
         elif from_scores is not None:
@@ -511,8 +714,10 @@ def select_cmd(
                 from_scores, options, spec=spec, device=dev, anchor=anchor, trust_remote_code=trust_remote_code
             )
         else:
-            report.log(f"fps select: {model} on {data} ({dev.type}, {precision})")
-            with report.progress("scoring") as (on_start, on_batch):
+            weights = "" if pretrained else ", random weights: --no-pretrained"
+            report.log(f"fps select: {model} on {data.location} ({dev.type}, {precision}{weights})")
+            report.log(data.describe())
+            with report.progress("scoring", lines=True, preparing="building the model") as (on_start, on_batch):
                 result = run_select(
                     spec,
                     data,
@@ -548,17 +753,31 @@ def select_cmd(
     report.result(*_select_summary(result, out, scores if write_scores else None, time.perf_counter() - started))
 
 
-def _select_warnings(options: Any, budget: float | None, topk_per_neuron: int | None) -> list[str]:
-    """What ``fps select`` accepts but says something about: an unusually large budget, an ignored one."""
+def _select_warnings(
+    options: Any, budget: float | None, topk_per_neuron: int | None, *, pretrained: bool = True
+) -> list[str]:
+    """What ``fps select`` accepts but says something about: a budget given as a percentage, an unusually large
+    budget, an ignored one, random weights."""
+    lines = []
+    if isinstance(budget, _Percent):
+        lines.append(f"notice: --budget {budget.text} read as the fraction {budget:g}")
+    if not pretrained:
+        lines.append(
+            "warning: --no-pretrained: selecting on randomly initialised weights, which is for testing; the mask "
+            "will not carry over to the pretrained model"
+        )
     if options.baseline and (budget is not None or topk_per_neuron is not None):
         flag = "--budget" if budget is not None else "--topk-per-neuron"
-        return [f"{flag} is ignored: --method {options.method} has a fixed trainable set"]
+        return [*lines, f"{flag} is ignored: --method {options.method} has a fixed trainable set"]
     if budget is not None and budget > LARGE_BUDGET:
-        return [
+        # A fraction that may have been meant as a percentage (0.77 for 0.77%): name the fraction it would be.
+        meant = "" if isinstance(budget, _Percent) else f"; if you meant {budget:g}%, that is --budget {budget / 100:g}"
+        lines.append(
             f"warning: --budget {budget:g} makes {budget:.0%} of the parameters trainable; sparse fine-tuning "
             f"budgets are usually below 0.01 (the default is {DEFAULT_BUDGET}); --method full trains everything"
-        ]
-    return []
+            f"{meant}"
+        )
+    return lines
 
 
 def _select_summary(result: Any, out: Path, scores: Path | None, seconds: float) -> tuple[dict[str, Any], str]:
@@ -623,7 +842,6 @@ RecordedImgSizeOpt = Annotated[
     typer.Option("--img-size", min=1, help="Input resolution (default: as the file records).", rich_help_panel="Model"),
 ]
 OPTIMIZER_NAMES = ("adamw", "sgd")
-SPLITS = ("val", "train")
 
 
 def _describe(event: dict[str, Any]) -> str:
@@ -637,7 +855,9 @@ def _describe(event: dict[str, Any]) -> str:
         )
     if kind == "epoch":
         val = ""
-        if "val_top1" in event:
+        if "val_perplexity" in event:  # a language model: top-1 is next-token accuracy
+            val = f"; val loss {event['val_loss']:.4f}, perplexity {event['val_perplexity']:.2f}"
+        elif "val_top1" in event:
             top5 = f", top-5 {event['val_top5']:.2f}%" if "val_top5" in event else ""
             val = f"; val top-1 {event['val_top1']:.2f}%{top5}, loss {event['val_loss']:.4f}"
         return (
@@ -663,8 +883,14 @@ def train_cmd(
     ),
     data: Annotated[
         Path | None,
-        typer.Option("--data", "-d", help="Image folder (default: the one the mask records).", rich_help_panel="Data"),
+        typer.Option(
+            "--data",
+            "-d",
+            help="Image folder, published dataset, .tar or timm dataset (default: the one the mask records).",
+            rich_help_panel="Data",
+        ),
     ] = None,
+    dataset_format: DatasetFormatOpt = "auto",
     out: Annotated[
         Path,
         typer.Option(
@@ -674,7 +900,7 @@ def train_cmd(
             rich_help_panel="Output",
         ),
     ] = Path("delta.safetensors"),
-    epochs: Annotated[int, typer.Option(min=1, rich_help_panel="Training")] = 10,
+    epochs: Annotated[int, typer.Option(rich_help_panel="Training")] = 10,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate.", rich_help_panel="Training")] = 1e-3,
     weight_decay: Annotated[
         float,
@@ -685,24 +911,52 @@ def train_cmd(
     warmup_epochs: Annotated[
         float, typer.Option(min=0.0, help="Linear warmup, then cosine decay (per step).", rich_help_panel="Training")
     ] = 1.0,
-    optimizer: Annotated[Literal[OPTIMIZER_NAMES], typer.Option(rich_help_panel="Training")] = "adamw",
-    label_smoothing: Annotated[float, typer.Option(min=0.0, max=0.99, rich_help_panel="Training")] = 0.1,
+    optimizer: Annotated[
+        Literal[OPTIMIZER_NAMES], typer.Option("--optimizer", "--opt", rich_help_panel="Training")
+    ] = "adamw",
+    label_smoothing: Annotated[
+        float, typer.Option("--label-smoothing", "--smoothing", min=0.0, max=0.99, rich_help_panel="Training")
+    ] = 0.1,
     grad_accum: Annotated[
-        int, typer.Option(min=1, help="Forward passes per optimizer step.", rich_help_panel="Training")
+        int,
+        typer.Option(
+            "--grad-accum",
+            "--grad-accum-steps",
+            min=1,
+            help="Forward passes per optimizer step.",
+            rich_help_panel="Training",
+        ),
     ] = 1,
     clip_grad: Annotated[
         float | None, typer.Option(min=0.0, help="Clip the gradient norm to this value.", rich_help_panel="Training")
     ] = None,
+    grad_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--grad-checkpointing",
+            help="transformers models: recompute each block's activations in the backward (less memory, ~1/3 slower).",
+            rich_help_panel="Training",
+        ),
+    ] = False,
     no_augment: Annotated[
         bool,
-        typer.Option("--no-augment", help="Eval transform instead of timm's train transform.", rich_help_panel="Data"),
+        typer.Option(
+            "--no-augment", "--no-aug", help="Eval transform instead of timm's train transform.", rich_help_panel="Data"
+        ),
     ] = False,
     resume: Annotated[
         bool,
         typer.Option("--resume", help="Continue an interrupted run from its checkpoint.", rich_help_panel="Output"),
     ] = False,
     log_every: Annotated[
-        int, typer.Option(min=1, help="Log every this many optimizer steps.", rich_help_panel="Output")
+        int,
+        typer.Option(
+            "--log-every",
+            "--log-interval",
+            min=1,
+            help="Log every this many optimizer steps.",
+            rich_help_panel="Output",
+        ),
     ] = 10,
     log_wandb: Annotated[
         bool,
@@ -719,13 +973,12 @@ def train_cmd(
     img_size: RecordedImgSizeOpt = None,
     offline: OfflineOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
-    batch_size: Annotated[int, typer.Option(min=1, rich_help_panel="Data")] = 32,
-    num_workers: Annotated[
-        int | None, typer.Option(min=0, help="DataLoader workers (default: by device).", rich_help_panel="Data")
-    ] = None,
+    batch_size: BatchSizeOpt = 32,
+    num_workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
     precision: Annotated[
-        Literal[PRECISIONS], typer.Option(help="Autocast precision (fp16 adds a GradScaler).")
+        Literal[PRECISION_NAMES],
+        typer.Option("--precision", "--amp-dtype", help="Autocast precision (fp16 adds a GradScaler)."),
     ] = "fp32",
     seed: Annotated[int, typer.Option(help="Seed of shuffling and augmentation.")] = 0,
     force: ForceOpt = False,
@@ -738,8 +991,11 @@ def train_cmd(
     text_pair_field: TextPairFieldOpt = None,
     max_length: MaxLengthOpt = None,
     val_split: ValSplitOpt = None,
+    packing: PackingOpt = False,
+    train_on_inputs: TrainOnInputsOpt = False,
 ) -> None:
     """Fine-tune only the weights a mask selects (plus head and biases) and write a delta file."""
+    precision = PRECISION_ALIASES.get(precision, precision)
     with _flags():
         from .options import TrainConfig
 
@@ -759,9 +1015,12 @@ def train_cmd(
         )
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
+    _check_task(task)
     # The task's options appear in args.yaml only when given (an image run's records keep their form).
-    arguments = {k: v for k, v in ctx.params.items() if v is not None or k not in TASK_OPTION_NAMES}
-    data_options = _data_options(text_field, label_field, text_pair_field, max_length, val_split)
+    arguments = {k: v for k, v in ctx.params.items() if v not in (None, False) or k not in TASK_OPTION_NAMES}
+    data_options = _data_options(
+        text_field, label_field, text_pair_field, max_length, val_split, dataset_format, packing, train_on_inputs
+    )
     with _exits(as_json):
         from .distributed import from_env, init
         from .finetune import RunFiles, run_train, spec_from_provenance
@@ -770,7 +1029,7 @@ def train_cmd(
 
         dist = from_env()  # under torchrun only rank 0 checks and writes outputs, logs and prints
         report = Reporter(quiet=quiet or not dist.is_main, as_json=as_json)
-        the_mask = read_mask(mask)
+        the_mask = _read_input(read_mask, mask, "run fps select first, or pass --mask FILE")
         spec = spec_from_provenance(
             the_mask.provenance,
             model=model,
@@ -805,7 +1064,12 @@ def train_cmd(
             device=str(dev),
         )
         run_files.set_args(arguments)
-        report.log(f"fps train: {spec.name} with {mask} ({dev.type}, {precision})")
+        weights = "" if spec.pretrained else ", random weights: --no-pretrained"
+        report.log(f"fps train: {spec.name} with {mask} ({dev.type}, {precision}{weights})")
+        from .finetune import training_data
+
+        _, folder, _, _ = training_data(data, the_mask.provenance, str(mask), spec, data_options)
+        report.log(folder.describe())
         bar = report.progress("training") if dist.is_main else contextlib.nullcontext(((lambda n: None),) * 2)
         events = _TrainEvents(report, run_files, resume=resume, quiet=quiet, dist=dist)
         events.wandb_args = (arguments, out.stem) if log_wandb else None
@@ -815,7 +1079,7 @@ def train_cmd(
                     the_mask,
                     config,
                     spec=spec,
-                    data_dir=data,
+                    data_dir=folder,
                     device=dev,
                     num_workers=num_workers,
                     checkpoint_path=run_files.checkpoint,
@@ -826,6 +1090,7 @@ def train_cmd(
                     dist=dist,
                     run=run_files,
                     data_options=data_options,
+                    grad_checkpointing=grad_checkpointing,
                 )
         except KeyboardInterrupt:
             if run_files.checkpoint.exists():
@@ -911,6 +1176,8 @@ def _train_summary(result: Any, run_files: Any, epochs: int) -> tuple[dict[str, 
     }
     final = result.metrics
     score = f"val top-1 {final['val_top1']:.2f}%" if "val_top1" in final else "no validation split"
+    if "val_perplexity" in final:
+        score = f"val perplexity {final['val_perplexity']:.2f}"
     human = (
         f"trained {delta.trained:,} of {payload['total_params']:,} parameters for {_count(epochs, 'epoch')} "
         f"(train loss {final['train_loss']:.4f}; {score})\n"
@@ -927,21 +1194,33 @@ def eval_cmd(
     ),
     data: Annotated[
         Path | None,
-        typer.Option("--data", "-d", help="Image folder (default: the one the delta records).", rich_help_panel="Data"),
+        typer.Option(
+            "--data",
+            "-d",
+            help="Image folder, published dataset, .tar or timm dataset (default: the one the delta records).",
+            rich_help_panel="Data",
+        ),
     ] = None,
-    split: Annotated[Literal[SPLITS], typer.Option(help="Which split to evaluate.", rich_help_panel="Data")] = "val",
+    dataset_format: DatasetFormatOpt = "auto",
+    split: Annotated[
+        str,
+        typer.Option(
+            help="Which split to evaluate: val, train, test, or any split the data names (train800, is_train=0, ...).",
+            rich_help_panel="Data",
+        ),
+    ] = "val",
     model: ModelOpt = None,
     pretrained: PretrainedOrRecordedOpt = None,
     checkpoint: CheckpointOpt = None,
     img_size: RecordedImgSizeOpt = None,
     offline: OfflineOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
-    batch_size: Annotated[int, typer.Option(min=1, rich_help_panel="Data")] = 32,
-    num_workers: Annotated[
-        int | None, typer.Option(min=0, help="DataLoader workers (default: by device).", rich_help_panel="Data")
-    ] = None,
+    batch_size: BatchSizeOpt = 32,
+    num_workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
-    precision: Annotated[Literal[PRECISIONS], typer.Option(help="Autocast precision.")] = "fp32",
+    precision: Annotated[
+        Literal[PRECISION_NAMES], typer.Option("--precision", "--amp-dtype", help="Autocast precision.")
+    ] = "fp32",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     task: TaskOpt = None,
@@ -950,8 +1229,12 @@ def eval_cmd(
     text_pair_field: TextPairFieldOpt = None,
     max_length: MaxLengthOpt = None,
     val_split: ValSplitOpt = None,
+    packing: PackingOpt = False,
+    train_on_inputs: TrainOnInputsOpt = False,
 ) -> None:
     """Evaluate a base model with a trained delta attached: top-1 / top-5 accuracy and loss."""
+    _check_task(task)
+    precision = PRECISION_ALIASES.get(precision, precision)
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     report = Reporter(quiet=quiet, as_json=as_json)
@@ -960,7 +1243,7 @@ def eval_cmd(
         from .formats import read_delta
 
         dev = _device(device)
-        the_delta = read_delta(delta)
+        the_delta = _read_input(read_delta, delta, "run fps train first, or pass --delta FILE")
         spec = spec_from_provenance(
             the_delta.provenance,
             model=model,
@@ -971,24 +1254,37 @@ def eval_cmd(
             trust_remote_code=trust_remote_code,
             task=task,
         )
-        report.log(f"fps eval: {spec.name} with {delta} on the {split} split ({dev.type}, {precision})")
-        from .tasks import resolve_task
+        from .finetune import training_data
 
-        item_name = resolve_task(spec).item_name
+        data_options = _data_options(
+            text_field, label_field, text_pair_field, max_length, val_split, dataset_format, packing, train_on_inputs
+        )
+        _, folder, the_task, _ = training_data(data, the_delta.provenance, str(delta), spec, data_options)
+        chosen = folder.split(split)
+        item_name = the_task.item_name
+        report.log(f"fps eval: {spec.name} with {delta} on the {split} split ({dev.type}, {precision})")
+        report.log(f"{folder.layout} layout: {split} is {chosen.name} ({_count(len(chosen.samples), *item_name)})")
         metrics = run_eval(
             the_delta,
             spec=spec,
-            data_dir=data,
+            data_dir=folder,
             split=split,
             device=dev,
             precision=precision,
             batch_size=batch_size,
             num_workers=num_workers,
             delta_path=delta,
-            data_options=_data_options(text_field, label_field, text_pair_field, max_length, val_split),
+            data_options=data_options,
         )
     for note in metrics.pop("notes", []):
         report.log(note)
+    if "perplexity" in metrics:  # a language model
+        human = (
+            f"{split}: loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}, next-token top-1 "
+            f"{metrics['top1']:.2f}% over {_count(metrics['tokens'], 'token')}"
+        )
+        report.result({"delta": str(delta), **metrics}, human)
+        return
     top5 = f", top-5 {metrics['top5']:.2f}%" if "top5" in metrics else ""
     samples = _count(metrics["samples"], *item_name)
     human = f"{split}: top-1 {metrics['top1']:.2f}%{top5}, loss {metrics['loss']:.4f} on {samples}"
@@ -1036,7 +1332,7 @@ def merge_cmd(
         from .formats import read_delta
         from .merge import folder_files, resolve_target, run_merge
 
-        the_delta = read_delta(delta)
+        the_delta = _read_input(read_delta, delta, "run fps train first, or pass --delta FILE")
         spec = spec_from_provenance(
             the_delta.provenance,
             model=model,
@@ -1109,7 +1405,7 @@ def export_cmd(
         from .peft_adapter import ADAPTER_FILES, export_peft, require_peft
 
         require_peft()
-        the_delta = read_delta(delta)
+        the_delta = _read_input(read_delta, delta, "run fps train first, or pass --delta FILE")
         spec = spec_from_provenance(
             the_delta.provenance,
             model=model,
@@ -1202,7 +1498,16 @@ def inspect_cmd(
             for path in paths:
                 if file_kind(path) != "mask":
                     raise _usage(f"{path} is a {file_kind(path)} file, not a mask", flag)
-        reports, comparison, masks = inspect_files(paths, norm=norm)
+        if files is None:  # the default, ./mask.safetensors
+            step = "run fps select first, or name the files: fps inspect FILE ..."
+            reports, comparison, masks = _read_input(lambda _: inspect_files(paths, norm=norm), paths[0], step)
+        else:
+            reports, comparison, masks = inspect_files(paths, norm=norm)
+        for folder in _data_folders_holding(plot, reports):
+            report.log(
+                f"warning: --plot {plot} is inside {folder}, the mask's data folder: select and train would read "
+                "it as an image; write it elsewhere"
+            )
         with plan.transaction() as tx:
             if plot is not None and comparison is not None:
                 plot_comparison(reports, comparison, plot, [str(p) for p in paths], tx=tx)
@@ -1218,14 +1523,30 @@ def inspect_cmd(
         payload: dict[str, Any] = reports[0]
     else:
         payload = {"files": reports, "comparison": comparison}
-    if quiet and not as_json and (plot is not None or export_dense is not None):
-        return  # -q with an output file: the file is the result; print nothing
+    if not as_json and (plot is not None or export_dense is not None):
+        return  # an output file is the result: the report is what fps inspect without --plot prints
     texts = [render(r) for r in reports]
     if comparison is not None:
         texts.append(render_comparison(comparison, str(paths[0]), str(paths[1])))
     report.result(payload, "\n\n".join(texts))
 
 
+def _data_folders_holding(plot: Path | None, reports: list[dict[str, Any]]) -> list[str]:
+    """The masks' data folders that an image ``plot`` would land in (and so become a training image)."""
+    if plot is None or plot.suffix.lower() != ".png":
+        return []
+    where = os.path.realpath(plot)
+    folders = {str(r.get("provenance", {}).get("data") or "") for r in reports if r.get("kind") == "mask"}
+    return sorted(f for f in folders if f and where.startswith(os.path.realpath(f) + os.sep))
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, docker stop, a scheduler): stop as Ctrl-C does, saying so
+
+
 def main() -> None:
     """Console entry point (``fps`` and ``python -m fps_cli``)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     app(prog_name="fps")

@@ -12,6 +12,8 @@ NORMS = ("l1", "l2")
 GRANULARITIES = ("neuron", "layer", "global")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
+# --dataset-format: how --data is read (auto: detected from the folder; see fps_cli.data).
+DATASET_FORMATS = ("auto", "folder", "cub", "vtab", "fgvc-json", "timm")
 DEFAULT_BUDGET = 0.0077
 # Above this, a budget is unusual for sparse fine-tuning (the paper's budgets are below 1%): fps warns.
 LARGE_BUDGET = 0.1

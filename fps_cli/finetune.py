@@ -10,7 +10,6 @@ every epoch, and a resumable checkpoint at the end of every epoch. The sparse me
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -30,12 +29,12 @@ from . import records
 from .activations import autocast
 from .data import default_num_workers
 from .distributed import Dist, average_gradients, batch_shard, sum_floats
-from .errors import DataError, FileFormatError, OutputExistsError, TrainingError
+from .errors import DataError, FileFormatError, ModelError, OutputExistsError, TrainingError
 from .formats import Delta, Mask, weights_digest
 from .hub import torch_load_data
 from .models import ModelSpec, create_model, model_name, model_num_classes
 from .options import TrainConfig as TrainConfig  # re-exported: the training options live in options.py
-from .outputs import Transaction
+from .outputs import Transaction, recover
 from .selector import base_digest, seed_everything
 from .sparse import SparseParams, attach, extract, recompute_sparse_weights
 
@@ -241,38 +240,50 @@ def _check_classes(classes: list[str], num_classes: int | None, root: Path, sour
         )
 
 
-def _data_split(
-    data_dir: str | os.PathLike | None,
+def training_data(
+    data_dir: Any,
     prov: Mapping[str, Any],
     source: str,
     spec: ModelSpec | None = None,
     data_options: Mapping[str, Any] | None = None,
-):
-    """``--data`` (default: the folder the file records) as the model's task finds it (:mod:`.tasks`), with the
-    data options the file records overridden by ``data_options``; returns ``(data_dir, TaskData, task, options)``."""
+) -> tuple[str, Any, Any, dict[str, Any]]:
+    """The labelled data ``fps train`` / ``fps eval`` read, as the model's task finds it (:mod:`.tasks`): ``data_dir``
+    (a path, or data already discovered), or the data the file records, with the data options it records
+    overridden by ``data_options``.
+
+    Returns:
+        ``(location, dataset, task, data options in effect)``.
+
+    Raises:
+        DataError: no data, data of another task's kind, no labels or a single class.
+    """
     from .tasks import check_data, check_data_options, resolve_task
 
-    if data_dir is None:
-        recorded = prov.get("data")
-        if not recorded:
-            raise DataError(f"{source} records no data folder; pass --data DIR")
-        if not Path(recorded).exists():
-            raise DataError(f"data folder {recorded} recorded in {source} does not exist; pass --data DIR")
-        data_dir = recorded
     spec = spec or spec_from_provenance(prov)
     task = resolve_task(spec)
     given = {k: v for k, v in (data_options or {}).items() if v is not None}
     check_data_options(task, given)
     options = {**(prov.get("data_options") or {}), **given}
-    check_data(task, spec, data_dir)
-    folder = task.discover(Path(data_dir), options)
-    if not task.classifies:
-        return Path(data_dir), folder, task, options
-    if not folder.train.labeled:
-        raise DataError(f"{folder.train.root} has no class sub-folders; fine-tuning needs DIR/<class>/<images>")
-    if len(folder.train.classes) < 2:
-        raise DataError(f"{folder.train.root} has only one class ({folder.train.classes[0]}); training needs two")
-    return Path(data_dir), folder, task, options
+    recorded = prov.get("data")
+    if data_dir is not None or (recorded and Path(str(recorded)).exists()):
+        check_data(task, spec, data_dir if data_dir is not None else str(recorded))
+    folder = task.training_data(data_dir, prov, source, options)
+    return folder.location, folder, task, options
+
+
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """transformers' activation checkpointing, non-reentrant (a block whose input needs no gradient, as behind a
+    frozen embedding, still passes gradients to its own trainable entries).
+
+    Raises:
+        ModelError: the model has no gradient checkpointing (timm models, transformers models without it).
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelError(
+            f"--grad-checkpointing: {type(model).__name__} does not support gradient checkpointing (transformers "
+            "models that do say so in supports_gradient_checkpointing); train without it"
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def freeze_norm_statistics(model: nn.Module) -> None:
@@ -385,6 +396,7 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], *, tx: Tr
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a training checkpoint (``weights_only=True``: a checkpoint is data, never code)."""
     path = Path(path)
+    recover(path)  # a group write killed half-way in its folder reads as all old (outputs.py)
     if not path.is_file():
         raise TrainingError(f"no checkpoint {path} to resume from; run without --resume")
     try:
@@ -394,7 +406,38 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise TrainingError(f"cannot read checkpoint {path}: {reason}; start over with --force") from None
     if not isinstance(state, dict) or state.get("fps_checkpoint") != CHECKPOINT_VERSION:
         raise TrainingError(f"{path} is not an fps training checkpoint; start over with --force")
+    problem = _checkpoint_problem(state)
+    if problem is not None:
+        raise TrainingError(f"{path} is not a valid fps training checkpoint: {problem}; start over with --force")
     return state
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checkpoint_problem(state: Mapping[str, Any]) -> str | None:
+    """What makes a (hand-edited) checkpoint unusable, before anything is restored from it."""
+    config = state.get("config")
+    if not isinstance(config, Mapping) or not _whole(config.get("epochs")):
+        return "it records no training configuration"
+    epoch = state.get("epoch")
+    if not _whole(epoch) or epoch < 0:
+        return f"its epoch is {epoch!r}, not a whole number"
+    if epoch > config["epochs"]:
+        return f"its epoch {epoch} is past the run's {config['epochs']} epochs"
+    trainable = state.get("trainable")
+    if not isinstance(trainable, Mapping) or not all(isinstance(t, Tensor) for t in trainable.values()):
+        return "its trainable values are not a mapping of tensors"
+    missing = [k for k in ("optimizer", "scheduler", "scaler", "rng") if not isinstance(state.get(k), Mapping)]
+    if missing:
+        return f"it lacks its {', '.join(missing)} state"
+    history = state.get("history")
+    if not isinstance(history, list) or not all(isinstance(h, Mapping) for h in history):
+        return "its history is not a list of epoch records"
+    if [h.get("epoch") for h in history] != list(range(1, epoch + 1)):
+        return f"its history holds {len(history)} epoch{'' if len(history) == 1 else 's'}, not {epoch}"
+    return None
 
 
 def mask_digest(mask: Mask) -> str:
@@ -454,6 +497,7 @@ class RunFiles:
         if self.delta.exists():
             raise OutputExistsError(f"{self.delta} already exists; pass --force to replace it")
         if resume:
+            self._read_log()  # a hand-edited log is refused before any work
             return
         if self.checkpoint.exists():
             raise OutputExistsError(
@@ -469,17 +513,55 @@ class RunFiles:
         return [self.checkpoint, self.log, self.summary, *([self.args] if self.args is not None else [])]
 
     def begin(self, resume_after: int | None = None) -> None:
-        """Start the log; on resume keep the records up to the checkpoint's epoch (the files are the run's own)."""
+        """Start the log; on resume keep the log's lines up to the checkpoint's epoch (the files are the run's own)
+        and rebuild the summary's rows from the checkpoint's history: ``summary.csv`` is never read back."""
         self.records, self.rows = [], []
         if resume_after is not None:
             self._owned = True
-            if self.log.is_file():
-                for line in self.log.read_text().splitlines():
-                    with contextlib.suppress(json.JSONDecodeError):
-                        record = json.loads(line)
-                        if record.get("event") != "end" and record.get("epoch", 0) <= resume_after:
-                            self.records.append(line)
-            self.rows = records.read_summary(self.summary, resume_after)
+            for line, record in self._read_log():
+                if record.get("event") != "end" and record.get("epoch", 0) <= resume_after:
+                    self.records.append(line)
+            history = load_checkpoint(self.checkpoint)["history"]
+            self.rows = [records.summary_row(e) for e in history if e["epoch"] <= resume_after]
+
+    def _read_log(self) -> list[tuple[str, dict[str, Any]]]:
+        """The metrics log's lines and records, for a resumed run.
+
+        Raises:
+            FileFormatError: the log is not UTF-8, or a line is not a JSON object with a whole-number epoch (named
+                by its number; fps writes the log whole, so such a line was edited by hand).
+        """
+        if not self.log.is_file():
+            return []
+        data = self.log.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FileFormatError(
+                f"{self.log} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); fix or delete the "
+                "file, or start over with --force"
+            ) from None
+        lines = []
+        for n, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                problem = f"is not JSON ({e.msg}: column {e.colno})"
+            else:
+                if not isinstance(record, dict):
+                    problem = f"is not a JSON object: {line if len(line) <= 60 else line[:57] + '...'}"
+                elif "epoch" in record and not _whole(record["epoch"]):
+                    problem = f'has "epoch": {json.dumps(record["epoch"])}, not a whole number'
+                else:
+                    lines.append((line, record))
+                    continue
+            raise FileFormatError(
+                f"{self.log} line {n} {problem}; fix or delete that line (or the whole log: the resumed log then "
+                "starts at the checkpoint), or start over with --force"
+            )
+        return lines
 
     def record(self, event: Event) -> None:
         self.records.append(json.dumps(event))
@@ -604,7 +686,7 @@ def build_run(
     source = str(mask_path) if mask_path is not None else "the mask"
     prov = mask.provenance
     spec = spec or spec_from_provenance(prov)
-    data_dir, folder, task, options = _data_split(data_dir, prov, source, spec, data_options)
+    data_dir, folder, task, options = training_data(data_dir, prov, source, spec, data_options)
     spec = replace(spec, task=task.name)
     classes = folder.train.classes
     if spec.num_classes is not None and task.classifies:  # fail before the model is built
@@ -703,7 +785,7 @@ def train_one_epoch(
     ``first_step``. ``checkpoint_path`` and ``root`` only name things in error messages.
 
     Returns:
-        the epoch's record: ``train_loss``, ``train_top1`` (over every rank) and the final ``lr``.
+        the epoch's record: ``train_loss``, ``train_top1`` (over every rank) and the ``lr`` of its last step.
 
     Raises:
         TrainingError: the loss became NaN or infinite (the message says what to do next).
@@ -714,6 +796,7 @@ def train_one_epoch(
     freeze_norm_statistics(model)
     params = state.sparse.parameters()
     window_start, window_images = time.perf_counter(), 0
+    lr = optimizer.param_groups[0]["lr"]  # the rate of the latest step (before the scheduler moves it on)
     # Running sums stay on the device and a non-finite loss is only noted there (first step, value): the loop
     # synchronises with the host at logging steps and at the end of the epoch, not at every step.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -799,7 +882,7 @@ def train_one_epoch(
         "step": state.step,
         "train_loss": loss_sum / seen,
         "train_top1": 100.0 * correct / seen,
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": lr,  # the rate of the epoch's last step, as its step line logs it (timm's summary.csv lr)
     }
 
 
@@ -866,10 +949,18 @@ def restore_checkpoint(
     saved: Mapping[str, Any], state: TrainState, loader: torch.utils.data.DataLoader, config: TrainConfig
 ) -> None:
     """Continue ``state`` from a checkpoint: the trainable values, optimizer, schedule (at a new peak ``lr`` when it
-    changed), scaler and random states, the epoch and the history."""
-    state.start_epoch, state.history = _restore(
-        saved, state.sparse, state.optimizer, state.scheduler, state.scaler, loader, config
-    )
+    changed), scaler and random states, the epoch and the history.
+
+    Raises:
+        TrainingError: the checkpoint's states do not fit this run (a damaged or hand-made checkpoint).
+    """
+    try:
+        state.start_epoch, state.history = _restore(
+            saved, state.sparse, state.optimizer, state.scheduler, state.scaler, loader, config
+        )
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingError(f"the training checkpoint cannot be restored ({reason}); start over with --force") from None
     state.step = state.start_epoch * state.steps_per_epoch
 
 
@@ -889,6 +980,7 @@ def run_train(
     dist: Dist | None = None,
     run: RunFiles | None = None,
     data_options: Mapping[str, Any] | None = None,
+    grad_checkpointing: bool = False,
 ) -> TrainResult:
     """Fine-tune the entries ``mask`` selects (and its fully trainable tensors) on the images in ``data_dir``.
 
@@ -918,6 +1010,8 @@ def run_train(
         dist: this process's rank under torchrun (default: a single process).
         run: the run's files (checkpoint and log committed together); replaces ``checkpoint_path``.
         data_options: the task's data options (text: ``max_length``, fields...), overriding the mask's.
+        grad_checkpointing: recompute each transformer block's activations in the backward instead of keeping
+            them (:func:`enable_grad_checkpointing`).
 
     Raises:
         FileFormatError: the mask does not fit the model (every mismatch listed) or was made on other weights.
@@ -930,6 +1024,8 @@ def run_train(
     if run is not None:
         checkpoint_path = run.checkpoint
     inputs = build_run(mask, spec=spec, data_dir=data_dir, mask_path=mask_path, emit=emit, data_options=data_options)
+    if grad_checkpointing:
+        enable_grad_checkpointing(inputs.model)
     spec, folder = inputs.spec, inputs.folder
     run_id = _run_identity(inputs.data_dir, spec, mask_path, inputs.touched_sha256, mask_digest(mask))
 
@@ -1035,7 +1131,8 @@ def _trained_delta(
         "mask": str(Path(mask_path).resolve()) if mask_path is not None else None,
         "mask_sha256": mask_digest(mask),
         "selection": {k: prov.get(k) for k in ("method", "norm", "granularity", "budget", "topk_per_neuron")},
-        "data": str(Path(inputs.data_dir).expanduser().resolve()),
+        "data": folder.location,
+        **folder.provenance(),
         **_task_record(inputs),
         "classes": folder.train.classes,
         "train_samples": len(folder.train.samples),
@@ -1047,13 +1144,12 @@ def _trained_delta(
 
 
 def _task_record(inputs: RunInputs) -> dict[str, Any]:
-    """The task, data options and splits a delta records (image files keep their earlier form: the task only)."""
+    """The task and data options a delta records (image files keep their earlier form: the task only)."""
     from .tasks import IMAGE_CLASSIFICATION
 
     record: dict[str, Any] = {"task": inputs.task.name}
-    splits = getattr(inputs.folder, "provenance", None)
-    if inputs.task.name != IMAGE_CLASSIFICATION or inputs.data_options or splits:
-        record.update(data_options=dict(inputs.data_options), splits=dict(splits or {}))
+    if inputs.task.name != IMAGE_CLASSIFICATION or inputs.data_options:
+        record["data_options"] = dict(inputs.data_options)
     return record
 
 
@@ -1098,7 +1194,7 @@ def _run_identity(
 ) -> dict[str, Any]:
     """What a resumed run must share with the checkpoint: the data folder, the mask (its content) and the base."""
     return {
-        "data": str(Path(data_dir).expanduser().resolve()),
+        "data": str(data_dir),  # the data's location, as training_data gives it
         "mask": str(Path(mask_path).resolve()) if mask_path is not None else None,
         "mask_sha256": mask_sha256,
         "model": spec.name,
@@ -1201,8 +1297,9 @@ def run_eval(
     delta_path: str | os.PathLike | None = None,
     data_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a base model with ``delta`` attached on the ``val`` (or ``train``) split of ``data_dir``, as its
-    task reads it (``data_options`` override the delta's).
+    """Evaluate a base model with ``delta`` attached on a split of ``data_dir``: ``val``, ``train``, ``test`` or
+    any split the data names (``train800``, ``is_train=0``, ...), as the model's task reads it (``data_options``
+    override the delta's).
 
     Raises:
         FileFormatError: the delta does not fit the model, or was trained on other base weights.
@@ -1215,12 +1312,9 @@ def run_eval(
         raise FileFormatError(f"{source} holds NaN or infinite values in {len(bad)} tensors ({', '.join(bad)})")
     prov = delta.provenance
     spec = spec or spec_from_provenance(prov)
-    data_dir, folder, task, options = _data_split(data_dir, prov, source, spec, data_options)
+    data_dir, folder, task, options = training_data(data_dir, prov, source, spec, data_options)
     spec = replace(spec, task=task.name)
-    chosen = folder.val if split == "val" else folder.train
-    if chosen is None:
-        where = "val/, validation/ or test/" if task.data_kind == "images" else "validation.jsonl, or --val-split"
-        raise DataError(f"{data_dir} has no validation split ({where}); pass --split train")
+    chosen = folder.split(split)
     model = build_base(spec, delta.shapes, prov, source)
     touched = weights_digest((n, dict(model.named_parameters())[n]) for n in delta.indices)
     if prov.get("touched_sha256") and touched != prov["touched_sha256"]:
@@ -1244,4 +1338,4 @@ def run_eval(
         model, task.stream(loader, False), device=device, precision=precision, num_classes=num_classes, task=task
     )
     notes = _notes(loader)
-    return {"split": split, "data": str(Path(data_dir).resolve()), **metrics, **({"notes": notes} if notes else {})}
+    return {"split": split, "data": folder.location, **metrics, **({"notes": notes} if notes else {})}

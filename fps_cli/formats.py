@@ -50,6 +50,7 @@ def write_atomic(
     metadata: Mapping[str, str],
     *,
     tx: Transaction | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Write a safetensors file through :mod:`.outputs`: to a recognisable temporary name, fsynced, then renamed.
 
@@ -57,7 +58,11 @@ def write_atomic(
 
     Args:
         tx: the group commit the file belongs to (its rules: no replacing without ``--force``, all-or-nothing);
-            default: a commit of its own that replaces ``path`` (the library's ``save_*`` functions).
+            default: a commit of its own (the library's ``save_*`` functions).
+        overwrite: without ``tx``, replace an existing ``path`` (like the command line's ``--force``).
+
+    Raises:
+        OutputExistsError: ``path`` exists, and neither ``overwrite`` nor ``tx`` allows replacing it.
     """
     from safetensors.torch import save_file
 
@@ -70,7 +75,11 @@ def write_atomic(
     if tx is not None:
         tx.write(path, writer)
         return
-    with Transaction(replace=True) as own:
+    if not overwrite and Path(path).exists():
+        from .errors import OutputExistsError
+
+        raise OutputExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    with Transaction(replace=overwrite) as own:
         own.write(path, writer)
 
 
@@ -120,10 +129,10 @@ def read_header(path: str | os.PathLike, kind: str | None) -> tuple[dict[str, An
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
-    from .outputs import settle
+    from .outputs import recover
 
     path = Path(path)
-    settle(path.parent)  # a group commit killed half-way reads as all old (outputs.py)
+    recover(path)  # a group commit killed half-way reads as all old (outputs.py)
     if not path.is_file():
         raise FileFormatError(f"{path} does not exist")
     try:
@@ -157,7 +166,8 @@ def weights_digest(named_tensors: Iterable[tuple[str, Tensor]]) -> str:
     for name, t in named_tensors:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        if t.numel():  # an empty tensor has no bytes (and viewing it as bytes fails on its stride)
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -213,10 +223,13 @@ def _numel(shape: Iterable[int]) -> int:
     return n
 
 
-def save_mask(path: str | os.PathLike, mask: Mask, *, tx: Transaction | None = None) -> None:
-    """Write ``mask`` to ``path`` atomically (``tx``: as part of a group commit, see :func:`write_atomic`)."""
+def save_mask(path: str | os.PathLike, mask: Mask, *, tx: Transaction | None = None, overwrite: bool = False) -> None:
+    """Write ``mask`` to ``path`` atomically (``tx``: as part of a group commit, see :func:`write_atomic`); an
+    existing file is replaced only with ``overwrite=True``."""
     tensors = {}
     for name, idx in mask.indices.items():
+        if idx.numel() == 0:  # selects nothing: written as absent (and read so, see headers.read_mask_arrays)
+            continue
         dtype = torch.int32 if _numel(mask.shapes[name]) <= 2**31 - 1 else torch.int64
         tensors[name] = idx.to(dtype)
     provenance = {
@@ -227,7 +240,7 @@ def save_mask(path: str | os.PathLike, mask: Mask, *, tx: Transaction | None = N
         "trainable": mask.trainable,
         "total_params": mask.total_params,
     }
-    write_atomic(path, tensors, encode_metadata("mask", provenance), tx=tx)
+    write_atomic(path, tensors, encode_metadata("mask", provenance), tx=tx, overwrite=overwrite)
 
 
 def read_mask(path: str | os.PathLike) -> Mask:
@@ -259,14 +272,17 @@ def save_scores(
     provenance: Mapping[str, Any],
     *,
     tx: Transaction | None = None,
+    overwrite: bool = False,
 ) -> None:
-    """Write per-layer input statistics (the score file of activation-based methods) atomically."""
+    """Write per-layer input statistics (the score file of activation-based methods) atomically (an existing file
+    only with ``overwrite=True``)."""
     tensors = {}
     for name, s in stats.items():
         tensors[f"{name}::abs_sum"] = s.abs_sum.double()
         tensors[f"{name}::sq_sum"] = s.sq_sum.double()
         tensors[f"{name}::count"] = torch.tensor([s.count], dtype=torch.int64)
-    write_atomic(path, tensors, encode_metadata("scores", {**provenance, "statistic": "input"}), tx=tx)
+    metadata = encode_metadata("scores", {**provenance, "statistic": "input"})
+    write_atomic(path, tensors, metadata, tx=tx, overwrite=overwrite)
 
 
 def save_gradient_scores(
@@ -275,10 +291,13 @@ def save_gradient_scores(
     provenance: Mapping[str, Any],
     *,
     tx: Transaction | None = None,
+    overwrite: bool = False,
 ) -> None:
-    """Write per-layer summed gradients (the score file of ``gps``) atomically, dense fp32."""
+    """Write per-layer summed gradients (the score file of ``gps``) atomically, dense fp32 (an existing file only
+    with ``overwrite=True``)."""
     tensors = {f"{name}::grad_sum": g.float() for name, g in gradients.items()}
-    write_atomic(path, tensors, encode_metadata("scores", {**provenance, "statistic": "gradient"}), tx=tx)
+    metadata = encode_metadata("scores", {**provenance, "statistic": "gradient"})
+    write_atomic(path, tensors, metadata, tx=tx, overwrite=overwrite)
 
 
 def score_statistic(path: str | os.PathLike) -> str:
@@ -382,10 +401,15 @@ class Delta:
         return sum(int(v.numel()) for v in self.values.values()) + sum(int(t.numel()) for t in self.full.values())
 
 
-def save_delta(path: str | os.PathLike, delta: Delta, *, tx: Transaction | None = None) -> None:
-    """Write ``delta`` to ``path`` atomically (``tx``: as part of a group commit, see :func:`write_atomic`)."""
+def save_delta(
+    path: str | os.PathLike, delta: Delta, *, tx: Transaction | None = None, overwrite: bool = False
+) -> None:
+    """Write ``delta`` to ``path`` atomically (``tx``: as part of a group commit, see :func:`write_atomic`); an
+    existing file is replaced only with ``overwrite=True``."""
     tensors = {}
     for name, idx in delta.indices.items():
+        if idx.numel() == 0:  # trains nothing: written as absent (and read so, see read_delta)
+            continue
         dtype = torch.int32 if _numel(delta.shapes[name]) <= 2**31 - 1 else torch.int64
         tensors[f"{name}::indices"] = idx.to(dtype)
         tensors[f"{name}::values"] = delta.values[name].float()
@@ -396,7 +420,7 @@ def save_delta(path: str | os.PathLike, delta: Delta, *, tx: Transaction | None 
         "fully_trained": list(delta.full),
         "trained": delta.trained,
     }
-    write_atomic(path, tensors, encode_metadata("delta", provenance), tx=tx)
+    write_atomic(path, tensors, encode_metadata("delta", provenance), tx=tx, overwrite=overwrite)
 
 
 def read_delta(path: str | os.PathLike) -> Delta:
@@ -418,7 +442,9 @@ def read_delta(path: str | os.PathLike) -> Delta:
             problems.append(f"{name!r}: {val.numel()} values for {idx.numel()} indices")
         else:
             idx, n = idx.long(), _numel(shapes[name])
-            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= n or not bool((idx[1:] > idx[:-1]).all())):
+            if idx.numel() == 0:  # trains nothing: the parameter is the base's, exactly as if the pair were absent
+                continue
+            if int(idx[0]) < 0 or int(idx[-1]) >= n or not bool((idx[1:] > idx[:-1]).all()):
                 problems.append(f"indices of {name!r} must be sorted, unique and within [0, {n})")
             indices[name], values[name] = idx, val
     for name in fully:

@@ -140,9 +140,9 @@ def check_header(path: str | os.PathLike, raw: dict[str, str], kind: str | None)
 
 def read_header(path: str | os.PathLike, kind: str | None) -> tuple[dict[str, Any], dict[str, str]]:
     """(provenance, raw metadata) of an fps file, checked (see :func:`check_header`), without torch."""
-    from .outputs import settle
+    from .outputs import recover
 
-    settle(Path(path).parent)  # a group commit killed half-way reads as all old (outputs.py)
+    recover(path)  # a group commit killed half-way reads as all old (outputs.py)
     raw = raw_metadata(path)
     return check_header(path, raw, kind), raw
 
@@ -226,6 +226,8 @@ def read_mask_arrays(path: str | os.PathLike) -> MaskArrays:
             continue
         if idx.dtype not in (np.int32, np.int64) or idx.ndim != 1:
             problems.append(f"tensor {name!r} must be 1-D int32/int64 indices, got {idx.dtype} {list(idx.shape)}")
+            continue
+        if idx.size == 0:  # selects nothing: the parameter is frozen, exactly as if the tensor were absent
             continue
         idx = idx.astype(np.int64)
         n = _numel(shapes[name])

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .errors import ModelError
 from .hub import (
+    check_readable,
     ensure_available,
     hf_endpoint,
     hub_offline,
@@ -40,6 +41,7 @@ from .hub import (
     unreachable_reason,
     ways_out_hint,
 )
+from .outputs import recover
 
 if TYPE_CHECKING:
     from .hub import ModelSpec
@@ -86,6 +88,8 @@ def _source(name: str) -> tuple[str, str | None, bool]:
         raise ModelError("--model hf: needs a hub id or a folder, e.g. hf:google/vit-base-patch16-224-in21k")
     folder = Path(source).expanduser()
     if folder.is_dir():
+        recover(folder)  # a group write killed half-way in the folder reads as all old (outputs.py)
+        check_readable(folder, name)
         if not (folder / "config.json").is_file():
             raise ModelError(f"{name}: {folder} has no config.json (save the model with save_pretrained)")
         return str(folder), None, True

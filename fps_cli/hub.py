@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .outputs import recover
 
 NETWORK_PROBE_TIMEOUT_S = 3.0
 
@@ -164,6 +165,7 @@ def torch_load_data(path: str | os.PathLike) -> object:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a safetensors or torch weight file safely (``weights_only=True``)."""
     path = Path(path)
+    recover(path)  # a group write killed half-way in its folder reads as all old (outputs.py)
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
     try:
@@ -227,3 +229,22 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
         )
     keep = {k: v for k, v in state.items() if k not in skipped_head}
     model.load_state_dict(keep, strict=False)
+
+
+def check_readable(folder: Path, name: str) -> None:
+    """Refuse a model folder holding a weights or config file this process cannot read (transformers writes its
+    files 0600, and then reports them as missing).
+
+    Raises:
+        ModelError: naming the file, the reason and the way out.
+    """
+    patterns = ("config.json", "preprocessor_config.json", "model*.safetensors", "pytorch_model*.bin", "*.index.json")
+    for path in sorted({p for pattern in patterns for p in folder.glob(pattern)}):
+        if path.is_file():
+            try:
+                path.open("rb").close()
+            except OSError as e:
+                raise ModelError(
+                    f"{name}: cannot read {path}: {e.strerror or e} (make it readable, e.g. chmod a+r {path}, or run "
+                    "fps as its owner)"
+                ) from None

@@ -219,6 +219,24 @@ class _RealTokens:
         return x[self.keep]  # [real tokens, features]
 
 
+def _hidden_padding_mask(batch: Any) -> int | None:
+    """The position of what looks like an attention mask in a tuple / list batch: a ``[batch, seq]`` tensor of 0 and
+    1 with some 0 (padding), beside integer token ids of the same shape. fps only finds a mask by its name in a
+    mapping, so such padding would be counted as tokens."""
+    if not isinstance(batch, (tuple, list)):
+        return None
+    tensors = [(i, t) for i, t in enumerate(batch) if isinstance(t, Tensor) and t.dim() == 2]
+    ids = [t for _, t in tensors if not t.is_floating_point() and t.dtype != torch.bool]
+    for i, t in tensors:
+        if t.is_floating_point():
+            continue
+        if not ((t == 0) | (t == 1)).all() or bool(t.all()):
+            continue  # not 0/1, or no padding at all: nothing to leave out
+        if any(other is not t and other.shape == t.shape and not ((other == 0) | (other == 1)).all() for other in ids):
+            return i
+    return None
+
+
 def select_indices(
     model: nn.Module,
     batches: Iterable[Any],
@@ -234,8 +252,15 @@ def select_indices(
     head: Iterable[nn.Module] | None = None,
     precision: str = "fp32",
     seed: int = 0,
+    count_padding: bool = False,
 ) -> IndexSelection:
     """Select the weight entries of ``model`` worth fine-tuning, with one gradient-free pass over ``batches``.
+
+    Padding: the statistics leave padding out only when a batch is a mapping with an ``attention_mask`` (a
+    tokenizer's output, e.g. ``{"input_ids": ..., "attention_mask": ...}``). A tuple batch such as
+    ``(input_ids, attention_mask)`` with a ``forward_fn`` hides the mask from fps, which would count every padding
+    position as a token: such batches are refused (pass them as mappings, or ``count_padding=True`` to count every
+    position on purpose).
 
     Example (a causal language model, padding excluded through the tokenizer's ``attention_mask``):
         >>> batches = [tokenizer(texts, padding=True, return_tensors="pt") for texts in chunks]
@@ -264,10 +289,12 @@ def select_indices(
             unless ``target_modules`` leaves it out).
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast for the forward pass (statistics stay fp32 or better).
         seed: seed of the ``random`` method.
+        count_padding: accept tuple batches that carry a padding mask fps cannot find (see above).
 
     Raises:
         ModelError: ``target_modules`` matches no candidate layer.
-        DataError: ``batches`` is empty.
+        DataError: ``batches`` is empty, or a tuple batch carries what looks like an attention mask (without
+            ``count_padding``).
         ForwardError: ``forward_fn`` raised, or never reached a targeted layer.
         BudgetError: the budget cannot be met.
     """
@@ -300,6 +327,15 @@ def select_indices(
             autocast(device, precision),
         ):
             for batch in batches:
+                hidden = None if count_padding or count else _hidden_padding_mask(batch)
+                if hidden is not None:
+                    raise DataError(
+                        f"batch 0 is a {type(batch).__name__} whose item {hidden} looks like an attention_mask "
+                        "(0/1, with padding, shaped like the token ids); fps only finds a mask by name, so padding "
+                        "would be counted as tokens: pass each batch as a mapping, e.g. {'input_ids': ids, "
+                        "'attention_mask': mask} (forward_fn then gets the mapping), or count_padding=True to "
+                        "count every position"
+                    )
                 batch = _to(batch, device)
                 tokens.set(batch)
                 try:

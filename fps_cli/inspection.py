@@ -324,12 +324,15 @@ def _as_torch(mask: Mask | MaskArrays) -> Mask:
     return Mask(indices, list(mask.fully_trainable), dict(mask.shapes), dict(mask.provenance))
 
 
-def export_dense(mask: Mask | MaskArrays, path: str | os.PathLike, *, tx: Transaction | None = None) -> None:
+def export_dense(
+    mask: Mask | MaskArrays, path: str | os.PathLike, *, tx: Transaction | None = None, overwrite: bool = False
+) -> None:
     """Write ``mask`` as dense boolean tensors, one per parameter, True where trainable (atomically; ``tx``: as
-    part of a group commit)."""
+    part of a group commit; an existing file only with ``overwrite=True``)."""
     from .formats import write_atomic
 
-    write_atomic(path, _as_torch(mask).dense(), {"format": "pt", "fps.dense_mask": "1"}, tx=tx)
+    metadata = {"format": "pt", "fps.dense_mask": "1"}
+    write_atomic(path, _as_torch(mask).dense(), metadata, tx=tx, overwrite=overwrite)
 
 
 def compare_report(a: Mask | MaskArrays, b: Mask | MaskArrays) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .errors import FileFormatError
+from .errors import FileFormatError, OutputExistsError
 from .formats import Delta, read_delta, weights_digest, write_atomic
 from .hf import PROCESSOR_FILE as HF_PROCESSOR_NAME
 from .hf import is_hf_model, save_hf_pretrained
@@ -291,11 +291,15 @@ def write_merged(
     config: str,
     *,
     tx: Transaction | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Write the weights (and, for a folder, ``config.json``) through :mod:`.outputs`: a new folder appears whole,
-    an existing one gets both files in one group commit, and nothing else in it is touched."""
+    an existing one gets both files in one group commit, and nothing else in it is touched. Without ``tx``, an
+    existing weight file is replaced only with ``overwrite=True``."""
     if tx is None:
-        with Transaction(replace=True) as own:
+        if not overwrite and Path(target.weights).exists():
+            raise OutputExistsError(f"{target.weights} already exists; pass overwrite=True to replace it")
+        with Transaction(replace=overwrite) as own:
             write_merged(target, state, metadata, config, tx=own)
         return
     if not target.directory:
@@ -317,9 +321,11 @@ def run_merge(
     dtype: str = "fp32",
     source: str = "the delta",
     tx: Transaction | None = None,
+    overwrite: bool = False,
 ) -> MergeResult:
     """Rebuild the delta's base, check it, merge, and write ``target`` (check it with an
-    :class:`~fps_cli.outputs.OutputPlan` first; ``tx``: the plan's transaction, default: one that replaces).
+    :class:`~fps_cli.outputs.OutputPlan` first; ``tx``: the plan's transaction, default: one of its own, which
+    replaces an existing output only with ``overwrite=True``).
 
     Args:
         delta: the trained change (:func:`.formats.read_delta`).
@@ -342,8 +348,9 @@ def run_merge(
         # A transformers save_pretrained folder needs the model's config and image processor: keep the model,
         # at the cost of one extra copy of the weights while merging.
         merge_state_dict(state, delta, DTYPES[dtype])
-        labels = delta.provenance.get("classes")
-        save_hf_pretrained(model, target.path, state_dict=state, labels=labels, force=True, tx=tx)
+        labels = delta.provenance.get("classes") or None  # a language model has none
+        replace = tx is not None or overwrite  # a plan's transaction was checked by the plan
+        save_hf_pretrained(model, target.path, state_dict=state, labels=labels, force=replace, tx=tx)
     else:
         img_size = spec.img_size if spec is not None else delta.provenance.get("img_size")
         config = ""
@@ -352,7 +359,7 @@ def run_merge(
             config = timm_config(model, img_size, delta.provenance.get("classes"), pretrained_tag=from_hub)
         del model  # the state dict alone holds the base now, so each merged tensor frees the one it replaces
         merge_state_dict(state, delta, DTYPES[dtype])
-        write_merged(target, state, _metadata(delta, dtype), config, tx=tx)
+        write_merged(target, state, _metadata(delta, dtype), config, tx=tx, overwrite=overwrite)
     return MergeResult(
         target=target,
         model=name,

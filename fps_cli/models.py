@@ -24,6 +24,7 @@ from .hub import ModelSpec as ModelSpec  # re-exported: where every caller has f
 from .hub import ensure_available, hf_cached, hub_offline, is_offline, quiet_hub, ways_out_hint
 from .hub import load_checkpoint as load_checkpoint  # re-exported
 from .hub import read_state_dict as read_state_dict  # re-exported
+from .outputs import recover
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -37,7 +38,13 @@ def _check_model_name(name: str) -> None:
         # A hub repo id such as timm/vit_base_patch16_224.augreg_in21k: timm loads those with the hf-hub: prefix.
         tail = name.rsplit("/", 1)[1]
         timm_name = f", or the timm name {tail}" if timm.is_model(tail) else ""
-        raise ModelError(f"unknown model {name!r}; a Hugging Face hub repo is named hf-hub:{name}{timm_name}")
+        # Outside timm's own organisation a repo is as likely a transformers model (google/vit-base-patch16-224).
+        other = not name.startswith("timm/")
+        kind = " (timm weights)" if other else ""
+        transformers = f"; a transformers model is hf:{name} (pip install 'fps-cli[hf]')" if other else ""
+        raise ModelError(
+            f"unknown model {name!r}; a Hugging Face hub repo is named hf-hub:{name}{kind}{timm_name}{transformers}"
+        )
     if not timm.is_model(name):
         arch = name.split(".", 1)[0]
         close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
@@ -113,6 +120,7 @@ def create_image_model(spec: ModelSpec) -> nn.Module:
             cache_only = _hf_weights_ready(repo, offline, spec.name) and cache_only
     elif spec.name.startswith("local-dir:"):
         folder = Path(spec.name[len("local-dir:") :]).expanduser()
+        recover(folder)  # a group write killed half-way in the folder reads as all old (outputs.py)
         if not (folder / "config.json").is_file():
             raise ModelError(f"{spec.name}: {folder} has no config.json (a timm local-dir: folder needs one)")
         cache_only = True

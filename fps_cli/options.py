@@ -190,7 +190,12 @@ class TrainConfig:
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise OptionsError(f"must be positive, got {self.clip_grad:g}", "--clip-grad")
         # Ranges typer enforces before a command runs; the library checks them too.
-        at_least = {"epochs": (self.epochs, 1), "batch_size": (self.batch_size, 1), "grad_accum": (self.grad_accum, 1)}
+        if self.epochs < 1:  # the README's promise: no zero-epoch "training" that only evaluates
+            raise OptionsError(
+                f"must be at least 1, got {self.epochs}; to evaluate a trained delta without training, use fps eval",
+                "--epochs",
+            )
+        at_least = {"batch_size": (self.batch_size, 1), "grad_accum": (self.grad_accum, 1)}
         for name, (value, low) in at_least.items():
             if value < low:
                 raise OptionsError(f"must be at least {low}, got {value}", _flag(name))

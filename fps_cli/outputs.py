@@ -12,33 +12,25 @@ before any work starts; it then writes through a :class:`Transaction`. The rules
 - **A folder never loses a file fps did not write in that call.** A new folder is built under a temporary name
   and renamed into place whole. An existing folder that is not empty needs ``--force``, and even then only the
   files fps writes are replaced, one group commit (below); every other file stays.
-- **Writes are durable and recognisable.** Data goes to ``.<name>.fps-tmp-<pid>-<host><random>`` beside its
+- **Writes are durable and recognisable.** Data goes to ``.<name>.fps-tmp-<pid>-w<owner><random>`` beside its
   final name (a folder's files into a staging folder of that form), is fsynced, renamed, and the directory
-  fsynced. A temporary whose process is gone (same host, no such pid) is removed by the next
-  :meth:`~OutputPlan.check` in that directory.
+  fsynced. ``<owner>`` names the writer's lock file ``.fps-lock-<owner>`` in the same directory (below).
 
-Group commit (two or more files: mask + scores, the files of an existing folder, a training run's checkpoint +
-metrics log + delta) is all-new or all-old after a kill at any moment:
+**Liveness is a lock, not a host name and pid.** A :class:`Transaction` takes an exclusive ``flock`` on a lock file
+``.fps-lock-<owner>`` in every directory where it leaves a temporary, backup or journal, before it creates any of
+them, and holds it until its commit or abort has cleaned them up (then unlinks the file). The kernel releases the
+lock when the process dies, however it dies, so a leftover whose lock can be taken (or whose lock file is gone) was
+left by a dead writer, and one whose lock is held belongs to a live one. Nothing in that judgement depends on the host
+name or the pid, which a container restart changes or repeats; a copy of the folder (``cp -a``) copies the lock file
+but not the lock, so the copy's leftovers read as dead. On NFS, Linux emulates ``flock`` with POSIX byte-range locks
+held by the server (NLM for NFSv3, the protocol itself for NFSv4), so a live writer on another client keeps its lock
+and is never judged dead; a client that crashes loses its locks when the server notices (NFSv4 lease expiry, NLM's
+reboot notification). A mount with ``nolock`` (or ``local_lock=``) keeps locks on each client only: there a reader on
+another client cannot see a live writer, so never run two fps commands on one folder from two machines at once.
 
-1. every new file is written to its temporary name and fsynced (its inode is noted);
-2. every final name that exists is hard-linked to a backup ``.<name>.fps-old-<pid>-<random>`` (a copy where the
-   file system has no hard links);
-3. a journal ``.fps-journal-<pid>-<random>.json`` listing (final, temporary, its inode, backup) for every
-   entry is written, fsynced and renamed into place, one copy in every directory the group touches;
-4. the temporaries are renamed onto their final names (or a final name removed), one by one;
-5. the directories are fsynced and the journals unlinked: **this is the commit point**;
-6. the backups are unlinked.
-
-Anyone who finds a journal whose process is gone (the next :meth:`~OutputPlan.check` in that directory, and
-every fps read of a file there through :func:`settle`) rolls the group back: a final name that holds the
-temporary's inode gets its backup back (or is removed when there was none), leftovers are removed, and the
-journals go last. So a group killed before step 5 reads as all old, and one killed after it as all new.
-
-Tests can stop the process at a named write boundary: ``FPS_TEST_CRASH_AT=<point>`` (or ``<point>@<n>`` for the
-n-th commit of the process) SIGKILLs it at ``written`` (temporaries complete), ``journal`` (journal in place),
-``rename:<i>`` (after the i-th rename), ``renamed`` (all renamed, journal still there) or ``committed``
-(journal gone, backups not yet); ``FPS_TEST_STOP_AT`` SIGSTOPs it there instead, so that a test can run a second
-writer in the gap and then SIGCONT the first.
+Leftovers written by an earlier fps (no ``w<owner>`` in the name; their journals hold absolute paths) are judged as
+that version did (same host name, no process with that pid), and a journal of theirs older than
+:data:`OLD_JOURNAL_AGE_S` is rolled back regardless: an old writer held its journal for milliseconds.
 """
 
 from __future__ import annotations
@@ -55,20 +47,36 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import FileFormatError, OutputClashError, OutputExistsError, OutputWriteError
+try:
+    import fcntl
+except ImportError:  # not POSIX: leftovers are judged as by earlier versions (host and pid)
+    fcntl = None
+
+from .errors import FileFormatError, FpsError, OutputClashError, OutputExistsError, OutputWriteError
 
 CRASH_ENV = "FPS_TEST_CRASH_AT"
 STOP_ENV = "FPS_TEST_STOP_AT"
-_TEMP = re.compile(r"^\.(?P<name>.+)\.fps-(?P<kind>tmp|old)-(?P<pid>\d+)-(?P<token>[0-9a-f]+)$")
-_JOURNAL = re.compile(r"^\.fps-journal-(?P<pid>\d+)-(?P<token>[0-9a-f]+)\.json$")
-# The first four hex digits of every token name the host (and so the pid namespace, for containers): a leftover of
-# another machine sharing the folder is never judged by a pid of this one.
+# ``w<owner>``: the writer's lock file (new leftovers); none: a leftover of an earlier fps, judged by host and pid.
+_OWNER = r"(?:w(?P<owner>[0-9a-f]{8}))?"
+_TEMP = re.compile(rf"^\.(?P<name>.+)\.fps-(?P<kind>tmp|old)-(?P<pid>\d+)-{_OWNER}(?P<token>[0-9a-f]+)$")
+_JOURNAL = re.compile(rf"^\.fps-journal-(?P<pid>\d+)-{_OWNER}(?P<token>[0-9a-f]+)\.json$")
+_LOCK = re.compile(r"^\.fps-lock-(?P<owner>[0-9a-f]{8})(?P<new>\.new)?$")
+# Earlier fps versions began every token with four hex digits of the host name, and judged a leftover by its pid.
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:4]
+OLD_JOURNAL_AGE_S = 60.0  # an earlier fps's journal older than this is a dead writer's, whatever host wrote it
+LIVE_WAIT_S = 10.0  # how long a reader waits for a live writer's group commit before it refuses to read
+_STALE_LOCK_S = 60.0  # a lock file never renamed into place (its writer died creating it) is removed after this
+_held: set[str] = set()  # owners whose locks this process holds (never judged dead here, even where flock is fcntl)
 _commits = 0  # commits so far in this process, for FPS_TEST_CRASH_AT=<point>@<n>
+
+
+class OpenGroupError(FpsError):
+    """An input's folder holds the journal of a group commit whose writer is still running (or cannot be judged)."""
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -132,6 +140,7 @@ class OutputPlan:
             OutputClashError: an output is an input, or two outputs name the same file (a usage error).
             OutputExistsError: an output exists and ``force`` is false; a file output is a folder.
             FileFormatError: an output's directory does not exist, or a folder output is a file.
+            OutputWriteError: an output's directory cannot be written (read-only, permissions).
         """
         for out in self.outputs:
             settle(out.path.parent)
@@ -152,6 +161,8 @@ class OutputPlan:
             for other, _, other_label, other_name in files[:i]:
                 if _same(path, other):
                     raise OutputClashError(f"{other_label} {other_name} and {label} {name} name the same file", flag)
+        for out in self.outputs:
+            _check_writable(out)
         if exists:
             for out in self.outputs:
                 self._check_exists(out)
@@ -199,6 +210,26 @@ def _check_place(out: _Output) -> None:
         raise FileFormatError(f"cannot write {text}: directory {parent} does not exist")
 
 
+def _check_writable(out: _Output) -> None:
+    """Create and remove a file where ``out`` will be written, so that a read-only folder, a permission or a full
+    inode table is one line before any work, not after it (a training epoch, a data pass).
+
+    Raises:
+        OutputWriteError: naming the output as the user gave it, with the OS's reason.
+    """
+    where = out.path if out.folder and out.path.is_dir() else out.path.parent
+    probe = temp_name(
+        where / f"{out.path.name or 'out'}-probe", secrets.token_hex(4)
+    )  # no lock: any settle may remove it
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        raise OutputWriteError(
+            f"cannot write {f'{out.path}/' if out.folder else out.path}: {_reason(e) or e}"
+        ) from None
+    probe.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------------------- the transaction
 
 
@@ -208,6 +239,7 @@ class _Entry:
     temp: Path | None  # None: remove the final name
     replace: bool
     inode: tuple[int, int] | None = None
+    stamp: list[int | None] | None = None  # [size, mtime_ns] of the temporary: its identity in a copied folder
     backup: Path | None = None
 
 
@@ -222,6 +254,41 @@ class Transaction:
         self.entries: list[_Entry] = []
         self._staging: list[Path] = []
         self._done = False
+        self.owner = secrets.token_hex(4) if fcntl is not None else None
+        self._locks: dict[str, tuple[Path, int]] = {}  # directory -> (its lock file, the locked descriptor)
+
+    def _lock(self, directory: Path) -> None:
+        """Hold this writer's lock in ``directory`` before leaving anything there (module docstring).
+
+        The lock file is created under a name no reader judges (``.new``), locked, then renamed into place, so a
+        reader never sees it unlocked while this process lives.
+        """
+        if self.owner is None:
+            return
+        key = os.path.realpath(directory)
+        if key in self._locks:
+            return
+        final = Path(directory) / f".fps-lock-{self.owner}"
+        new = final.with_name(final.name + ".new")
+        fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666 & ~umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(new, final)
+        except BaseException:
+            os.close(fd)
+            new.unlink(missing_ok=True)
+            raise
+        self._locks[key] = (final, fd)
+        _held.add(self.owner)
+
+    def _release(self) -> None:
+        """Unlink the lock files, then let the locks go (the leftovers they guarded are gone)."""
+        for final, fd in self._locks.values():
+            with contextlib.suppress(OSError):
+                final.unlink()
+            os.close(fd)
+        self._locks.clear()
+        _held.discard(self.owner)
 
     def __enter__(self) -> Transaction:
         return self
@@ -239,10 +306,11 @@ class Transaction:
             OutputWriteError: the disk is full, the folder is read-only, ...
         """
         path = Path(path)
-        temp = temp_name(path)
+        temp = temp_name(path, self.owner)
         entry = _Entry(path, temp, self.replace if replace is None else replace)
         self.entries.append(entry)
         with _os_errors(path):
+            self._lock(temp.parent)
             writer(temp)
             set_mode(temp)
         return temp
@@ -262,11 +330,15 @@ class Transaction:
         """
         folder = Path(folder)
         replace = self.replace if replace is None else replace
-        staging = temp_name(folder)
+        staging = temp_name(folder, self.owner)
         with _os_errors(folder):
+            self._lock(staging.parent)
             staging.mkdir()
             self._staging.append(staging)
-            writer(staging)
+            try:
+                writer(staging)
+            except OutputWriteError as e:  # a file written inside: named in the folder the user gave, not staging
+                raise OutputWriteError(str(e).replace(str(staging), str(folder))) from None
             for p in staging.iterdir():
                 set_mode(p)
         if not folder.exists():
@@ -302,6 +374,7 @@ class Transaction:
                 _remove(e.temp)
         for s in self._staging:
             _remove(s)
+        self._release()
 
     def commit(self) -> None:
         """Make every entry final, all or nothing (module docstring).
@@ -322,7 +395,7 @@ class Transaction:
                     with _os_errors(e.final):
                         _fsync_tree(e.temp)
                         st = os.stat(e.temp)
-                        e.inode = (st.st_dev, st.st_ino)
+                        e.inode, e.stamp = (st.st_dev, st.st_ino), _stamp(st)
             dirs = sorted({e.final.parent for e in entries} | {e.temp.parent for e in entries if e.temp is not None})
             for d in dirs:
                 _fsync_dir(d)
@@ -343,37 +416,29 @@ class Transaction:
         self._done = True
         for s in self._staging:
             _remove(s)
+        self._release()
 
     def _group_commit(self, entries: list[_Entry], dirs: list[Path]) -> None:
         for e in entries:
             if e.final.exists() and e.temp is not None and not e.replace:  # another writer was faster
                 raise OutputExistsError(f"{e.final} already exists; pass --force to replace it")
         for e in entries:
+            with _os_errors(e.final):
+                self._lock(e.final.parent)  # its backup and the journal go there
+        for e in entries:
             if e.final.exists():
-                e.backup = _backup_name(e.final)
+                e.backup = _backup_name(e.final, self.owner)
                 with _os_errors(e.final):
                     _link_or_copy(e.final, e.backup)
         journal_dirs = sorted({e.final.parent for e in entries})
-        journals = [d / f".fps-journal-{os.getpid()}-{_token()}.json" for d in journal_dirs]
-        record = {
-            "pid": os.getpid(),
-            "journals": [str(j.resolve()) for j in journals],
-            "entries": [
-                {
-                    "final": str(e.final.resolve()),
-                    "temp": str(e.temp.resolve()) if e.temp is not None else None,
-                    "inode": list(e.inode) if e.inode else None,
-                    "backup": str(e.backup.resolve()) if e.backup else None,
-                }
-                for e in entries
-            ],
-        }
-        text = json.dumps(record, indent=1)
-        for j in journals:
-            tmp = temp_name(j)
+        name = f".fps-journal-{os.getpid()}-{_token(self.owner)}.json"
+        journals = [d / name for d in journal_dirs]
+        records = [self._record(entries, journals, d) for d in journal_dirs]
+        for j, record in zip(journals, records, strict=True):
+            tmp = temp_name(j, self.owner)
             with _os_errors(j):
                 with open(tmp, "w") as f:
-                    f.write(text)
+                    f.write(json.dumps(record, indent=1))
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, j)
@@ -392,7 +457,7 @@ class Transaction:
                 _fsync_dir(d)
             _crash_point("renamed")
         except BaseException:
-            _roll_back(record)
+            _roll_back(records[0], journal_dirs[0])
             raise
         for j in journals:
             j.unlink(missing_ok=True)
@@ -403,43 +468,247 @@ class Transaction:
             if e.backup is not None:
                 e.backup.unlink(missing_ok=True)
 
+    def _record(self, entries: list[_Entry], journals: list[Path], directory: Path) -> dict:
+        """The journal kept in ``directory``: every path relative to it, so that a copy of the folder names its own
+        files (a copied journal never touches the original)."""
+        here = os.path.realpath(directory)
+
+        def rel(path: Path | None) -> str | None:
+            return None if path is None else os.path.relpath(_absolute(path), here)
+
+        return {
+            "version": 2,
+            "owner": self.owner,
+            "pid": os.getpid(),
+            "journals": [rel(j) for j in journals],
+            "entries": [
+                {
+                    "final": rel(e.final),
+                    "temp": rel(e.temp),
+                    "inode": list(e.inode) if e.inode else None,
+                    "stamp": e.stamp,
+                    "backup": rel(e.backup),
+                }
+                for e in entries
+            ],
+        }
+
 
 # ------------------------------------------------------------------------------------------- recovery
 
 
 def settle(directory: str | os.PathLike) -> None:
-    """Finish what killed fps writes left in ``directory``: roll back every journal of a process that is gone
-    (its group reads as all old again) and remove its temporaries. Best effort: an unreadable folder is left."""
-    directory = Path(directory)
+    """Finish what killed fps writes left in ``directory``: roll back every journal of a dead writer (its group reads
+    as all old again) and remove its temporaries and lock file. Best effort: what cannot be undone now (a read-only
+    folder) is left for later; a live writer's leftovers are never touched."""
+    _settle(Path(directory))
+
+
+def recover(path: str | os.PathLike) -> None:
+    """Call before reading ``path`` (a file, or a folder such as an ``hf:`` model): settle its folder, so that a
+    group commit killed half-way reads as all old; wait for a live writer's group to finish.
+
+    Raises:
+        OpenGroupError: the folder still holds a group commit's journal after :data:`LIVE_WAIT_S`: its writer is
+            alive (or, for an earlier fps's journal, cannot be judged yet), or it could not be rolled back.
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    deadline = time.monotonic() + LIVE_WAIT_S
+    while True:
+        failed = _settle(folder)
+        if failed:
+            name, reason = failed[0]
+            raise OpenGroupError(
+                f"{folder / name} is the journal of an fps write that was killed half-way, and rolling it back "
+                f"failed ({reason}); make the folder writable and run the command again"
+            )
+        try:
+            open_groups = sorted(n for n in os.listdir(folder) if _foreign_journal(n))
+        except OSError:
+            return
+        if not open_groups:
+            return
+        if time.monotonic() >= deadline:
+            m = _JOURNAL.match(open_groups[0])
+            if m["owner"] is not None:
+                who = "an fps command that is still running (it holds its lock)"
+                retry = "run this command again when it has finished"
+            else:
+                who = f"fps process {m['pid']} of an earlier fps version (on this or another machine)"
+                retry = (
+                    f"run this command again when it has finished; if none is running, the group is rolled back "
+                    f"once the journal is {OLD_JOURNAL_AGE_S:.0f} s old"
+                )
+            raise OpenGroupError(f"{folder / open_groups[0]} is an unfinished group write by {who}; {retry}")
+        time.sleep(0.05)
+
+
+def _foreign_journal(name: str) -> bool:
+    m = _JOURNAL.match(name)
+    return bool(m) and not (m["owner"] is not None and m["owner"] in _held)
+
+
+def _settle(directory: Path) -> list[tuple[str, str]]:
+    """:func:`settle`; returns ``(journal, reason)`` for every dead writer's journal it could not roll back."""
     try:
         names = os.listdir(directory)
     except OSError:
-        return
-    with contextlib.suppress(OSError):
+        return []
+    judge = _Judge(directory)
+    failed = []
+    try:
         for name in names:
             m = _JOURNAL.match(name)
-            if m and _gone(m):
-                try:
-                    record = json.loads((directory / name).read_text())
-                except (OSError, ValueError):
-                    (directory / name).unlink(missing_ok=True)
-                    continue
-                _roll_back(record)
-        for name in os.listdir(directory):
-            m = _TEMP.match(name)
-            if m and _gone(m):
-                _remove(directory / name)
+            if not m or not judge.dead(m, journal=True):
+                continue
+            try:
+                text = (directory / name).read_text()
+            except FileNotFoundError:
+                continue  # rolled back meanwhile (by another reader, or with a copy of this journal elsewhere)
+            except OSError as e:
+                failed.append((name, e.strerror or str(e)))
+                continue
+            try:
+                record = json.loads(text)
+                _roll_back(record, directory, name)
+            except OSError as e:
+                failed.append((name, e.strerror or str(e)))
+            except (ValueError, TypeError, KeyError, AttributeError):  # not a journal fps wrote: it guards nothing
+                with contextlib.suppress(OSError):
+                    (directory / name).unlink()
+        with contextlib.suppress(OSError):
+            for name in os.listdir(directory):
+                m = _TEMP.match(name)
+                if m and judge.dead(m):
+                    _remove(directory / name)
+        with contextlib.suppress(OSError):
+            judge.clean_locks(os.listdir(directory))
+    finally:
+        judge.close()
+    return failed
 
 
-def _roll_back(record: dict) -> None:
+class _Judge:
+    """Decides, once per writer, whether the writer of a leftover in ``directory`` is dead (module docstring); it
+    holds the lock of every dead writer it judged until :meth:`close`, so that two readers never undo one group at
+    the same time."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.verdicts: dict[str, bool] = {}
+        self.fds: dict[str, int] = {}
+
+    def dead(self, m: re.Match, *, journal: bool = False) -> bool:
+        owner = m["owner"]
+        if owner is None:  # an earlier fps's leftover: its host and pid, or (a journal) its age
+            if m["token"].startswith(_HOST) and not _alive(int(m["pid"])):
+                return True
+            if not journal:
+                return False
+            try:
+                return time.time() - os.stat(self.directory / m.string).st_mtime > OLD_JOURNAL_AGE_S
+            except OSError:
+                return False
+        if owner in _held:
+            return False
+        if owner not in self.verdicts:
+            self.verdicts[owner] = self._lock(owner)
+        return self.verdicts[owner]
+
+    def _lock(self, owner: str) -> bool:
+        """True (dead) when the writer's lock can be taken or its lock file is gone; False when it is held."""
+        if fcntl is None:
+            return False
+        path = self.directory / f".fps-lock-{owner}"
+        fd = _open_lock(path)
+        if fd is None:
+            return not os.path.lexists(path)
+        if not _try_flock(fd):
+            os.close(fd)
+            return False
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except OSError:
+            same = False
+        if not same:  # cleaned up meanwhile by another reader: the writer is gone all the same
+            os.close(fd)
+            return True
+        self.fds[owner] = fd
+        return True
+
+    def clean_locks(self, names: list[str]) -> None:
+        """Remove the lock files of dead writers whose leftovers are all gone."""
+        referenced = set()
+        for name in names:
+            m = _TEMP.match(name) or _JOURNAL.match(name)
+            if m and m["owner"]:
+                referenced.add(m["owner"])
+        for name in names:
+            m = _LOCK.match(name)
+            if not m or m["owner"] in _held or m["owner"] in referenced:
+                continue
+            path = self.directory / name
+            if m["new"]:  # its writer died creating it, or is about to rename it: only an old one is stale
+                with contextlib.suppress(OSError):
+                    if time.time() - os.stat(path).st_mtime > _STALE_LOCK_S:
+                        fd = _open_lock(path)
+                        if fd is not None:
+                            if _try_flock(fd):
+                                path.unlink()
+                            os.close(fd)
+            elif self.dead(m):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _open_lock(path: Path) -> int | None:
+    for flags in (os.O_RDWR, os.O_RDONLY):  # read-only where the file is not writable (flock needs neither)
+        try:
+            return os.open(path, flags)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            continue
+    return None
+
+
+def _try_flock(fd: int) -> bool:
+    """Take ``fd``'s lock without waiting: exclusive, or shared where the file system's emulation needs a writable
+    descriptor for that (NFS); either conflicts with a writer's exclusive lock."""
+    for how in (fcntl.LOCK_EX, fcntl.LOCK_SH):
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError:
+            continue
+    return False
+
+
+def _roll_back(record: dict, here: Path, journal: str | None = None) -> None:
+    """Undo the group ``record`` describes; ``here``: the folder of the journal it was read from (``journal``)."""
+    where, moved = _resolver(record, here, journal)
     for e in reversed(record.get("entries", [])):
-        final = Path(e["final"])
-        backup = Path(e["backup"]) if e.get("backup") else None
+        final = where(e["final"])
+        backup = where(e.get("backup"))
+        temp = where(e.get("temp"))
+        renamed = temp is None or not os.path.lexists(temp)
         ours = False
-        if e.get("inode"):
-            with contextlib.suppress(OSError):
-                st = os.stat(final)
-                ours = [st.st_dev, st.st_ino] == list(e["inode"])
+        with contextlib.suppress(OSError):
+            st = os.stat(final)
+            if e.get("inode") and [st.st_dev, st.st_ino] == list(e["inode"]):
+                ours = True
+            elif e.get("stamp") and renamed and _stamp(st) == list(e["stamp"]):
+                ours = True  # the same file in a copied folder: another inode, its size and mtime kept
+            elif moved and not e.get("stamp") and renamed:
+                ours = True  # an earlier fps's journal, copied with its folder: a temporary gone was renamed
         if backup is not None and backup.exists():
             if ours or not final.exists():
                 os.replace(backup, final)
@@ -447,26 +716,48 @@ def _roll_back(record: dict) -> None:
                 backup.unlink()
         elif ours:
             _remove(final)
-        if e.get("temp"):
-            _remove(Path(e["temp"]))
+        if temp is not None:
+            _remove(temp)
     dirs = set()
     for j in record.get("journals", []):
-        Path(j).unlink(missing_ok=True)
-        dirs.add(Path(j).parent)
+        path = where(j)
+        path.unlink(missing_ok=True)
+        dirs.add(path.parent)
     for d in dirs:
         _fsync_dir(d)
 
 
-def _token() -> str:
-    return _HOST + secrets.token_hex(4)
+def _resolver(record: dict, here: Path, journal: str | None) -> tuple[Callable[[str | None], Path | None], bool]:
+    """How a journal's paths map to this folder: relative to it (version 2), or, for an earlier fps's absolute paths,
+    moved along with the journal itself (the folder may be a copy); and whether an earlier fps's journal was moved."""
+    if record.get("version", 1) >= 2:
+        return (lambda p: None if p is None else Path(os.path.normpath(os.path.join(here, p)))), False
+    recorded = next((Path(j).parent for j in record.get("journals", []) if Path(j).name == journal), None)
+    base = os.path.realpath(here)
+    if recorded is None or os.path.realpath(recorded) == base:
+        return (lambda p: None if p is None else Path(p)), False
+    return (
+        lambda p: None if p is None else Path(os.path.normpath(os.path.join(base, os.path.relpath(p, recorded))))
+    ), True
 
 
-def _gone(match: re.Match) -> bool:
-    """The leftover's process is gone: it ran on this host, and no process has its pid."""
-    return match["token"].startswith(_HOST) and not _alive(int(match["pid"]))
+def _stamp(st: os.stat_result) -> list[int | None]:
+    import stat
+
+    return [None if stat.S_ISDIR(st.st_mode) else st.st_size, st.st_mtime_ns]
+
+
+def _absolute(path: Path) -> str:
+    """``path`` made absolute through its folder's real path (the name itself may be a link fps replaces)."""
+    return os.path.join(os.path.realpath(path.parent), path.name)
+
+
+def _token(owner: str | None = None) -> str:
+    return (f"w{owner}" if owner else _HOST) + secrets.token_hex(4)
 
 
 def _alive(pid: int) -> bool:
+    """An earlier fps's judgement, for its own leftovers only: a process with that pid exists here."""
     if pid == os.getpid():
         return True
     try:
@@ -479,22 +770,23 @@ def _alive(pid: int) -> bool:
 
 
 def _is_leftover(name: str) -> bool:
-    return bool(_TEMP.match(name) or _JOURNAL.match(name))
+    return bool(_TEMP.match(name) or _JOURNAL.match(name) or _LOCK.match(name))
 
 
 # --------------------------------------------------------------------------------------- small helpers
 
 
-def temp_name(path: str | os.PathLike) -> Path:
-    """A temporary name beside ``path`` that :func:`settle` recognises: ``.<name>.fps-tmp-<pid>-<random>``."""
+def temp_name(path: str | os.PathLike, owner: str | None = None) -> Path:
+    """A temporary name beside ``path`` that :func:`settle` recognises: ``.<name>.fps-tmp-<pid>-w<owner><random>``
+    (``owner``: the writer's lock, see :class:`Transaction`)."""
     path = Path(path)
     if not path.name:  # "." or "./"
         path = Path(os.path.abspath(path))
-    return path.parent / f".{path.name}.fps-tmp-{os.getpid()}-{_token()}"
+    return path.parent / f".{path.name}.fps-tmp-{os.getpid()}-{_token(owner)}"
 
 
-def _backup_name(path: Path) -> Path:
-    return path.parent / f".{path.name}.fps-old-{os.getpid()}-{_token()}"
+def _backup_name(path: Path, owner: str | None) -> Path:
+    return path.parent / f".{path.name}.fps-old-{os.getpid()}-{_token(owner)}"
 
 
 def umask() -> int:

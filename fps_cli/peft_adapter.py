@@ -85,8 +85,24 @@ def shira_mask_fn(selection: IndexSelection) -> Callable[..., Tensor]:
     """
     names = {id(m): n for n, m in selection.modules.items()}
 
+    def copied(layer: nn.Module) -> str | None:
+        """The selected layer ``layer`` is an equal copy of (same type, shape and values), if any."""
+        for n, m in selection.modules.items():
+            w = getattr(m, "weight", None)
+            same = type(m) is type(layer) and w is not None and w.shape == layer.weight.shape
+            if same and torch.equal(w.detach().cpu(), layer.weight.detach().cpu()):
+                return n
+        return None
+
     def mask_fn(base_layer: nn.Module, r: int, **kwargs: Any) -> Tensor:
         name = names.get(id(base_layer))
+        if name is None and copied(base_layer) is not None:
+            raise FpsError(
+                f"SHiRA's mask_fn matches layers by identity, not by name: this {type(base_layer).__name__} is a copy "
+                f"of {copied(base_layer)}, not the layer object select_indices scored (was the model copied or "
+                "reloaded after select_indices?); call get_peft_model on the same model object given to "
+                "select_indices"
+            )
         if name is None:
             raise FpsError(
                 f"SHiRA targets a {type(base_layer).__name__} that select_indices did not target; give "
@@ -255,21 +271,58 @@ def adapter_tensors(model: nn.Module, delta: Delta, plan: AdapterPlan) -> tuple[
     return tensors, padded
 
 
-def adapter_config(plan: AdapterPlan, base_model: str | None) -> dict[str, Any]:
-    """``adapter_config.json`` as PEFT's ``ShiraConfig`` writes it."""
+# PEFT's task_type for fps's tasks that have one (a causal LM: PeftModelForCausalLM, AutoPeftModelForCausalLM).
+PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM"}
+
+
+def adapter_config(
+    plan: AdapterPlan,
+    base_model: str | None,
+    *,
+    revision: str | None = None,
+    auto_mapping: dict | None = None,
+    task_type: str | None = None,
+) -> dict[str, Any]:
+    """``adapter_config.json`` as PEFT's ``ShiraConfig`` writes it (``auto_mapping``: as ``PeftModel.save_pretrained``
+    adds it for a model without a ``task_type``, so that ``AutoPeftModel.from_pretrained(DIR)`` finds the class)."""
     peft = require_peft()
     config = peft.ShiraConfig(
+        task_type=task_type,
         r=plan.r,
         mask_type="fps",  # SHiRA reloads the stored indices and needs no mask_fn; the name records their origin
         target_modules=sorted(plan.sparse),
         modules_to_save=sorted(plan.whole) or None,
         base_model_name_or_path=base_model,
+        revision=revision,
         inference_mode=True,
     )
     out = config.to_dict()
     out["target_modules"] = sorted(plan.sparse)
     out["peft_version"] = peft.__version__
+    if auto_mapping is not None:
+        out["auto_mapping"] = auto_mapping
     return json.loads(json.dumps(out, default=str))
+
+
+def base_identity(model: nn.Module, name: str | None) -> tuple[str | None, str | None, dict | None]:
+    """``(base_model_name_or_path, revision, auto_mapping)`` of the adapter config: names the loaders resolve.
+
+    A transformers model (``hf:ID_OR_PATH``) is recorded as transformers names it (``google/vit-base-patch16-224``
+    or the folder, without fps's ``hf:``; a ``@revision`` as PEFT's ``revision``), with the ``auto_mapping`` PEFT
+    writes (its class and module), so ``AutoPeftModel.from_pretrained(DIR)`` rebuilds base and adapter. A timm model
+    keeps its timm name (``vit_base_patch16_224.augreg_in21k``, ``hf-hub:...``, ``local-dir:...``), which
+    ``timm.create_model`` resolves; PEFT has no auto class for timm models, so it gets no ``auto_mapping``.
+    """
+    from .hf import HF_PREFIX, is_hf_model
+
+    if name is None or not name.startswith(HF_PREFIX) or not is_hf_model(model):
+        return name, None, None
+    source = name[len(HF_PREFIX) :]
+    revision = None
+    if not Path(source).expanduser().is_dir():
+        source, _, revision = source.partition("@")
+    cls = type(model)
+    return source, revision or None, {"base_model_class": cls.__name__, "parent_library": cls.__module__}
 
 
 def _check_suffixes(model: nn.Module, names: list[str]) -> None:
@@ -390,7 +443,9 @@ def export_peft(
         "fps.padding": json.dumps(padded),
     }
     name = spec.name if spec is not None else prov.get("model")
-    config = adapter_config(plan, name)
+    base_name, revision, auto_mapping = base_identity(model, name)
+    task_type = PEFT_TASK_TYPES.get(prov.get("task") or "")
+    config = adapter_config(plan, base_name, revision=revision, auto_mapping=auto_mapping, task_type=task_type)
     if own_plan is None:
         write_adapter_folder(path, tensors, metadata, config, tx=tx)
         size = tx.staged(path / WEIGHTS_NAME).stat().st_size

@@ -5,7 +5,9 @@ timm's ``train.py`` writes ``args.yaml`` (the resolved arguments) and ``summary.
 output folder, and logs the same rows to wandb with ``--log-wandb``. ``fps train`` writes them beside the delta,
 named after it (``delta.summary.csv``, ``delta.args.yaml``, as ``delta.metrics.jsonl``), with fps's own columns
 after timm's. Epochs count from 1, as in fps's log. The files are written by :class:`fps_cli.finetune.RunFiles`
-with the checkpoint and the metrics log, as one unit (:mod:`.outputs`); this module only renders them.
+with the checkpoint and the metrics log, as one unit (:mod:`.outputs`); this module only renders them. A resumed run
+never reads ``summary.csv`` back: its rows are rebuilt from the checkpoint's history of epochs (the same records
+the rows were made from), so a hand-edited or damaged file is simply rewritten as an uninterrupted run writes it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import csv
 import io
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from .errors import FpsError
@@ -31,16 +32,6 @@ def summary_row(event: Mapping[str, Any]) -> dict[str, Any]:
     names = {"val_loss": "eval_loss", "val_top1": "eval_top1", "val_top5": "eval_top5"}
     values = {names.get(k, k): v for k, v in event.items()}
     return {c: values[c] for c in (*TIMM_COLUMNS, *FPS_COLUMNS) if c in values}
-
-
-def read_summary(path: str | os.PathLike, resume_after: int) -> list[dict[str, Any]]:
-    """The rows of an interrupted run's ``summary.csv`` up to the checkpoint's epoch (timm's ``trim_summary``), so
-    that a resumed run's file reads as the one of an uninterrupted run."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_after]
 
 
 def summary_csv(rows: list[Mapping[str, Any]]) -> str:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .activations import InputStats, autocast, input_stats_hooks
-from .candidates import ParameterRoles, baseline_trainable, find_head, parameter_roles
+from .candidates import ParameterRoles, baseline_trainable, find_head
 from .constants import BASELINE_METHODS, DEFAULT_BUDGET
 from .data import default_num_workers, subsample
 from .distributed import Dist, all_reduce, batch_shard, reduce_input_stats, sum_over_ranks
@@ -67,13 +67,16 @@ class SelectResult:
     notes: list[str] = field(default_factory=list)
 
 
-def write_scores(path: str | Path, result: SelectResult, *, tx: Transaction | None = None) -> None:
+def write_scores(
+    path: str | Path, result: SelectResult, *, tx: Transaction | None = None, overwrite: bool = False
+) -> None:
     """Write the score file of a fresh selection: input statistics, or summed gradients for ``gps``
-    (``tx``: as part of a group commit, see :func:`.formats.write_atomic`)."""
+    (``tx``: as part of a group commit, see :func:`.formats.write_atomic`; an existing file only with
+    ``overwrite=True``)."""
     if result.gradients is not None:
-        save_gradient_scores(path, result.gradients, result.score_provenance, tx=tx)
+        save_gradient_scores(path, result.gradients, result.score_provenance, tx=tx, overwrite=overwrite)
     elif result.stats is not None:
-        save_scores(path, result.stats, result.score_provenance, tx=tx)
+        save_scores(path, result.stats, result.score_provenance, tx=tx, overwrite=overwrite)
     else:
         raise ValueError("a re-selection has no new scores to write")
 
@@ -252,10 +255,13 @@ def run_select(
     _check_method(options, anchor)
     dist = dist or Dist()
     device = torch.device(device)
+    from .tasks import dataset_of
+
     task, spec, data_options = _task_inputs(spec, data_dir, data_options)
-    found = task.discover(Path(data_dir), data_options)
+    found = dataset_of(task, data_dir, data_options)
+    task.check_select(found)  # e.g. one class, or a dataset's image folder: refused before the model is built
     split = found.train
-    if options.method == "gps" and not split.labeled:
+    if options.method == "gps" and task.classifies and not split.labeled:
         raise DataError(
             f"--method gps needs labels, but {split.root} is a flat folder of unlabeled images; put the images in "
             "class sub-folders (DIR/<class>/...), or use --method fps, which does not need labels"
@@ -267,8 +273,11 @@ def run_select(
 
     seed_everything(options.seed)
     model = create_model(spec)
-    num_classes = num_classes if num_classes is not None else model_num_classes(model)
-    roles = parameter_roles(model, train_bias=options.train_bias)
+    if task.classifies:
+        num_classes = num_classes if num_classes is not None else model_num_classes(model)
+    from .tasks import task_roles
+
+    roles = task_roles(task, model, options.train_bias)
     if options.topk_per_neuron is None:
         selection_count(roles, options.budget)  # fail on an impossible budget before the data pass
     anchor_stats = load_anchor(anchor, roles, spec.name, options.method) if anchor is not None else None
@@ -314,7 +323,7 @@ def run_select(
             model,
             roles.candidates,
             stream,
-            forward=task.forward,
+            forward=task.statistics_forward or task.forward,
             real_tokens=task.real_tokens,
             device=device,
             precision=precision,
@@ -332,12 +341,13 @@ def run_select(
         raise DataError(f"no readable images in {split.root} ({skipped} skipped)")
 
     data_provenance = {
-        "data": str(Path(data_dir).expanduser().resolve()),
+        "data": found.location,
+        **found.provenance(),
         "num_samples": seen,
         "skipped_images": skipped,
         "classes": split.classes,
         "precision": precision,
-        **_task_provenance(task, data_options, found.provenance),
+        **_task_provenance(task, data_options),
     }
     augment = options.augment and task.gps_augments
     if gps:
@@ -363,21 +373,21 @@ def _task_inputs(
     the data's kind before the model is built)."""
     from .tasks import check_data, check_data_options, resolve_task
 
-    task = resolve_task(spec)
+    task = resolve_task(spec)  # the data was listed (and refused) before any model is built
     data_options = {k: v for k, v in (data_options or {}).items() if v is not None}
     check_data_options(task, data_options)
     check_data(task, spec, data_dir)
     return task, replace(spec, task=task.name), data_options
 
 
-def _task_provenance(task: Any, data_options: Mapping[str, Any], splits: Mapping[str, Any]) -> dict[str, Any]:
-    """What a file records about its task: the task's name and, for tasks other than image classification (whose
-    files keep their earlier form), the data options and the files the splits came from."""
+def _task_provenance(task: Any, data_options: Mapping[str, Any]) -> dict[str, Any]:
+    """What a file records about its task: the task's name and, when given or for tasks other than image
+    classification (whose files otherwise keep their earlier form), the data options."""
     from .tasks import IMAGE_CLASSIFICATION
 
-    if task.name == IMAGE_CLASSIFICATION and not data_options and not splits:
+    if task.name == IMAGE_CLASSIFICATION and not data_options:
         return {"task": task.name}
-    return {"task": task.name, "data_options": dict(data_options), "splits": dict(splits)}
+    return {"task": task.name, "data_options": dict(data_options)}
 
 
 def gather_input_stats(
@@ -452,8 +462,11 @@ def run_baseline(
     """
     if method not in BASELINE_METHODS:
         raise ValueError(f"unknown baseline {method!r}; expected one of {BASELINE_METHODS}")
+    from .tasks import dataset_of
+
     task, spec, data_options = _task_inputs(spec, data_dir, data_options)
-    found = task.discover(Path(data_dir), data_options)
+    found = dataset_of(task, data_dir, data_options)
+    task.check_select(found)
     split = found.train
     num_classes = spec.num_classes if spec.num_classes is not None else (len(split.classes) or None)
     if spec.num_classes is None and num_classes is not None:
@@ -465,11 +478,12 @@ def run_baseline(
     mask = Mask({}, baseline_trainable(model, method), shapes)
     mask.provenance = {
         **_model_provenance(spec, model, num_classes, spec.img_size, seed),
-        "data": str(Path(data_dir).expanduser().resolve()),
+        "data": found.location,
+        **found.provenance(),
         "num_samples": 0,  # no data pass
         "skipped_images": 0,
         "classes": split.classes,
-        **_task_provenance(task, data_options, found.provenance),
+        **_task_provenance(task, data_options),
         "method": method,
         "norm": None,
         "granularity": None,
@@ -596,7 +610,9 @@ def reselect(
     init_seed = int(prov.get("init_seed", 0))
     seed_everything(init_seed)
     model = create_model(spec).to(device)
-    roles = parameter_roles(model, train_bias=options.train_bias)
+    from .tasks import resolve_task, task_roles
+
+    roles = task_roles(resolve_task(spec), model, options.train_bias)
 
     digest = base_digest(model)
     if prov.get("base_sha256") and digest != prov["base_sha256"]:
@@ -616,10 +632,10 @@ def reselect(
         # The GPS settings a gradient file was made with are part of its scores; a new mask keeps them.
         gps = (prov.get("gps_loss", options.loss), prov.get("augment", options.augment))
     mask = _mask_from(roles, options, stats, gradients, anchor_stats)
-    score_keys = ("data", "num_samples", "skipped_images", "classes", "precision", "task", "data_options", "splits")
+    score_keys = ("data", "num_samples", "skipped_images", "classes", "precision", "task", "data_options")
     mask.provenance = {
         **_model_provenance(spec, model, recorded.num_classes, spec.img_size, init_seed),
-        **{k: prov.get(k) for k in score_keys if k in prov or k not in ("task", "data_options", "splits")},
+        **{k: prov.get(k) for k in score_keys if k in prov or k not in ("task", "data_options")},
         **_selection_provenance(options, anchor, gps),
         "from_scores": str(Path(scores_path).resolve()),
     }

@@ -119,9 +119,10 @@ def _select(args: list[str]):
 def test_anchor_end_to_end(image_folder, tmp_path):
     task = image_folder(classes=2, per_class=3)
     anchor_dir = tmp_path / "anchor_images"
-    write_images(anchor_dir / "a", 4, seed=5)
+    write_images(anchor_dir, 4, seed=5)  # unlabeled: a flat folder (one class folder is refused at select)
     anchor, task_scores, mask = tmp_path / "anchor.safetensors", tmp_path / "task.safetensors", tmp_path / "m.st"
-    result = _select(["--data", str(anchor_dir), "-o", str(tmp_path / "am.st"), "--scores", str(anchor)])
+    anchor_args = ["--data", str(anchor_dir), "--num-classes", "2", "-o", str(tmp_path / "am.st")]
+    result = _select([*anchor_args, "--scores", str(anchor)])
     assert result.exit_code == 0, result.output
     result = _select(["--data", str(task), "--anchor", str(anchor), "-o", str(mask), "--scores", str(task_scores)])
     assert result.exit_code == 0, result.output

@@ -238,3 +238,28 @@ def test_no_hook_left_on_test_vit_after_an_exception_mid_pass():
     assert _hooks(model) == 0
     stats = collect_input_stats(model, candidates, [torch.randn(2, 3, 32, 32)])
     assert _hooks(model) == 0 and stats.keys() == candidates.keys()
+
+
+def test_the_reductions_run_on_one_thread_and_restore_the_count(monkeypatch):
+    """On the CPU the statistics' reductions run with one thread (no parallel region to wait on under load), and the
+    thread count is restored afterwards, also after an exception; the sums are those of |x| and x**2."""
+    from fps_cli import activations
+
+    torch.set_num_threads(2)
+    seen = []
+    real = torch.Tensor.addmv_
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "addmv_", spy)
+    x = torch.randn(37, 11)
+    abs_sum, sq_sum, count = activations.linear_input_sums(x)
+    assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    torch.testing.assert_close(abs_sum, x.abs().sum(0))
+    torch.testing.assert_close(sq_sum, x.square().sum(0))
+    assert count == 37
+    with pytest.raises(RuntimeError), activations.one_thread():
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == 2

@@ -41,3 +41,29 @@ def test_live_memory_counts_what_is_alive(memory_estimate):
         del b, view, c
     assert memory.peak == 8000
     assert memory.current == 0
+
+
+def test_the_estimate_runs_a_llama_from_its_config_alone(memory_estimate):
+    args = memory_estimate._args(
+        ["--model", "tiny-llama", "--seq-len", "32", "--lora-r", "2", "--checkpointing", "off"]
+    )
+    assert args.batch_size == 4 and args.passes == list(memory_estimate.LLM_PASSES)
+    report = memory_estimate.estimate_llm(args)
+    peaks = report["no_checkpointing"]["peak_bytes"]
+    shape = memory_estimate.LLM_SHAPES["tiny-llama"]
+    # LoRA r=2 on q (64 -> 64) and v (64 -> 32) in 2 layers: the count every variant trains.
+    assert report["trainable"] == 2 * 2 * ((64 + 64) + (64 + 32))
+    weights = report["params"] * 2  # bf16
+    assert report["params"] > shape["vocab_size"] * shape["hidden_size"]
+    assert peaks["inference"] > weights
+    assert peaks["inference_last"] <= peaks["inference"]  # the [4, 32, 512] logits not made
+    assert peaks["full"] > 3 * weights  # weights, gradients, two AdamW states
+    assert peaks["sparse"] < peaks["full"] and peaks["lora"] < peaks["full"]
+    ratios = report["no_checkpointing"]["ratios"]
+    assert ratios["fps_over_inference"] == peaks["fps"] / peaks["inference"]
+
+
+def test_a_vision_pass_is_refused_for_a_language_model(memory_estimate, capsys):
+    with pytest.raises(SystemExit):
+        memory_estimate._args(["--model", "tiny-llama", "--passes", "gps"])
+    assert "--passes gps not available for tiny-llama" in capsys.readouterr().err

@@ -275,8 +275,8 @@ def test_select_killed_at_any_write_boundary_leaves_all_old_or_all_new(run, buil
     killed = fps_process(*args, cwd=run, FPS_TEST_CRASH_AT=point)
     assert killed.returncode == -signal.SIGKILL
     left = {name for name in snapshot(run) if name.startswith(".")}
-    assert left  # recognisable leftovers: .<name>.fps-tmp-<pid>-..., .fps-journal-<pid>-....json
-    assert all(".fps-tmp-" in n or ".fps-old-" in n or n.startswith(".fps-journal-") for n in left)
+    assert left  # recognisable leftovers: .<name>.fps-tmp-<pid>-..., .fps-journal-<pid>-....json, the writer's lock
+    assert all(".fps-tmp-" in n or ".fps-old-" in n or n.startswith((".fps-journal-", ".fps-lock-")) for n in left)
 
     # The next fps command that looks there settles it: any read of a file in the folder.
     assert fps("inspect", "mask.safetensors", "--json", cwd=run).exit_code == 0

@@ -320,3 +320,74 @@ def test_readme_use_with_peft_runs(timm_delta, tmp_path, monkeypatch):
     scope = {}
     exec(compile(python[1], "README.md (Use with PEFT, block 2)", "exec"), scope)
     assert isinstance(scope["model"], peft.PeftModel)
+
+
+# ----------------------------------------------------------------------------- issue 17: loaders, padding, copies
+
+
+def test_hf_adapter_loads_through_auto_peft_model(hf_delta, tmp_path):
+    """``AutoPeftModel.from_pretrained(DIR)`` alone rebuilds base and adapter: the config names the base as
+    transformers does (no hf: prefix) and carries the auto_mapping PEFT writes for a model without a task type."""
+    import fps_cli
+
+    adapter = tmp_path / "adapter"
+    assert fps("export", "--delta", hf_delta, "-o", adapter, "-q").exit_code == 0
+    config = json.loads((adapter / CONFIG).read_text())
+    assert config["base_model_name_or_path"] == str(hf_delta.parent / "tiny-vit")
+    assert config["auto_mapping"] == {
+        "base_model_class": "ViTForImageClassification",
+        "parent_library": "transformers.models.vit.modeling_vit",
+    }
+    model = peft.AutoPeftModel.from_pretrained(str(adapter)).eval()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(logits(model, pixels), logits(fps_cli.load_merged(hf_delta), pixels))
+
+
+def test_timm_adapter_names_a_base_timm_resolves(timm_delta, tmp_path):
+    import timm
+
+    adapter = tmp_path / "adapter"
+    assert fps("export", "--delta", timm_delta, "-o", adapter, "-q").exit_code == 0
+    config = json.loads((adapter / CONFIG).read_text())
+    assert config["base_model_name_or_path"] == "test_vit" and config.get("auto_mapping") is None
+    assert timm.is_model(config["base_model_name_or_path"])
+
+
+def test_tuple_batches_with_a_hidden_mask_are_refused():
+    from test_indices import LLM, SEQUENCES, padded_batch, tiny_llama
+
+    from fps_cli.errors import DataError
+    from fps_cli.indices import select_indices
+
+    model = tiny_llama()
+    batch = padded_batch(SEQUENCES)
+    pair = (batch["input_ids"], batch["attention_mask"])
+
+    def forward(model, batch):
+        return model(input_ids=batch[0], attention_mask=batch[1])
+
+    with pytest.raises(DataError, match=r"batch 0 is a tuple whose item 1 looks like an attention_mask"):
+        select_indices(model, [pair], forward, target_modules=["q_proj"], budget=0.02, **LLM)
+    counted = select_indices(model, [pair], forward, target_modules=["q_proj"], budget=0.02, count_padding=True, **LLM)
+    assert {s.count for s in counted.stats.values()} == {15}  # every position, padding included, as asked
+    real = select_indices(model, [batch], target_modules=["q_proj"], budget=0.02, **LLM)
+    assert {s.count for s in real.stats.values()} == {12}  # the mapping form: real tokens only
+    full = (batch["input_ids"][:, :3], batch["attention_mask"][:, :3])  # no padding in it: nothing to refuse
+    select_indices(model, [full], forward, target_modules=["q_proj"], budget=0.02, **LLM)
+
+
+def test_shira_on_a_copy_of_the_selected_model_says_layers_match_by_identity():
+    import copy
+
+    from test_indices import LLM, SEQUENCES, padded_batch, tiny_llama
+
+    from fps_cli.errors import FpsError
+    from fps_cli.indices import select_indices
+    from fps_cli.peft_adapter import shira_mask_fn
+
+    model = tiny_llama()
+    sel = select_indices(model, [padded_batch(SEQUENCES)], target_modules=["q_proj"], budget=0.02, **LLM)
+    config = peft.ShiraConfig(r=1, mask_type="fps", target_modules=["q_proj"])
+    config.mask_fn = shira_mask_fn(sel)
+    with pytest.raises(FpsError, match=r"matches layers by identity, not by name: this Linear is a copy of model\."):
+        peft.get_peft_model(copy.deepcopy(model), config)

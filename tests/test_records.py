@@ -115,3 +115,153 @@ def test_log_wandb_offline_logs_every_epoch(selected, tmp_path, monkeypatch):
     assert len(runs) == 1
     files = {p.name for p in runs[0].rglob("*")}
     assert any(name.endswith(".wandb") for name in files), files
+
+
+# --------------------------------------------------------------- hand-edited records of an interrupted run (issue 18)
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> Path:
+    """A 2-epoch run stopped by Ctrl-C during epoch 2: delta.ckpt, log and records of epoch 1 (and a val split)."""
+    from conftest import CLASS_COLORS, write_images
+
+    from fps_cli import finetune
+
+    root = tmp_path_factory.mktemp("interrupted")
+    for c in range(3):
+        write_images(root / "data" / "train" / f"class_{c}", 2, CLASS_COLORS[c], seed=c)
+        write_images(root / "data" / "val" / f"class_{c}", 1, CLASS_COLORS[c], seed=100 + c)
+    run = root / "run"
+    run.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(run)
+        assert fps("select", *TINY_VIT, "--data", root / "data", "--budget", "0.05", *FAST, "-q").exit_code == 0
+        evaluate, calls = finetune.evaluate, []
+
+        def interrupted_evaluate(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return evaluate(*a, **k)
+
+        mp.setattr(finetune, "evaluate", interrupted_evaluate)
+        assert fps("train", "--epochs", "2", *FAST, "-q").exit_code == 130
+    assert (run / "delta.ckpt").is_file()
+    return run
+
+
+@pytest.fixture
+def resumable(interrupted, tmp_path, monkeypatch) -> Path:
+    import shutil
+
+    shutil.copytree(interrupted.parent, tmp_path / "copy")
+    monkeypatch.chdir(tmp_path / "copy" / "run")
+    return tmp_path / "copy" / "run"
+
+
+def _resume_error(run: Path) -> tuple[str, dict]:
+    """`fps train --resume --json`: exit 1, one error line on stderr, one JSON error object on stdout."""
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    result = fps("train", "--epochs", "2", *FAST, "-q", "--resume", "--json")
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    payload = json.loads(result.stdout)
+    assert payload == {"error": lines[0].removeprefix("error: "), "exit_code": 1}
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing written
+    return lines[0], payload
+
+
+LOG_FIX = (
+    "; fix or delete that line (or the whole log: the resumed log then starts at the checkpoint), or start over "
+    "with --force"
+)
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (b"5", "is not a JSON object: 5"),
+        (b'[{"event": "epoch", "epoch": 1}]', 'is not a JSON object: [{"event": "epoch", "epoch": 1}]'),
+        (b'{"event": "epoch", "epoch": "x"}', 'has "epoch": "x", not a whole number'),
+        (b'{"event": "epoch", "epoch": null}', 'has "epoch": null, not a whole number'),
+        (b'{"event": "epoch", "epoch": true}', 'has "epoch": true, not a whole number'),
+        (b"{not json", "is not JSON (Expecting property name enclosed in double quotes: column 2)"),
+    ],
+)
+def test_resume_with_a_hand_edited_metrics_log_line_is_one_error(resumable, line, problem):
+    log = resumable / "delta.metrics.jsonl"
+    n = len(log.read_bytes().splitlines()) + 1
+    log.write_bytes(log.read_bytes() + line + b"\n")
+    message, _ = _resume_error(resumable)
+    assert message == f"error: delta.metrics.jsonl line {n} {problem}{LOG_FIX}"
+
+
+def test_resume_with_binary_bytes_in_the_metrics_log_is_one_error(resumable):
+    log = resumable / "delta.metrics.jsonl"
+    size = len(log.read_bytes())
+    log.write_bytes(log.read_bytes() + b"\xff\xfe\x00\x01\n")
+    message, _ = _resume_error(resumable)
+    assert message == (
+        f"error: delta.metrics.jsonl is not UTF-8 text (byte 0xff at offset {size}); fix or delete the file, or "
+        "start over with --force"
+    )
+
+
+def _edit_csv(path: Path, how: str) -> None:
+    text = path.read_bytes()
+    header, first = text.splitlines()[:2]
+    edits = {
+        "non-integer epoch": b"\n".join([header, b"one" + first[first.index(b",") :]]) + b"\n",
+        "no epoch column": b"\n".join([header.replace(b"epoch,", b"", 1), first[first.index(b",") + 1 :]]) + b"\n",
+        "dropped column": b"\n".join([header, first.rsplit(b",", 1)[0]]) + b"\n",
+        "NUL": text.replace(b",", b",\0", 1),
+        "bad UTF-8": text + b"\xff\xfe\n",
+    }
+    path.write_bytes(edits[how])
+
+
+@pytest.mark.parametrize("how", ["non-integer epoch", "no epoch column", "dropped column", "NUL", "bad UTF-8"])
+def test_resume_rebuilds_a_hand_edited_summary_from_the_checkpoint(interrupted, resumable, tmp_path, how):
+    """summary.csv is never read back: a resumed run writes it from the checkpoint's history of epochs."""
+    _edit_csv(resumable / "delta.summary.csv", how)
+    result = fps("train", "--epochs", "2", *FAST, "-q", "--resume", "--json")
+    assert result.exit_code == 0, result.output
+    rows = (resumable / "delta.summary.csv").read_text().splitlines()
+    original = (interrupted / "delta.summary.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[:2] == original  # the header and epoch 1 as first written, then epoch 2
+    assert rows[2].startswith("2,")
+
+
+def _edit_checkpoint(path: Path, **changes) -> None:
+    import torch
+
+    state = torch.load(path, weights_only=True)
+    state.update(changes)
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"epoch": "x"}, "its epoch is 'x', not a whole number"),
+        ({"epoch": 50}, "its epoch 50 is past the run's 2 epochs"),
+        ({"epoch": 2}, "its history holds 1 epoch, not 2"),
+        ({"history": "x"}, "its history is not a list of epoch records"),
+        ({"config": None}, "it records no training configuration"),
+        ({"trainable": "x"}, "its trainable values are not a mapping of tensors"),
+        ({"optimizer": [1], "rng": None}, "it lacks its optimizer, rng state"),
+    ],
+)
+def test_resume_from_a_crafted_checkpoint_is_one_error(resumable, changes, problem):
+    _edit_checkpoint(resumable / "delta.ckpt", **changes)
+    message, _ = _resume_error(resumable)
+    assert message == f"error: delta.ckpt is not a valid fps training checkpoint: {problem}; start over with --force"
+
+
+def test_resume_from_a_checkpoint_whose_states_do_not_fit_is_one_error(resumable):
+    _edit_checkpoint(resumable / "delta.ckpt", optimizer={"state": {}, "param_groups": []})
+    message, _ = _resume_error(resumable)
+    assert message.startswith("error: the training checkpoint cannot be restored (")
+    assert message.endswith("); start over with --force")

@@ -241,11 +241,20 @@ def test_qkv_fc1_and_fc2_rebuild_the_norm_and_gelu_outputs_instead_of_saving_the
     values = {n: torch.randn(i.numel(), generator=generator) for n, i in indices.items()}
     full = ["head.weight", "head.bias"]
     _, dense = _gradients(model, indices, full, x, "dense", values)
-    params = sparse.attach(model, indices, full, values=values)
     outputs = {"gelu": [], "norm": []}  # every GELU and block norm output: what fc2, qkv and fc1 no longer keep
+    handles = []
     for block in model.blocks:
         for kind, module in (("gelu", block.mlp.act), ("norm", block.norm1), ("norm", block.norm2)):
-            module.register_forward_hook(lambda m, i, o, kind=kind: outputs[kind].append(o.numel() * o.element_size()))
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, i, o, kind=kind: outputs[kind].append(o.numel() * o.element_size())
+                )
+            )
+    with torch.no_grad():
+        model(x)
+    for handle in handles:  # measured before attaching: a foreign hook turns the recipes off
+        handle.remove()
+    params = sparse.attach(model, indices, full, values=values)
 
     taken = sparse._RECIPES_TAKEN[0]
     with_recipe = _saved_bytes(model, x.clone().requires_grad_(True))
@@ -253,9 +262,9 @@ def test_qkv_fc1_and_fc2_rebuild_the_norm_and_gelu_outputs_instead_of_saving_the
     grads = {n: p.grad.clone() for n, p in params.named_parameters()}
     for p in params.parameters():
         p.grad = None
-    monkeypatch.setattr(sparse, "_input_recipe", lambda x: None)
+    monkeypatch.setattr(sparse, "_input_recipe", lambda *args: None)
     without = _saved_bytes(model, x.clone().requires_grad_(True))
-    gelu, norm = sum(outputs["gelu"][: len(model.blocks)]), sum(outputs["norm"][: 2 * len(model.blocks)])
+    gelu, norm = sum(outputs["gelu"]), sum(outputs["norm"])
     assert gelu > 0 and norm > 0
     assert without - with_recipe == gelu + norm  # exactly the GELU and the LayerNorm outputs
     for name, value in grads.items():  # fp64: the same gradients as autograd of the dense formulation
@@ -269,7 +278,7 @@ def test_the_recipe_changes_no_bit_of_a_training_run(monkeypatch, precision):
     trained = {}
     for recipe in (True, False):
         if not recipe:
-            monkeypatch.setattr(sparse, "_input_recipe", lambda x: None)
+            monkeypatch.setattr(sparse, "_input_recipe", lambda *args: None)
         torch.manual_seed(0)
         model = _vit()
         indices = _random_indices(model, 2, torch.Generator().manual_seed(1))
@@ -294,20 +303,27 @@ def test_no_recipe_when_something_lies_between_the_activation_or_norm_and_the_li
     torch.manual_seed(0)
     model, x = _vit(), torch.randn(2, 3, 32, 32)
     model.blocks[0].mlp.drop1 = nn.Dropout(0.1)  # a new tensor between GELU and fc2
-    model.blocks[1].mlp.act.register_forward_hook(lambda m, i, o: o.mul_(1.0))  # changed in place after GELU
     model.blocks[2].norm1 = nn.Sequential(model.blocks[2].norm1, nn.Dropout(0.1))  # between norm1 and qkv
-    model.blocks[3].norm2.register_forward_hook(lambda m, i, o: o.mul_(1.0))  # changed in place after norm2
     model.blocks[5].norm2._fast_norm = True  # timm's fast norm: not an exact recipe
     params = sparse.attach(model, _random_indices(model, 2, torch.Generator().manual_seed(0)), [])
     taken = sparse._RECIPES_TAKEN[0]
     model(x).sum().backward()
-    assert (
-        sparse._RECIPES_TAKEN[0] - taken == 3 * len(model.blocks) - 6
-    )  # and block 0's qkv: no gradient reaches its norm
+    # and not block 0's qkv: no gradient reaches its norm
+    assert sparse._RECIPES_TAKEN[0] - taken == 3 * len(model.blocks) - 4
     with torch.no_grad():  # evaluation: nothing recorded
         hidden = model.blocks[2].mlp.act(torch.randn(3, 4, requires_grad=True))
         normed = model.blocks[1].norm1(torch.randn(3, 64, requires_grad=True))
     assert not hasattr(hidden, "_fps_recipe") and not hasattr(normed, "_fps_recipe")
+
+    # A hook on the activation or norm could change its output in place through .data, which bumps no version: no
+    # recipe for that output (the others keep theirs).
+    mine = [
+        model.blocks[1].mlp.act.register_forward_hook(lambda m, i, o: o.mul_(1.0)),
+        model.blocks[3].norm2.register_forward_hook(lambda m, i, o: None),
+    ]
+    taken = sparse._RECIPES_TAKEN[0]
+    model(x).sum().backward()
+    assert sparse._RECIPES_TAKEN[0] - taken == 3 * len(model.blocks) - 6
 
     sparse.detach(model, params)
     assert not any(b.mlp.act._forward_hooks for b in model.blocks[2:])
@@ -317,6 +333,8 @@ def test_no_recipe_when_something_lies_between_the_activation_or_norm_and_the_li
     hidden = model.blocks[2].mlp.act(torch.randn(3, 4, requires_grad=True))
     normed = model.blocks[1].norm1(torch.randn(3, 64, requires_grad=True))
     assert not hasattr(hidden, "_fps_recipe") and not hasattr(normed, "_fps_recipe")
+    for handle in mine:
+        handle.remove()
 
 
 def test_an_activation_input_changed_before_the_backward_is_rejected():
@@ -350,3 +368,135 @@ def test_a_norm_weight_changed_before_the_backward_is_rejected():
     taken = sparse._RECIPES_TAKEN[0]
     model(x)
     assert sparse._RECIPES_TAKEN[0] == taken
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _llama_indices(model: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    indices = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            out, fan_in = module.weight.shape
+            cols = torch.stack([torch.randperm(fan_in, generator=generator)[:2] for _ in range(out)])
+            indices[f"{name}.weight"] = (torch.arange(out)[:, None] * fan_in + cols).reshape(-1).sort().values
+    return indices
+
+
+def _with_torch_rms_norms(model: nn.Module) -> nn.Module:
+    for layer in model.model.layers:
+        for attr in ("input_layernorm", "post_attention_layernorm"):
+            setattr(layer, attr, nn.RMSNorm(32, eps=1e-6))
+    return model
+
+
+@pytest.mark.parametrize("norm", ["llama", "torch"])
+def test_rms_norms_are_rebuilt_instead_of_saved(norm):
+    """transformers' LlamaRMSNorm (fp32: it computes in fp32) and torch.nn.RMSNorm (fp64): q/k/v and gate/up rebuild
+    the norm output, down_proj the gated product act(gate) * up: the same gradients as the dense path, and exactly
+    the norm outputs and the products fewer bytes saved."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.set_default_dtype(torch.float32 if norm == "llama" else torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    model = _tiny_llama() if norm == "llama" else _with_torch_rms_norms(_tiny_llama())
+    kind = LlamaRMSNorm if norm == "llama" else nn.RMSNorm
+    assert all(sparse._exact_recipe(m) is not None for m in model.modules() if isinstance(m, kind))
+    ids = torch.randint(0, 64, (2, 7), generator=generator)
+    indices = _llama_indices(model, generator)
+    values = {n: torch.randn(i.numel(), generator=generator) for n, i in indices.items()}
+    full = ["lm_head.weight"]
+
+    def loss_of(m):
+        return m(input_ids=ids).logits.float().logsumexp(-1).mean()
+
+    dense = sparse.attach(model, indices, full, values=values, path="dense")
+    loss_of(model).backward()
+    expected = {n: p.grad.clone() for n, p in dense.named_parameters()}
+    for p in dense.parameters():
+        p.grad = None
+    sparse.detach(model, dense)
+
+    outputs = []  # the layers' norm outputs (not the final norm's, which feeds the unmasked lm_head)
+    layers = model.model.layers
+    # Not layer 0's input norm: its input (frozen embeddings) needs no gradient, so nothing keeps it.
+    norms = [layer.post_attention_layernorm for layer in layers] + [layer.input_layernorm for layer in layers[1:]]
+    products = [layer.mlp.act_fn for layer in layers]  # each product has the activation output's size
+    handles = [
+        n.register_forward_hook(lambda m, i, o: outputs.append(o.numel() * o.element_size())) for n in norms + products
+    ]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+
+    params = sparse.attach(model, indices, full, values=values)
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    # It returns every tensor as it is, like fps's own recompute_sparse_weights: the gated product's operands may be
+    # read under it (under other saved-tensor hooks, checkpointing's or offloading's, the product is saved).
+    pack._fps_pack = True
+    taken = sparse._RECIPES_TAKEN[0]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_of(model).backward()
+    # q, k, v, gate, up, down; not layer 0's q, k, v
+    assert sparse._RECIPES_TAKEN[0] - taken == 6 * len(layers) - 3
+    with_recipe = sum(storages.values())
+    tolerance = {"rtol": 1e-5, "atol": 1e-7} if norm == "llama" else {"rtol": 1e-6, "atol": 1e-9}
+    for name, value in expected.items():
+        torch.testing.assert_close(dict(params.named_parameters())[name].grad, value, **tolerance, msg=name)
+    for p in params.parameters():
+        p.grad = None
+    storages.clear()
+    original = sparse._input_recipe
+    sparse._input_recipe = lambda *args: None
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_of(model).backward()
+    finally:
+        sparse._input_recipe = original
+    assert sum(storages.values()) - with_recipe == sum(outputs)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("norm", ["llama", "torch"])
+def test_the_rms_norm_recipe_changes_no_bit_of_a_training_run(monkeypatch, precision, norm):
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    trained = {}
+    for recipe in (True, False):
+        if not recipe:
+            monkeypatch.setattr(sparse, "_input_recipe", lambda *args: None)
+        torch.manual_seed(0)
+        model = _tiny_llama() if norm == "llama" else _with_torch_rms_norms(_tiny_llama())
+        indices = _llama_indices(model, torch.Generator().manual_seed(1))
+        params = sparse.attach(model, indices, ["lm_head.weight"])
+        optimizer = make_optimizer(params, TrainConfig(lr=1e-3))
+        taken = sparse._RECIPES_TAKEN[0]
+        for _ in range(3):
+            with sparse.recompute_sparse_weights(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if recipe:  # under bf16 autocast the fp32 norm output is cast for the Linear, rebuilt the same way
+            assert sparse._RECIPES_TAKEN[0] - taken == 3 * (6 * len(model.model.layers) - 3)
+        trained[recipe] = {n: p.detach().clone() for n, p in params.named_parameters()}
+    for name, value in trained[False].items():
+        assert torch.equal(trained[True][name], value), name

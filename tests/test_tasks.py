@@ -96,7 +96,7 @@ def test_files_record_the_task(tmp_path, image_folder):
     assert "data_options" not in prov  # an image mask keeps its earlier header otherwise
 
 
-CORE = ("activations", "scoring", "selection", "sparse", "formats", "outputs", "candidates", "headers", "indices")
+CORE = ("activations", "scoring", "selection", "sparse", "formats", "outputs", "candidates", "headers")
 
 
 @pytest.mark.parametrize("module", CORE)
@@ -122,3 +122,19 @@ def test_two_processes_give_the_single_process_text_mask(tmp_path):
     assert all(torch.equal(a.indices[n], b.indices[n]) for n in a.indices)
     assert a.provenance["task"] == b.provenance["task"] == TEXT_CLASSIFICATION
     assert Path(tmp_path / "m2.safetensors").is_file()
+
+
+def test_two_process_text_training_gathers_validation_over_ranks(tmp_path):
+    """torchrun training on text: each rank pads its own batches; validation is summed over both ranks. (Not compared
+    with one process bit for bit: BERT's dropout draws differ per rank.)"""
+    from fps_cli.formats import read_delta
+
+    bert = tiny_bert(tmp_path / "bert")
+    data = text_task(tmp_path / "text", per_class=6, val=3)
+    select = run_fps(["select", "--model", f"hf:{bert}", "--data", str(data), "--budget", "0.05", "-q"], tmp_path)
+    assert select.returncode == 0, select.stderr
+    two = run_fps(["train", "--epochs", "1", "--batch-size", "2", "--device", "cpu", "--json"], tmp_path, nproc=2)
+    assert two.returncode == 0, two.stderr
+    assert json.loads(two.stdout)["metrics"]["val_samples"] == 6
+    delta = read_delta(tmp_path / "delta.safetensors")
+    assert delta.provenance["task"] == TEXT_CLASSIFICATION and delta.provenance["val_samples"] == 6

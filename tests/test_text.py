@@ -59,7 +59,11 @@ def test_jsonl_train_and_validation_files(data):
     train, val, splits = discover_text(data, {})
     assert train.classes == ["animal", "food"] and val.classes == train.classes
     assert len(train.samples) == 24 and len(val.samples) == 8
-    assert splits == {"train": str(data / "train.jsonl"), "val": str(data / "validation.jsonl")}
+    assert splits == {
+        "layout": "jsonl",
+        "train_split": str(data / "train.jsonl"),
+        "val_split": str(data / "validation.jsonl"),
+    }
     _, label = train.samples[0]
     assert train.classes[label] == json.loads((data / "train.jsonl").read_text().splitlines()[0])["label"]
 
@@ -72,7 +76,7 @@ def test_one_file_with_val_split_is_seeded_and_disjoint(tmp_path):
     where = {e.where for e, _ in train.samples}
     assert not where & {e.where for e, _ in val.samples}  # no example in both
     assert [e.where for e, _ in again[1].samples] == [e.where for e, _ in val.samples]
-    assert splits["val_split"] == 0.25 and splits["train"] == splits["val"] == str(path)
+    assert splits["carved"] == 0.25 and splits["train_split"] == splits["val_split"] == str(path)
 
 
 def test_csv_tsv_custom_fields_and_pairs(tmp_path):
@@ -96,7 +100,7 @@ def test_class_folders_of_txt_files(tmp_path):
     write_text_folder(tmp_path / "t" / "val", per_class=2)
     train, val, splits = discover_text(tmp_path / "t", {})
     assert train.classes == ["animal", "food"] and len(train.samples) == 8 and len(val.samples) == 4
-    assert splits["val"] == str(tmp_path / "t" / "val")
+    assert splits["val_split"] == str(tmp_path / "t" / "val") and splits["layout"] == "text-folders"
 
 
 @pytest.mark.parametrize(
@@ -382,3 +386,50 @@ def test_wordnet_example_reads_supersenses_and_writes_few_shot_splits(tmp_path):
     train, val, _ = discover_text(tmp_path / "wn", {})
     assert train.classes == ["noun.animal", "noun.food"] and len(train.samples) == 6 and len(val.samples) == 2
     assert not {e.text for e, _ in train.samples} & {e.text for e, _ in val.samples}
+
+
+def test_unknown_task_is_a_usage_error(tmp_path, bert, data):
+    r = fps("select", "--model", f"hf:{bert}", "--data", data, "--task", "speech", cwd=tmp_path)
+    assert r.exit_code == 2
+    assert "unknown task 'speech'; expected one of image-classification, text-classification" in r.stderr
+
+
+def test_readme_text_classification_commands_run(tmp_path, bert, monkeypatch):
+    """The README's "Text classification" block, command by command, on the tiny BERT (for MiniLM) and a made-up
+    data.noun (for Debian's): the example script, select, train, eval, merge and the pipeline line."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from text_helpers import WORDS
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("## Text classification")
+    block = re.findall(r"```bash\n(.*?)```", readme[start : readme.index("\n## ", start + 1)], flags=re.S)[0]
+    lines = [line.split("  #")[0].strip() for line in block.splitlines()]
+    codes = {"animal": "05", "food": "13"}
+    noun = [f"{i:08d} {codes[label]} n 01 w 0 000 | {words[i % 8]} and {words[(i + 3) % 8]}  " for label, words in
+            (("animal", WORDS["animal"]), ("food", WORDS["food"])) for i in range(48)]  # fmt: skip
+    (tmp_path / "data.noun").write_text("\n".join(noun) + "\n")
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    for line in lines:
+        if line.startswith("python examples/"):
+            args = shlex.split(line)[1:]
+            args[0] = str(REPO / args[0])
+            done = subprocess.run([sys.executable, *args, "--source", "data.noun"], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+        elif line.startswith("fps "):
+            args = shlex.split(line.replace("$MINILM", f"hf:{bert}").replace("--budget 0.0077", "--budget 0.05"))
+            result = runner.invoke(app, [*args[1:], "-q"])
+            assert result.exit_code == 0, (line, result.output)
+        elif line.startswith("python -c"):
+            done = subprocess.run(shlex.split(line), capture_output=True, text=True, env={**os.environ})
+            assert done.returncode == 0, done.stderr
+            assert "'label': 'noun." in done.stdout
+        else:
+            continue
+        ran.append(line.split()[:2])
+    assert [r[1] for r in ran if r[0] == "fps"] == ["select", "train", "eval", "merge"]

@@ -180,6 +180,6 @@ def test_read_delta_reports_every_problem(tmp_path):
     assert read_delta(path).values["a.weight"].tolist() == [0.5, -0.5]
 
     bad = Delta({"a.weight": torch.tensor([4, 1])}, {"a.weight": torch.tensor([0.5, -0.5])}, {}, shapes)
-    save_delta(path, bad)
+    save_delta(path, bad, overwrite=True)
     with pytest.raises(FileFormatError, match=r"indices of 'a.weight' must be sorted"):
         read_delta(path)

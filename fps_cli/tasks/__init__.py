@@ -15,11 +15,14 @@ What a task provides:
 
 - ``build_model(spec) -> nn.Module``: the model ``--model`` names, with a new head of ``spec.num_classes``, on the
   CPU, in eval mode (an ``hf:`` model through the task's ``hf_auto_class``).
-- ``discover(path, data_options) -> TaskData``: the training split and the validation split of ``--data``, each
-  with ``root``, ``samples`` (a list, one entry per example, ``(example, label)``), ``classes`` and ``labeled``;
-  ``TaskData.provenance`` says which files or folders the splits came from (recorded in the mask and the delta).
-  ``data_options`` are the task's own ``--data`` flags (e.g. ``text_field``, ``max_length``), a plain mapping that
-  the mask records, so ``fps train`` finds the data as ``fps select`` did.
+- ``discover(data, data_options) -> dataset``: ``--data`` found and split: an object with ``train``, ``val``,
+  ``location``, ``provenance()`` (what the header records about the splits), ``describe()`` and ``split(name)``
+  (:class:`TaskData`; the image task's :class:`fps_cli.data.ImageFolder`). Each split has ``root``, ``samples`` (a
+  list, one ``(example, label)`` per example), ``classes`` and ``labeled``. ``data_options`` are the task's own
+  ``--data`` flags (text: ``text_field``, ``max_length``...; images: ``dataset_format``), a plain mapping that the
+  mask records, so ``fps train`` finds the data as ``fps select`` did. ``check_select(dataset)`` refuses data a
+  selection would misread; ``training_data(data, recorded, source, data_options)`` is the labelled data ``fps
+  train`` / ``fps eval`` read (``data``, or what the file records).
 - ``loader(model, samples, purpose, **loading) -> DataLoader`` and ``stream(loader, skip_bad) -> BatchStream``:
   batches are dicts like Hugging Face's: ``pixel_values`` (images) or ``input_ids`` / ``attention_mask`` (text),
   and ``labels``. ``purpose`` is ``select`` (the FPS pass), ``gps`` (GPS's two views), ``train`` or ``eval``.
@@ -64,12 +67,46 @@ TEXT_CLASSIFICATION = "text-classification"
 
 @dataclass
 class TaskData:
-    """``--data`` as a task found it: the training split, the validation split when there is one, and where they
-    came from (``provenance``: recorded in the mask and the delta)."""
+    """``--data`` as a task found it, with the interface of :class:`fps_cli.data.ImageFolder` (which the image task
+    returns as it is): the training split, the validation split when there is one, where the data is
+    (``location``), and what a file's header records about the splits (:meth:`provenance`).
+
+    Each split has ``root``, ``samples`` (a list, one ``(example, label)`` per example), ``classes``, ``labeled`` and
+    ``name``.
+    """
 
     train: Any
     val: Any | None
-    provenance: dict[str, Any] = field(default_factory=dict)
+    test: Any | None = None
+    layout: str = ""
+    location: str = ""
+    records: dict[str, Any] = field(default_factory=dict)
+    item_name: str = "examples"
+
+    def split(self, name: str) -> Any:
+        """The split ``name`` (``train``, ``val`` or ``test``).
+
+        Raises:
+            DataError: the data has no such split.
+        """
+        chosen = {"train": self.train, "val": self.val, "test": self.test or self.val}.get(name)
+        if chosen is None:
+            have = ", ".join(r for r in ("train", "val") if getattr(self, r) is not None)
+            raise DataError(f"{self.location} has no {name!r} split; it has: {have}")
+        return chosen
+
+    def provenance(self) -> dict[str, Any]:
+        """What a header records: ``layout``, and which files or folders train and validate."""
+        return {"layout": self.layout, **self.records}
+
+    def describe(self) -> str:
+        """One line for the command's log: ``jsonl layout: train train.jsonl (800 texts), val ... (400 texts)``."""
+        parts = [
+            f"{role} {split.name} ({len(split.samples):,} {self.item_name})"
+            for role, split in (("train", self.train), ("val", self.val))
+            if split is not None
+        ]
+        return f"{self.layout} layout: " + ", ".join(parts)
 
 
 class BatchStream:
@@ -99,6 +136,11 @@ class Task:
         eval_keys: the keys of ``eval_sums`` (every rank reduces the same ones, even with no batch).
         data_options: the keys of ``data_options`` this task reads (the others are refused).
         gps_augments: GPS's two views are augmented (images); ``False``: both views are the same input (text).
+        roles: ``(model, train_bias) -> ParameterRoles``: the candidates and fully trained parameters, where they
+            differ from :func:`fps_cli.candidates.parameter_roles` (a causal LM: no head, the output embedding no
+            candidate); ``None``: that function.
+        statistics_forward: ``(model, batch)``: the forward of the FPS pass, where it can do less than ``forward``
+            (a causal LM: no ``[batch, seq, vocab]`` logits); ``None``: ``forward``.
         item_name: what one example is called in messages, singular and plural.
         classifies: the data has classes and the head one output per class (training checks that the data's
             classes fit the head); ``False`` for a task without classes, such as language modelling.
@@ -121,11 +163,24 @@ class Task:
     summarize: Callable[[Mapping[str, float], int], dict[str, Any]]
     real_tokens: Callable[[Batch], Tensor | None]
     gps_loss: Callable[[nn.Module, Batch, str], Tensor]
+    check_select: Callable[[Any], None]
+    training_data: Callable[[Any, Mapping[str, Any], str, Mapping[str, Any]], Any]
     eval_keys: tuple[str, ...] = ("correct1", "correct5", "loss", "samples")
     data_options: tuple[str, ...] = ()
     gps_augments: bool = True
+    roles: Callable[[nn.Module, bool], Any] | None = None
+    statistics_forward: Callable[[nn.Module, Batch], Any] | None = None
     classifies: bool = True
     item_name: tuple[str, str] = ("image", "images")
+
+
+def task_roles(task: Task, model: nn.Module, train_bias: bool) -> Any:
+    """The task's parameter roles (:attr:`Task.roles`, default :func:`fps_cli.candidates.parameter_roles`)."""
+    from ..candidates import parameter_roles
+
+    if task.roles is not None:
+        return task.roles(model, train_bias)
+    return parameter_roles(model, train_bias=train_bias)
 
 
 def _registry() -> dict[str, Task]:
@@ -264,12 +319,37 @@ def data_kind(path: str | Path) -> str | None:
     return "images" if images >= texts else "text"
 
 
-def check_data(task: Task, spec: ModelSpec, path: str | Path) -> None:
+def dataset_of(task: Task, data: Any, data_options: Mapping[str, Any]) -> Any:
+    """``data`` discovered by ``task`` (an already discovered dataset, e.g. from the command line, as it is)."""
+    if hasattr(data, "train") and hasattr(data, "provenance"):
+        return data
+    return task.discover(data, data_options)
+
+
+def open_dataset(spec: ModelSpec, data: Any, data_options: Mapping[str, Any]) -> Any:
+    """``--data`` for a selection with ``spec``'s model, discovered and checked before the model is built: the data
+    options belong to the model's task, the data is of its kind, and the task accepts it for a selection.
+
+    Raises:
+        DataError: any of these does not hold (with the fix).
+    """
+    task = resolve_task(spec)
+    options = {k: v for k, v in data_options.items() if v is not None}
+    check_data_options(task, options)
+    check_data(task, spec, data)
+    dataset = dataset_of(task, data, options)
+    task.check_select(dataset)
+    return dataset
+
+
+def check_data(task: Task, spec: ModelSpec, path: Any) -> None:
     """Refuse ``--data`` of another task's kind than the model's, naming both, before the model is built.
 
     Raises:
         DataError: the data is of another kind.
     """
+    if not isinstance(path, (str, Path)):
+        return  # already discovered by its task
     kind = data_kind(path)
     if kind is None or kind == task.data_kind:
         return

@@ -8,7 +8,6 @@ the :class:`~fps_cli.tasks.Task` interface: batches are ``{"pixel_values": [B, 3
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from .. import data
 from ..models import output_logits
-from . import IMAGE_CLASSIFICATION, Batch, BatchStream, Task, TaskData, classification
+from . import IMAGE_CLASSIFICATION, Batch, BatchStream, Task, classification
 
 
 def build_model(spec: Any) -> nn.Module:
@@ -26,10 +25,14 @@ def build_model(spec: Any) -> nn.Module:
     return create_image_model(spec)
 
 
-def discover(path: Path, data_options: Mapping[str, Any]) -> TaskData:
-    """An image folder's splits (:func:`fps_cli.data.discover`)."""
-    folder = data.discover(path)
-    return TaskData(folder.train, folder.val)
+def discover(path: Any, data_options: Mapping[str, Any]) -> data.ImageFolder:
+    """An image folder's splits, in any layout :func:`fps_cli.data.discover` reads (``dataset_format``)."""
+    return data.discover(path, data_options.get("dataset_format", "auto"))
+
+
+def training_data(path: Any, recorded: Mapping[str, Any], source: str, data_options: Mapping[str, Any]) -> Any:
+    """The labelled images ``fps train`` / ``fps eval`` read (:func:`fps_cli.data.training_folder`)."""
+    return data.training_folder(path, recorded, source, data_options.get("dataset_format", "auto"))
 
 
 def _transform(model: nn.Module, purpose: str, img_size: int | None, augment: bool) -> Callable:
@@ -114,4 +117,7 @@ TASK = Task(
     summarize=classification.summarize,
     real_tokens=real_tokens,
     gps_loss=gps_loss,
+    check_select=data.check_selectable,
+    training_data=training_data,
+    data_options=("dataset_format",),
 )

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError, ModelError
-from . import TEXT_CLASSIFICATION, Batch, BatchStream, Task, TaskData, classification
+from . import TEXT_CLASSIFICATION, Batch, BatchStream, Task, TaskData, classification, dataset_of
 from .text_data import discover_text
 
 TOKENIZER_FILES = (
@@ -75,9 +75,30 @@ def build_model(spec: Any) -> nn.Module:
     )
 
 
-def discover(path: Path, data_options: Mapping[str, Any]) -> TaskData:
-    train, val, provenance = discover_text(path, data_options)
-    return TaskData(train, val, provenance)
+def discover(path: Any, data_options: Mapping[str, Any]) -> TaskData:
+    """Labelled text (:func:`.text_data.discover_text`)."""
+    train, val, record = discover_text(path, data_options)
+    layout = record.pop("layout")
+    location = str(Path(path).expanduser().resolve())
+    return TaskData(train, val, None, layout, location, record, "texts")
+
+
+def training_data(path: Any, recorded: Mapping[str, Any], source: str, data_options: Mapping[str, Any]) -> Any:
+    """The labelled text ``fps train`` / ``fps eval`` read: ``path``, or the data the mask or delta records.
+
+    Raises:
+        DataError: nothing recorded and nothing given, the recorded data is gone, or a single class.
+    """
+    if path is None:
+        path = recorded.get("data")
+        if not path:
+            raise DataError(f"{source} records no data; pass --data")
+        if not Path(path).exists():
+            raise DataError(f"data {path} recorded in {source} does not exist; pass --data")
+    found = dataset_of(TASK, path, data_options)
+    if len(found.train.classes) < 2:
+        raise DataError(f"{found.train.root} has only one label ({found.train.classes[0]}); training needs two")
+    return found
 
 
 def tokenizer_of(model: nn.Module) -> Any:
@@ -260,6 +281,8 @@ TASK = Task(
     summarize=classification.summarize,
     real_tokens=real_tokens,
     gps_loss=gps_loss,
+    check_select=lambda dataset: None,
+    training_data=training_data,
     data_options=DATA_OPTIONS,
     gps_augments=False,
     item_name=("text", "texts"),

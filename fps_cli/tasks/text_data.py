@@ -56,6 +56,7 @@ class TextSplit:
     root: Path
     samples: list[tuple[Example, int]]
     classes: list[str]
+    name: str = ""
 
     @property
     def labeled(self) -> bool:
@@ -179,7 +180,7 @@ def _split(root: Path, examples: list[Example], classes: list[str] | None, train
                 "training"
             )
         samples.append((e, index[str(e.label)]))
-    return TextSplit(root, samples, list(names))
+    return TextSplit(root, samples, list(names), root.name)
 
 
 def _text_folder(root: Path, classes: list[str] | None, train_root: Path | None) -> TextSplit:
@@ -266,11 +267,11 @@ def discover_text(path: str | Path, options: Mapping[str, Any]) -> tuple[TextSpl
             examples, val_examples = carve(examples, val_split)
         train = _split(train_file, examples, None, train_file)
         val = _split(val_file or train_file, val_examples, train.classes, train_file) if val_examples else None
-        provenance = {"train": str(train_file.resolve()), "val": str((val_file or train_file).resolve())}
+        provenance = {"layout": train_file.suffix.lower()[1:], "train_split": str(train_file.resolve())}
+        if val is not None:
+            provenance["val_split"] = str((val_file or train_file).resolve())
         if val_split is not None:
-            provenance.update(val_split=val_split, split_seed=SPLIT_SEED)
-        if val is None:
-            provenance["val"] = None
+            provenance.update(carved=val_split, split_seed=SPLIT_SEED)
         return train, val, provenance
 
     if val_split is not None:
@@ -279,5 +280,8 @@ def discover_text(path: str | Path, options: Mapping[str, Any]) -> tuple[TextSpl
         train = _text_folder(root / "train", None, root / "train")
         val_dir = next((root / s for s in VAL_SPLITS if (root / s).is_dir()), None)
         val = _text_folder(val_dir, train.classes, root / "train") if val_dir is not None else None
-        return train, val, {"train": str((root / "train").resolve()), "val": str(val_dir.resolve()) if val else None}
-    return _text_folder(root, None, root), None, {"train": str(root.resolve()), "val": None}
+        record = {"layout": "text-folders", "train_split": str((root / "train").resolve())}
+        if val is not None:
+            record["val_split"] = str(val_dir.resolve())
+        return train, val, record
+    return _text_folder(root, None, root), None, {"layout": "text-folders", "train_split": str(root.resolve())}
