@@ -38,6 +38,9 @@ Default recipe: GPS's released per-task training scripts (github.com/FightingFig
   rates that suit sparse masks); override any of it with ``--lr METHOD=LR``. A task without a recipe (your own
   folder) gets :data:`DEFAULT_RECIPE`.
 
+Text: ``python benchmarks/reproduce.py text-quality [OPTIONS]`` runs ``benchmarks/text_quality.py`` (the quality
+table on the real all-MiniLM-L6-v2 weights and WordNet's noun supersenses; see its ``--help``) with those options.
+
 Published numbers: the GPS paper's abstract (arXiv 2312.10136v1) gives means only: GPS 91.78% on FGVC and 73.1% on
 VTAB-1k, full fine-tuning 88.45% and 65.57%. Those are printed beside our means when every task of the group was
 run. Its per-task numbers were not available to us, so the per-task "published" column is empty.
@@ -317,6 +320,13 @@ def find_tasks(root: Path, tasks: list[str] | None) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) -> list[dict[str, Any]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["text-quality"]:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import text_quality
+
+        text_quality.main(argv[1:])  # prints the table and writes it under its --out-dir
+        return []
     args = parse_args(argv)
     if args.prepare_vtab is not None:
         counts = prepare_vtab(*args.prepare_vtab)
