@@ -210,6 +210,8 @@ class _RealTokens:
     def __call__(self, name: str, x: Tensor) -> Tensor:
         if self.keep is None:
             return x
+        if x.dim() == 2 and x.shape[0] == self.keep.shape[0]:
+            return x  # one vector per sequence (a pooler's [batch, dim]): nothing of it is padding
         if x.dim() < 3 or tuple(x.shape[:2]) != tuple(self.keep.shape):
             raise ForwardError(
                 f"layer {name} sees an input of shape {list(x.shape)}, which does not line up with the batch's "

@@ -191,3 +191,23 @@ def test_hf_vision_model_with_pixel_values_mapping():
     assert "vit.layers.0.attention.k_proj.bias" not in sel.fully_trainable
     assert "vit.layers.0.attention.q_proj.bias" in sel.fully_trainable
     assert sum(i.numel() for i in sel.indices.values()) == sel.selected
+
+
+def test_bert_classifier_pooler_counts_one_vector_per_sequence():
+    """A BERT classifier's pooler sees one [CLS] vector per sequence ([batch, dim]): never padding, counted whole
+    (it used to raise ForwardError whenever the batches carried an attention_mask)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=2
+    )
+    model = BertForSequenceClassification(config).eval()
+    ids = torch.randint(1, 50, (4, 6))
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[:2, 4:] = 0
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    selection = select_indices(model, batches, budget=0.05)
+    pooler = "bert.pooler.dense"
+    assert pooler in selection.indices
+    stats = selection.stats[pooler]
+    assert int(stats.count) == 4  # one vector per sequence, padding or not
