@@ -106,6 +106,8 @@ def test_the_core_knows_no_task(module):
     assert "input_ids" not in source and "pixel_values" not in source
 
 
+# ~20 s each (two torchrun processes); the image torchrun tests cover the seam's rank logic by default
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_text_mask(tmp_path):
     """torchrun goes through the seam: 2 gloo ranks give the one-process mask on text (padded batches)."""
     bert = tiny_bert(tmp_path / "bert")
@@ -124,6 +126,8 @@ def test_two_processes_give_the_single_process_text_mask(tmp_path):
     assert Path(tmp_path / "m2.safetensors").is_file()
 
 
+# ~20 s each (two torchrun processes); the image torchrun tests cover the seam's rank logic by default
+@pytest.mark.slow
 def test_two_process_text_training_gathers_validation_over_ranks(tmp_path):
     """torchrun training on text: each rank pads its own batches; validation is summed over both ranks. (Not compared
     with one process bit for bit: BERT's dropout draws differ per rank.)"""
