@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError, ModelError
 from . import BatchStream, Task, TaskData
+from .loading import token_loader
 
 Batch = dict[str, Any]
 CAUSAL_LM = "causal-lm"
@@ -622,16 +623,15 @@ def loader(
     dataset = TokenizedLM(samples, tokenizer, options)
     pack_to = int(options.get("max_length") or DEFAULT_MAX_LENGTH) if options.get("packing") else None
     collate_fn = partial(_collate, pad_id=tokenizer.pad_token_id, pack_to=pack_to)
-    if batches is not None:
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn, pin_memory=pin_memory)
-    return DataLoader(
+    return token_loader(
         dataset,
+        collate_fn,
         batch_size=batch_size,
-        shuffle=shuffle if sampler is None else None,
-        sampler=sampler,
+        shuffle=shuffle,
+        seed=seed,
         drop_last=drop_last,
-        generator=torch.Generator().manual_seed(seed),
-        collate_fn=collate_fn,
+        batches=batches,
+        sampler=sampler,
         pin_memory=pin_memory,
     )
 

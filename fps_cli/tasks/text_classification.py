@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError, ModelError
 from . import TEXT_CLASSIFICATION, Batch, BatchStream, Task, TaskData, classification, dataset_of
+from .loading import token_loader
 from .text_data import discover_text
 
 TOKENIZER_FILES = (
@@ -206,16 +207,15 @@ def loader(
     dataset = TokenizedText(samples, tokenizer, max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     collate = pad_collate(pad_id, getattr(tokenizer, "padding_side", "right") != "left")
-    if batches is not None:
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, pin_memory=pin_memory)
-    return DataLoader(
+    return token_loader(
         dataset,
+        collate,
         batch_size=batch_size,
-        shuffle=shuffle if sampler is None else None,
-        sampler=sampler,
+        shuffle=shuffle,
+        seed=seed,
         drop_last=drop_last,
-        generator=torch.Generator().manual_seed(seed),
-        collate_fn=collate,
+        batches=batches,
+        sampler=sampler,
         pin_memory=pin_memory,
     )
 
