@@ -372,10 +372,42 @@ def make_loader(
         batches: explicit batches of sample indices (a rank's shard); replaces ``batch_size`` / ``shuffle``.
         sampler: the order of the samples (e.g. a rank's share of an epoch); replaces ``shuffle``.
     """
+    return dataset_loader(
+        ImageDataset(samples, transform),
+        collate,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=drop_last,
+        batches=batches,
+        sampler=sampler,
+    )
+
+
+def dataset_loader(
+    dataset: Dataset,
+    collate_fn: Callable,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+    batches: list[list[int]] | None = None,
+    sampler: torch.utils.data.Sampler | None = None,
+) -> DataLoader:
+    """The DataLoader every task builds: ``batches`` (a rank's shard of fixed batches) wins over ``sampler``, which
+    wins over a seeded shuffle.
+
+    Raises:
+        DataError: ``batch_size`` below 1.
+    """
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
-    dataset = ImageDataset(samples, transform)
-    common = dict(num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory, persistent_workers=False)
+    common = dict(num_workers=num_workers, collate_fn=collate_fn, pin_memory=pin_memory, persistent_workers=False)
     if batches is not None:
         return DataLoader(dataset, batch_sampler=batches, **common)
     return DataLoader(

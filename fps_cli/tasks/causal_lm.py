@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data import dataset_loader
 from ..errors import DataError, ModelError
 from . import BatchStream, Task, TaskData
-from .loading import token_loader
 
 Batch = dict[str, Any]
 CAUSAL_LM = "causal-lm"
@@ -616,14 +616,12 @@ def loader(
     """A loader of padded token batches (``input_ids``, ``attention_mask``, ``labels``). With ``packing`` each batch's
     examples are concatenated and cut into rows of ``max_length`` tokens (so a batch holds at most ``batch_size``
     rows, and the samplers and shards of the other tasks work unchanged)."""
-    if batch_size < 1:
-        raise DataError(f"--batch-size must be at least 1, got {batch_size}")
     options = data_options or {}
     tokenizer = tokenizer_of(model)
     dataset = TokenizedLM(samples, tokenizer, options)
     pack_to = int(options.get("max_length") or DEFAULT_MAX_LENGTH) if options.get("packing") else None
     collate_fn = partial(_collate, pad_id=tokenizer.pad_token_id, pack_to=pack_to)
-    return token_loader(
+    return dataset_loader(
         dataset,
         collate_fn,
         batch_size=batch_size,

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data import dataset_loader
 from ..errors import DataError, ModelError
 from . import TEXT_CLASSIFICATION, Batch, BatchStream, Task, TaskData, classification, dataset_of
-from .loading import token_loader
 from .text_data import discover_text
 
 TOKENIZER_FILES = (
@@ -200,14 +200,12 @@ def loader(
     **unused: Any,
 ) -> DataLoader:
     """A loader of padded token batches (tokenized once, in the main process: ``num_workers`` is not needed)."""
-    if batch_size < 1:
-        raise DataError(f"--batch-size must be at least 1, got {batch_size}")
     tokenizer = tokenizer_of(model)
     max_length = max_length_of(model, tokenizer, (data_options or {}).get("max_length"))
     dataset = TokenizedText(samples, tokenizer, max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     collate = pad_collate(pad_id, getattr(tokenizer, "padding_side", "right") != "left")
-    return token_loader(
+    return dataset_loader(
         dataset,
         collate,
         batch_size=batch_size,
