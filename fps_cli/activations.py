@@ -217,6 +217,21 @@ def input_sums(module: nn.Module, x: Tensor, scratch: Scratch | None = None) -> 
     return conv_input_sums(module, x, scratch)
 
 
+def real_token_inputs(x: Tensor, keep: Tensor | None) -> Tensor | None:
+    """A layer input restricted to the real tokens of ``keep`` (``[batch, seq]`` bool, ``None``: all count).
+
+    Returns:
+        ``x[keep]`` (``[real tokens, ...]``) when ``x`` is ``[batch, seq, ...]`` aligned with ``keep``; ``x`` itself
+        when nothing is padding (``keep`` is ``None``, or ``x`` is ``[batch, dim]``: one vector per sequence, e.g. a
+        pooler's); ``None`` when ``x`` does not line up with ``keep`` (the caller decides).
+    """
+    if keep is None or (x.dim() == 2 and x.shape[0] == keep.shape[0]):
+        return x
+    if x.dim() < 3 or tuple(x.shape[:2]) != tuple(keep.shape):
+        return None
+    return x[keep]
+
+
 @contextlib.contextmanager
 def input_stats_hooks(
     modules: Mapping[str, nn.Module], select_tokens: Callable[[str, Tensor], Tensor] | None = None

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .activations import InputStats, autocast, input_stats_hooks
+from .activations import InputStats, autocast, input_stats_hooks, real_token_inputs
 from .candidates import CANDIDATE_TYPES, ParameterRoles, parameter_roles
 from .constants import DEFAULT_BUDGET
 from .errors import DataError, FpsError, ModelError
@@ -208,17 +208,14 @@ class _RealTokens:
         self.keep = mask.bool() if isinstance(mask, Tensor) else None
 
     def __call__(self, name: str, x: Tensor) -> Tensor:
-        if self.keep is None:
-            return x
-        if x.dim() == 2 and x.shape[0] == self.keep.shape[0]:
-            return x  # one vector per sequence (a pooler's [batch, dim]): nothing of it is padding
-        if x.dim() < 3 or tuple(x.shape[:2]) != tuple(self.keep.shape):
+        real = real_token_inputs(x, self.keep)
+        if real is None:
             raise ForwardError(
                 f"layer {name} sees an input of shape {list(x.shape)}, which does not line up with the batch's "
                 f"attention_mask {list(self.keep.shape)} ([batch, seq, features] expected); leave it out of "
                 "target_modules, or drop attention_mask from the batch to count every token"
             )
-        return x[self.keep]  # [real tokens, features]
+        return real
 
 
 def _hidden_padding_mask(batch: Any) -> int | None:

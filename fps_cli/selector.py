@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .activations import InputStats, autocast, input_stats_hooks
+from .activations import InputStats, autocast, input_stats_hooks, real_token_inputs
 from .candidates import ParameterRoles, baseline_trainable, find_head
 from .constants import BASELINE_METHODS, DEFAULT_BUDGET
 from .data import default_num_workers, subsample
@@ -412,10 +412,8 @@ def gather_input_stats(
     keep: list[Tensor | None] = [None]
 
     def select_tokens(name: str, x: Tensor) -> Tensor:
-        k = keep[0]
-        if k is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(k.shape):
-            return x
-        return x[k]  # [real tokens, ...]
+        real = real_token_inputs(x, keep[0])
+        return x if real is None else real  # an input that does not line up with the tokens counts whole
 
     was_training = model.training
     model.eval()
