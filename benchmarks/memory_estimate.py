@@ -35,7 +35,10 @@ is transformers' own (``labels``: the logits upcast to fp32 as it does):
 - ``shira``: PEFT SHiRA at the same trainable count (``r=32`` on q_proj / v_proj: SHiRA sizes a layer as LoRA does).
 - ``sparse``: fps's sparse path (:func:`fps_cli.sparse.attach`) on every Linear of the decoder (q, k, v, o, gate, up,
   down; not ``lm_head``, tied or not), neuron-level, exactly as many entries as LoRA's trainable count, the deltas
-  and their AdamW state in fp32, the base in bf16.
+  and their AdamW state in fp32, the base in bf16; the loss as ``fps train`` computes it (the causal-LM task's
+  forward and loss: the logits made a chunk of tokens at a time, :mod:`fps_cli.tasks.next_token`).
+- ``sparse_hf_loss``: the same sparse path with transformers' own loss (the whole logits, as ``full``, ``lora`` and
+  ``shira`` have them): what the sparse path alone costs.
 
 What the estimate cannot see: CUDA kernels' workspaces (cuBLAS, cuDNN, flash / memory-efficient attention,
 cuSPARSE's SDDMM buffer), the caching allocator's rounding and fragmentation, and the CUDA context. Fake CPU
@@ -110,7 +113,7 @@ LLM_SHAPES = {
         rms_norm_eps=1e-5,
     ),
 }
-LLM_PASSES = ("inference", "inference_last", "fps", "full", "lora", "shira", "sparse")
+LLM_PASSES = ("inference", "inference_last", "fps", "full", "lora", "shira", "sparse", "sparse_hf_loss")
 # PEFT's method_comparison/MetaMathQA results for Llama-3.2-3B on an L40S (GB, as its result files report them).
 PEFT_MEASURED_GB = {"full": 38.9, "lora": 22.3, "shira": 21.7}
 LORA_TARGETS = ("q_proj", "v_proj")
@@ -381,6 +384,14 @@ def _real_tokens(keep: Tensor):
     return select
 
 
+def _all_positions(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`fps_cli.tasks.next_token.counted_positions` with a size the fake mode can know: every position but the
+    last counted (the batch has no ``-100`` label), the same ``[tokens, hidden]`` copy the boolean index makes."""
+    index = torch.arange(hidden.shape[0] * (hidden.shape[1] - 1))
+    tokens = torch.tensor(index.numel())
+    return hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, index), labels[:, 1:].reshape(-1), tokens
+
+
 def run_llm_pass(name: str, args: argparse.Namespace, checkpointing: bool) -> int:
     """Peak live tensor bytes of one pass of a language model at PEFT's MetaMathQA setting, on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -389,7 +400,7 @@ def run_llm_pass(name: str, args: argparse.Namespace, checkpointing: bool) -> in
     from fps_cli.activations import input_stats_hooks
     from fps_cli.finetune import TrainConfig, make_optimizer
     from fps_cli.sparse import attach, recompute_sparse_weights
-    from fps_cli.tasks.causal_lm import statistics_forward
+    from fps_cli.tasks import causal_lm, next_token
 
     with torch.device("meta"):
         model = LlamaForCausalLM(llm_config(args.model)).to(torch.bfloat16)
@@ -402,7 +413,7 @@ def run_llm_pass(name: str, args: argparse.Namespace, checkpointing: bool) -> in
         model.to_empty(device="cpu")
         ids = torch.zeros(args.batch_size, args.seq_len, dtype=torch.long)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-        indices = _fake_indices(decoder_linears(model), count) if name == "sparse" else None
+        indices = _fake_indices(decoder_linears(model), count) if name.startswith("sparse") else None
         memory = LiveMemory()
         with memory:
             memory.track([list(model.parameters()), list(model.buffers()), batch])
@@ -415,11 +426,11 @@ def run_llm_pass(name: str, args: argparse.Namespace, checkpointing: bool) -> in
                 model.eval()
                 modules = decoder_linears(model)
                 with input_stats_hooks(modules, _real_tokens(batch["attention_mask"])), torch.inference_mode():
-                    statistics_forward(model, batch)
+                    causal_lm.statistics_forward(model, batch)
             else:
                 model.train()
                 config = TrainConfig(lr=1e-4, weight_decay=0.1)
-                if name == "sparse":
+                if name.startswith("sparse"):
                     sparse = attach(model, indices, [])
                     optimizer = make_optimizer(sparse, config)
                     context = recompute_sparse_weights
@@ -427,9 +438,16 @@ def run_llm_pass(name: str, args: argparse.Namespace, checkpointing: bool) -> in
                     trainable = [p for p in model.parameters() if p.requires_grad]
                     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
                     context = contextlib.nullcontext
+                if name == "sparse":
+                    # LlamaForCausalLM's logits are its lm_head on its decoder's output (fake values cannot be compared)
+                    next_token.assume_plain_head(model)
+                    next_token.counted_positions = _all_positions
                 for _ in range(2):
                     with context():
-                        loss = model(**batch).loss
+                        if name == "sparse":  # fps train's forward and loss
+                            loss = causal_lm.loss(causal_lm.forward(model, batch), batch)
+                        else:
+                            loss = model(**batch).loss
                     loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -458,9 +476,10 @@ def estimate_llm(args: argparse.Namespace) -> dict:
         for base in ("inference", "inference_last"):
             if {"fps", base} <= peaks.keys():
                 ratios[f"fps_over_{base}"] = peaks["fps"] / peaks[base]
-        for other in ("full", "lora", "shira"):
-            if {"sparse", other} <= peaks.keys():
-                ratios[f"sparse_over_{other}"] = peaks["sparse"] / peaks[other]
+        for ours in ("sparse", "sparse_hf_loss"):
+            for other in ("full", "lora", "shira"):
+                if {ours, other} <= peaks.keys():
+                    ratios[f"{ours}_over_{other}"] = peaks[ours] / peaks[other]
         key = "checkpointing" if checkpointing == "on" else "no_checkpointing"
         report[key] = {"peak_bytes": peaks, "ratios": ratios, "seconds": time.perf_counter() - started}
     return report
@@ -475,6 +494,9 @@ TARGETS = {
     "fps_over_inference_last": "(inference with the last position's logits only)",
     "sparse_over_lora": "<= 1.00",
     "sparse_over_shira": "",
+    "sparse_hf_loss_over_full": "(transformers' loss)",
+    "sparse_hf_loss_over_lora": "(transformers' loss)",
+    "sparse_hf_loss_over_shira": "(transformers' loss)",
 }
 LLM_TARGETS = {**TARGETS, "fps_over_inference": "<= 1.10", "sparse_over_full": "(< 1)"}
 

@@ -45,13 +45,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import dataset_loader
 from ..errors import DataError, ModelError
-from . import BatchStream, Task, TaskData
+from . import BatchStream, Task, TaskData, next_token
+from .next_token import IGNORE_INDEX, HeadInput, next_token_sums
 
 Batch = dict[str, Any]
 CAUSAL_LM = "causal-lm"
 DATA_OPTIONS = ("max_length", "packing", "train_on_inputs", "val_split")
 
-IGNORE_INDEX = -100
 DEFAULT_MAX_LENGTH = 1024  # TRL's SFTConfig.max_length
 DATA_SUFFIXES = (".jsonl", ".txt")
 KINDS = ("text", "prompt-completion", "messages")
@@ -410,9 +410,13 @@ def collate(items: Sequence[Tokenized], pad_id: int) -> Batch:
 # ------------------------------------------------------------------------------------------------ loss and metrics
 
 
-def loss_sums(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+def loss_sums(logits: Tensor | HeadInput, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Summed next-token negative log-likelihood (fp32 logits, fp64 sum) and the number of tokens it counts: position
-    ``t`` predicts label ``t + 1``; labels ``-100`` do not count."""
+    ``t`` predicts label ``t + 1``; labels ``-100`` do not count. ``logits`` may be the chunked path's
+    :class:`~.next_token.HeadInput` (the logits made a chunk at a time)."""
+    if isinstance(logits, HeadInput):
+        nll, tokens, _ = next_token_sums(logits, labels)
+        return nll, tokens
     shifted = labels[:, 1:]
     nll = F.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]),
@@ -638,9 +642,11 @@ def stream(loader: DataLoader, skip_bad: bool = False) -> BatchStream:
     return BatchStream(loader)
 
 
-def forward(model: nn.Module, batch: Batch) -> Tensor:
-    """The logits of ``model(input_ids=..., attention_mask=...)``, ``[batch, seq, vocab]``."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+def forward(model: nn.Module, batch: Batch) -> Tensor | HeadInput:
+    """The decoder's last hidden state and the output layer, for the loss to make the logits a chunk at a time
+    (:mod:`.next_token`: never the whole ``[batch, seq, vocab]``); the logits themselves for a model whose logits
+    are more than its output layer on its decoder's output."""
+    return next_token.forward(model, batch)
 
 
 def task_loss(logits: Tensor, batch: Batch, criterion: Any = None) -> Tensor:
@@ -656,6 +662,8 @@ def count(batch: Batch) -> int:
 
 def hits(logits: Tensor, batch: Batch) -> Tensor:
     """Counted tokens whose next token is the top-1 prediction (next-token accuracy's numerator)."""
+    if isinstance(logits, HeadInput):
+        return next_token_sums(logits, batch["labels"])[2]
     labels = batch["labels"][:, 1:]
     return (logits[:, :-1].detach().argmax(-1).eq(labels) & (labels != IGNORE_INDEX)).sum()
 
