@@ -223,11 +223,13 @@ class SparseAdd(nn.Module):
             weight.view(-1).index_copy_(0, self.index, (saved + self.delta.to(base.dtype)).to(weight.dtype))
         yield weight
 
-    def sampled_grad(self, dy: Tensor, x: Tensor) -> Tensor:
+    def sampled_grad(self, dy: Tensor, x: Tensor, reuse: _SiblingInputs | None = None) -> Tensor:
         """The delta's gradient: for each selected entry ``(i, j)``, ``sum_t dy[t, i] * x[t, j]``, in fp32 or better.
 
-        Taken over chunks of tokens, so that the fp32 copies (and the transposed copy the CPU kernel is fastest
-        with) are bounded, not the size of the layer's input or output.
+        Taken over chunks of tokens, so that the fp32 copies (and the transposed copies the CPU kernel makes) are
+        bounded, not the size of the layer's input or output. The chunk depends on the larger of the two widths
+        only, so that layers reading one input (q, k and v) chunk it alike and, on the CPU, ``reuse`` (a backward's
+        :class:`_SiblingInputs`) hands each the transposed chunks of ``x`` the first one made.
 
         Args:
             dy: output gradient ``[tokens, out]``.
@@ -235,10 +237,16 @@ class SparseAdd(nn.Module):
         """
         self._current_pattern()
         dtype = torch.promote_types(torch.promote_types(dy.dtype, x.dtype), torch.float32)
-        step = max(1, _CHUNK_ELEMENTS // (dy.shape[1] + x.shape[1]))
+        step = max(1, _CHUNK_ELEMENTS // (2 * max(dy.shape[1], x.shape[1])))
+        if reuse is not None and (x.device.type != "cpu" or is_fake(x) or is_fake(dy)):
+            reuse = None  # cuSPARSE reads the transposed views without copies; fake tensors run no kernel
         total = None
         for start in range(0, dy.shape[0], step):
-            part = self._sampled_product(dy[start : start + step].to(dtype), x[start : start + step].to(dtype))
+            part_dy = dy[start : start + step].to(dtype)
+            if reuse is None:
+                part = self._sampled_product(part_dy, x[start : start + step].to(dtype))
+            else:  # x's chunk as the kernel reads it (its transpose, contiguous): a view, no copy in the kernel
+                part = self._sampled_product(part_dy, reuse.transposed(x, start, step, dtype).t())
             total = part if total is None else total.add_(part)
         return total if total is not None else torch.zeros(self.index.numel(), dtype=dtype, device=dy.device)
 
@@ -253,10 +261,10 @@ class SparseAdd(nn.Module):
                 pattern = torch.sparse_csr_tensor(
                     self.crow, self.cols, dy.new_zeros(self.cols.numel()), self.shape, check_invariants=False
                 )
-            # On the CPU, dyᵀ contiguous: its rows are read once per selected entry (twice as fast as a strided
-            # view). cuSPARSE takes the transposed view as a column-major matrix, without a copy.
-            dy_t = dy.t().contiguous() if dy.device.type == "cpu" else dy.t()
-            return torch.sparse.sampled_addmm(pattern, dy_t, x, beta=0.0).values()
+            # dyᵀ as a view: cuSPARSE takes it as a column-major matrix, and torch 2.14's CPU kernel is as fast on
+            # it as on a contiguous copy, which cost more than the product itself at LLM shapes (3.1 vs 1.7 ms for
+            # a 2048 x 768 layer, 1024 tokens, 3 entries per row; benchmarks/RESULTS.md, issue 19).
+            return torch.sparse.sampled_addmm(pattern, dy.t(), x, beta=0.0).values()
         return self._gathered_product(dy, x)
 
     def _gathered_product(self, dy: Tensor, x: Tensor) -> Tensor:
@@ -541,6 +549,52 @@ def _product_recipe(x: Tensor):
     return None
 
 
+class _SiblingInputs(threading.local):
+    """Within one backward, the Linear input last rebuilt from its recipe, and the transposed chunks of the input
+    last read (the CPU's ``sampled_addmm`` reads ``x`` transposed and copies it otherwise), for the next layer that
+    reads the same input: q, k and v read one, gate and up another, and their backwards run one after the other, so
+    one entry of each serves. An entry holds the tensors its key names (no address can be reused while it is
+    cached); keys include version counters (an in-place change is a miss); both are emptied when the backward ends
+    (``queue_callback``), so nothing outlives the step.
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.rebuilt_key, self.rebuilt_keep, self.x = None, (), None
+        self.chunks_key, self.chunks_keep, self.chunks = None, (), {}
+        self.queued = False
+
+    def _queue_clear(self) -> None:
+        if not self.queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self.clear)
+            self.queued = True
+
+    def rebuilt(self, function, tensors: tuple, meta) -> Tensor:
+        """:func:`_recompute`, once per input shared by sibling layers."""
+        key = (id(function), tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors), meta)
+        if key != self.rebuilt_key:
+            self._queue_clear()
+            self.rebuilt_key, self.rebuilt_keep = key, (function, *tensors)
+            self.x = _recompute(function, tensors, meta)
+        return self.x
+
+    def transposed(self, x: Tensor, start: int, step: int, dtype: torch.dtype) -> Tensor:
+        """``x[start : start + step]`` in ``dtype``, transposed and contiguous, once per input and chunk."""
+        key = (x.data_ptr(), x._version, tuple(x.shape), x.stride(), x.dtype)
+        if key != self.chunks_key:
+            self._queue_clear()
+            self.chunks_key, self.chunks_keep, self.chunks = key, (x,), {}
+        chunk = self.chunks.get((start, step, dtype))
+        if chunk is None:
+            chunk = self.chunks[(start, step, dtype)] = x[start : start + step].to(dtype).t().contiguous()
+        return chunk
+
+
+_SIBLINGS = _SiblingInputs()
+
+
 def _recompute(function, tensors: tuple, meta, differentiable: bool = False) -> Tensor:
     """The module's output again (the same op on the same tensors in the same dtype, autocast off), then cast to
     the dtype the Linear computed in, as :func:`sparse_linear` cast it (``differentiable``: with its graph, for a
@@ -592,7 +646,7 @@ class _SparseLinear(torch.autograd.Function):
         if not ctx.recipe:
             x = saved[0]
         elif ctx.needs_input_grad[3]:
-            x = _recompute(ctx.recompute, tuple(saved), ctx.x_meta)
+            x = _SIBLINGS.rebuilt(ctx.recompute, tuple(saved), ctx.x_meta)
         owner = ctx.owner
         dy2 = dy.reshape(-1, dy.shape[-1])  # [tokens, out]
         dx = dbias = ddelta = None
@@ -602,7 +656,7 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             dbias = dy2.sum(0)
         if ctx.needs_input_grad[3]:
-            ddelta = owner.sampled_grad(dy2, x.reshape(-1, x.shape[-1]))
+            ddelta = owner.sampled_grad(dy2, x.reshape(-1, x.shape[-1]), _SIBLINGS)
         return dx, None, dbias, ddelta, None, None, None
 
     @staticmethod

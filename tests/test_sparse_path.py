@@ -500,3 +500,42 @@ def test_the_rms_norm_recipe_changes_no_bit_of_a_training_run(monkeypatch, preci
         trained[recipe] = {n: p.detach().clone() for n, p in params.named_parameters()}
     for name, value in trained[False].items():
         assert torch.equal(trained[True][name], value), name
+
+
+class _NoReuse:
+    """_SiblingInputs without its cache: every layer rebuilds and transposes its own input."""
+
+    def rebuilt(self, function, tensors, meta):
+        return sparse._recompute(function, tensors, meta)
+
+    def transposed(self, x, start, step, dtype):
+        return x[start : start + step].to(dtype).t().contiguous()
+
+
+def test_sibling_layers_rebuild_their_shared_input_once_and_change_no_bit(monkeypatch):
+    """q, k and v read one norm output, gate and up another: each is rebuilt (and transposed for the CPU kernel)
+    once per backward, with the gradients of every layer doing its own, and nothing is kept after the backward."""
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    rebuilt = []
+    original = sparse._recompute
+    monkeypatch.setattr(sparse, "_recompute", lambda *a, **k: rebuilt.append(1) or original(*a, **k))
+    grads = {}
+    for reuse in (True, False):
+        if not reuse:
+            monkeypatch.setattr(sparse, "_SIBLINGS", _NoReuse())
+        torch.manual_seed(0)
+        model = _tiny_llama()
+        params = sparse.attach(model, _llama_indices(model, torch.Generator().manual_seed(1)), [])
+        rebuilt.clear()
+        model(input_ids=ids).logits.logsumexp(-1).mean().backward()
+        layers = len(model.model.layers)
+        if reuse:
+            # per layer: the input norm's output (q, k, v; not layer 0's, whose input needs no gradient), the
+            # post-attention norm's (gate, up) and the gated product (down)
+            assert len(rebuilt) == 3 * layers - 1
+            assert sparse._SIBLINGS.x is None and not sparse._SIBLINGS.chunks  # emptied when the backward ended
+        else:
+            assert len(rebuilt) == 6 * layers - 3
+        grads[reuse] = {n: p.grad.clone() for n, p in params.named_parameters()}
+    for name, grad in grads[False].items():
+        assert torch.equal(grads[True][name], grad), name
