@@ -157,13 +157,13 @@ def _chunked(
     for start in range(0, hidden.shape[0], rows):
         h = hidden[start : start + rows].to(dtype)
         t = targets[start : start + rows]
-        logits = F.linear(h, w, b).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        nll += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum(dtype=torch.float64)
-        hits += (logits.argmax(-1) == t).sum()
+        logp = torch.log_softmax(F.linear(h, w, b).float(), dim=-1)
+        target = logp.gather(1, t[:, None]).squeeze(1)
+        nll -= target.sum(dtype=torch.float64)
+        hits += (target >= logp.amax(dim=-1)).sum()  # the target's logit is the largest (ties count)
         if not any(grads):
             continue
-        g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+        g = logp.exp_()  # softmax, in place
         g[torch.arange(t.shape[0], device=t.device), t] -= 1.0
         g = g.to(dtype)
         if grad_h is not None:
