@@ -112,11 +112,12 @@ class Reporter:
 
     @contextlib.contextmanager
     def progress(
-        self, description: str, *, lines: bool = False, preparing: str | None = None
+        self, description: str, *, lines: bool = False, preparing: str | None = None, unit: str = "images"
     ) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
         """Yields ``(on_start(total), on_advance(n))`` callbacks driving a rich bar on an interactive stderr.
 
-        The bar counts images and shows images per second and the time left, both from the mean rate since
+        The bar counts ``unit`` (images, texts, examples) and shows them per second and the time left, both from the
+        mean rate since
         ``on_start``, so they appear after the first batch (rich's own estimate waits for several updates). Before
         ``on_start`` the bar shows ``preparing`` (``building the model``) as a step of its own. Off a terminal (CI
         logs, SLURM) and with ``lines``, a line is logged at every tenth of the total instead, with the same rate
@@ -129,7 +130,7 @@ class Reporter:
             if not lines:
                 yield (lambda total: None), (lambda n: None)
                 return
-            yield _ProgressLines(description, self.log).callbacks()
+            yield _ProgressLines(description, self.log, unit).callbacks()
             return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
@@ -141,10 +142,10 @@ class Reporter:
                     return Text("")
                 elapsed = task.elapsed or 0.0
                 if not task.completed or elapsed <= 0:
-                    return Text("- img/s, ETA -:--:--")
+                    return Text(f"- {_per_second(unit)}, ETA -:--:--")
                 rate = task.completed / elapsed
                 left = max((task.total or task.completed) - task.completed, 0) / rate
-                return Text(f"{rate:,.1f} img/s, ETA {_clock(left)}")
+                return Text(f"{rate:,.1f} {_per_second(unit)}, ETA {_clock(left)}")
 
         class CountColumn(MofNCompleteColumn):
             def render(self, task: Any) -> Text:
@@ -160,6 +161,11 @@ class Reporter:
             yield on_start, (lambda n: bar.advance(task, n))
 
 
+def _per_second(unit: str) -> str:
+    """``img/s`` for images (as timm logs them), ``texts/s``, ``examples/s``."""
+    return "img/s" if unit == "images" else f"{unit}/s"
+
+
 def _clock(seconds: float) -> str:
     return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
 
@@ -168,8 +174,8 @@ class _ProgressLines:
     """Progress as log lines (no terminal): ``scoring: 320/3,200 images (10%), 45.2 img/s, ETA 0:01:04``, at
     every tenth of the total, like ``fps train``'s step lines."""
 
-    def __init__(self, description: str, log: Callable[[str], None]) -> None:
-        self.description, self.log = description, log
+    def __init__(self, description: str, log: Callable[[str], None], unit: str = "images") -> None:
+        self.description, self.log, self.unit = description, log, unit
         self.total = self.done = self.next_tenth = 0
         self.started = 0.0
 
@@ -188,8 +194,8 @@ class _ProgressLines:
         rate = self.done / elapsed
         left = max(self.total - self.done, 0) / rate
         self.log(
-            f"{self.description}: {self.done:,}/{self.total:,} images ({self.done / self.total:.0%}), "
-            f"{rate:,.1f} img/s, ETA {_clock(left)}"
+            f"{self.description}: {self.done:,}/{self.total:,} {self.unit} ({self.done / self.total:.0%}), "
+            f"{rate:,.1f} {_per_second(self.unit)}, ETA {_clock(left)}"
         )
 
 
@@ -717,7 +723,11 @@ def select_cmd(
             weights = "" if pretrained else ", random weights: --no-pretrained"
             report.log(f"fps select: {model} on {data.location} ({dev.type}, {precision}{weights})")
             report.log(data.describe())
-            with report.progress("scoring", lines=True, preparing="building the model") as (on_start, on_batch):
+            unit = getattr(data, "item_name", "images")
+            with report.progress("scoring", lines=True, preparing="building the model", unit=unit) as (
+                on_start,
+                on_batch,
+            ):
                 result = run_select(
                     spec,
                     data,
@@ -844,11 +854,11 @@ RecordedImgSizeOpt = Annotated[
 OPTIMIZER_NAMES = ("adamw", "sgd")
 
 
-def _describe(event: dict[str, Any]) -> str:
-    """One progress line for a training event."""
+def _describe(event: dict[str, Any], unit: str = "images") -> str:
+    """One progress line for a training event (``unit``: what the data's examples are called, for the rate)."""
     kind = event["event"]
     if kind == "step":
-        rate = f", {event['images_per_s']:.1f} img/s" if event.get("images_per_s") else ""
+        rate = f", {event['images_per_s']:.1f} {_per_second(unit)}" if event.get("images_per_s") else ""
         return (
             f"epoch {event['epoch']} step {event['step']}/{event['total_steps']}: loss {event['loss']:.4f}, "
             f"lr {event['lr']:.2e}{rate}"
@@ -1070,8 +1080,11 @@ def train_cmd(
 
         _, folder, _, _ = training_data(data, the_mask.provenance, str(mask), spec, data_options)
         report.log(folder.describe())
-        bar = report.progress("training") if dist.is_main else contextlib.nullcontext(((lambda n: None),) * 2)
-        events = _TrainEvents(report, run_files, resume=resume, quiet=quiet, dist=dist)
+        unit = getattr(folder, "item_name", "images")
+        bar = (
+            report.progress("training", unit=unit) if dist.is_main else contextlib.nullcontext(((lambda n: None),) * 2)
+        )
+        events = _TrainEvents(report, run_files, resume=resume, quiet=quiet, dist=dist, unit=unit)
         events.wandb_args = (arguments, out.stem) if log_wandb else None
         try:
             with bar as events.bar:
@@ -1118,8 +1131,11 @@ class _TrainEvents:
         wandb_args: ``(arguments, run name)`` to log to Weights & Biases once training starts; ``None``: off.
     """
 
-    def __init__(self, report: Reporter, run_files: Any, *, resume: bool, quiet: bool, dist: Any) -> None:
+    def __init__(
+        self, report: Reporter, run_files: Any, *, resume: bool, quiet: bool, dist: Any, unit: str = "images"
+    ) -> None:
         self.report, self.run_files, self.resume, self.quiet, self.dist = report, run_files, resume, quiet, dist
+        self.unit = unit
         self.bar: tuple[Callable[[int], None], Callable[[int], None]] = ((lambda n: None),) * 2
         self.wandb_args: tuple[dict[str, Any], str] | None = None
         self.started = False
@@ -1149,7 +1165,7 @@ class _TrainEvents:
         for run in self.wandb:
             run(event)
         if event["event"] != "step" or not self.quiet:
-            self.report.log(_describe(event))
+            self.report.log(_describe(event, self.unit))
 
     def close(self) -> None:
         for run in self.wandb:

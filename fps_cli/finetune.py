@@ -808,6 +808,8 @@ def train_one_epoch(
     def check_finite() -> None:
         _check_finite(first_bad, bad_loss, epoch, checkpoint_path, state.start_epoch, state.history)
 
+    from .tasks import examples_in
+
     task = task or _image_task()
     stream = task.stream(loader, False)
     micro = step_images = 0
@@ -816,7 +818,8 @@ def train_one_epoch(
         with recompute_sparse_weights(), autocast(device, config.precision):
             logits = task.forward(model, batch)
         loss = task.loss(logits, batch, state.criterion)
-        n = task.count(batch)
+        n = task.count(batch)  # what the loss averages over: examples, or a language model's tokens
+        examples = examples_in(batch)
         scaler.scale(loss / config.grad_accum).backward()
         detached = loss.detach()
         newly_bad = ~torch.isfinite(detached) & (first_bad == 0)
@@ -825,9 +828,9 @@ def train_one_epoch(
         loss_sum += detached.double() * n
         correct += task.hits(logits, batch)
         seen += n
-        window_images += n
+        window_images += examples
         micro += 1
-        step_images += n
+        step_images += examples
         if micro % config.grad_accum and micro != len(loader):
             continue
         if dist.enabled:

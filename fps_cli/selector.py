@@ -423,8 +423,8 @@ def gather_input_stats(
                 batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
                 keep[0] = real_tokens(batch)
                 forward(model, batch)
-                if on_batch is not None:
-                    on_batch(len(batch["labels"]))
+                if on_batch is not None:  # examples (a packed batch records how many it holds), not rows
+                    on_batch(int(batch["examples"]) if "examples" in batch else len(batch["labels"]))
     finally:
         model.train(was_training)
     return stats

@@ -162,3 +162,25 @@ def test_a_tokenizer_without_pad_pads_with_eos_and_says_so(work):
     result = fps("select", "--model", "hf:nopad", "--data", "sums.jsonl", "--budget", "0.05", cwd=work)
     assert result.exit_code == 0, result.output
     assert "the tokenizer has no pad token: padding with its end-of-sequence token '</s>'" in result.stderr
+
+
+def test_progress_counts_examples_not_images_or_rows(work):
+    """A language model's progress counts examples (not packed rows, not tokens) and says so."""
+    selected = fps("select", "--model", "hf:llm", "--data", "sums.jsonl", "--budget", "0.05", "--packing",
+                   "--max-length", "16", cwd=work)  # fmt: skip
+    assert selected.exit_code == 0, selected.output
+    assert "scoring: 48/48 examples (100%)" in selected.stderr and "img/s" not in selected.stderr
+    trained = fps("train", "--epochs", "1", "--lr", "0.02", "--batch-size", "8", cwd=work)
+    assert trained.exit_code == 0, trained.output
+    assert "examples/s" in trained.stderr and "img/s" not in trained.stderr
+    # The bar's total is epochs x examples; the progress events must add up to it (they once counted tokens).
+    from fps_cli.finetune import TrainConfig, run_train
+    from fps_cli.hub import ModelSpec
+
+    events = []
+    mask = read_mask(work / "mask.safetensors")
+    run_train(mask, TrainConfig(epochs=2, lr=0.02, batch_size=8), spec=ModelSpec("hf:" + str(work / "llm")),
+              data_dir=work / "sums.jsonl", on_event=events.append,
+              data_options=mask.provenance["data_options"])  # fmt: skip
+    start = next(e for e in events if e["event"] == "start")
+    assert sum(e["images"] for e in events if e["event"] == "progress") == 2 * start["train_samples"] == 96

@@ -119,8 +119,13 @@ class BatchStream:
 
     def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
-            self.seen += len(batch["labels"])
+            self.seen += examples_in(batch)
             yield batch
+
+
+def examples_in(batch: Batch) -> int:
+    """How many examples a batch holds: its rows, or what a packing collate recorded (``examples``)."""
+    return int(batch["examples"]) if "examples" in batch else len(batch["labels"])
 
 
 @dataclass(frozen=True)

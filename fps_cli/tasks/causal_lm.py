@@ -596,9 +596,10 @@ class TokenizedLM(Dataset):
 
 
 def _collate(items: list[Tokenized], pad_id: int, pack_to: int | None) -> Batch:
+    examples = len(items)  # before packing: the progress counts examples, not rows
     if pack_to is not None:
         items = pack(items, pack_to) or list(items)
-    return collate(items, pad_id)
+    return {**collate(items, pad_id), "examples": examples}
 
 
 def loader(
