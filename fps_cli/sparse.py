@@ -573,7 +573,7 @@ class _SiblingInputs(threading.local):
 
     def rebuilt(self, function, tensors: tuple, meta) -> Tensor:
         """:func:`_recompute`, once per input shared by sibling layers."""
-        key = (id(function), tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors), meta)
+        key = (id(function), tuple(None if t is None else _identity(t) for t in tensors), meta)
         if key != self.rebuilt_key:
             self._queue_clear()
             self.rebuilt_key, self.rebuilt_keep = key, (function, *tensors)
@@ -582,7 +582,7 @@ class _SiblingInputs(threading.local):
 
     def transposed(self, x: Tensor, start: int, step: int, dtype: torch.dtype) -> Tensor:
         """``x[start : start + step]`` in ``dtype``, transposed and contiguous, once per input and chunk."""
-        key = (x.data_ptr(), x._version, tuple(x.shape), x.stride(), x.dtype)
+        key = (_identity(x), tuple(x.shape), x.stride(), x.dtype)
         if key != self.chunks_key:
             self._queue_clear()
             self.chunks_key, self.chunks_keep, self.chunks = key, (x,), {}
@@ -593,6 +593,12 @@ class _SiblingInputs(threading.local):
 
 
 _SIBLINGS = _SiblingInputs()
+
+
+def _identity(t: Tensor) -> tuple[int, int, int]:
+    """Which memory ``t`` views and how often it was changed: its storage (the ``StorageImpl``, also for fake
+    tensors, which have no data pointer), offset and version counter."""
+    return t.untyped_storage()._cdata, t.storage_offset(), t._version
 
 
 def _recompute(function, tensors: tuple, meta, differentiable: bool = False) -> Tensor:
