@@ -441,16 +441,20 @@ def run_llm_pass(name: str, args: argparse.Namespace, checkpointing: bool) -> in
                 if name == "sparse":
                     # LlamaForCausalLM's logits are its lm_head on its decoder's output (fake values cannot be compared)
                     next_token.assume_plain_head(model)
-                    next_token.counted_positions = _all_positions
-                for _ in range(2):
-                    with context():
-                        if name == "sparse":  # fps train's forward and loss
-                            loss = causal_lm.loss(causal_lm.forward(model, batch), batch)
-                        else:
-                            loss = model(**batch).loss
-                    loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                counted = next_token.counted_positions
+                next_token.counted_positions = _all_positions
+                try:
+                    for _ in range(2):
+                        with context():
+                            if name == "sparse":  # fps train's forward and loss
+                                loss = causal_lm.loss(causal_lm.forward(model, batch), batch)
+                            else:
+                                loss = model(**batch).loss
+                        loss.backward()
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                finally:
+                    next_token.counted_positions = counted  # the estimate runs in tests' processes too
     return memory.peak
 
 
