@@ -129,3 +129,28 @@ def test_a_model_with_scaled_logits_falls_back_to_the_full_logits():
     nll, tokens, _ = _reference(model, batch)
     assert torch.allclose(lm.loss(out, batch), nll.float() / tokens)
     assert next_token.plain_head(_model(), batch) is not None  # the plain Llama passes the check
+
+
+def test_no_tensor_holds_more_than_one_chunk_of_logits():
+    """The point of the chunked loss: a training step (forward, loss, backward) never makes the [batch, seq, vocab]
+    logits, only chunks of CHUNK_LOGITS (here 4 tokens x VOCAB)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Widest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                # VOCAB wide, and not the output weight's transpose [hidden, VOCAB]
+                if isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[-1] == VOCAB and t.shape[-2] != 48:
+                    Widest.largest = max(Widest.largest, t.numel())
+            return out
+
+    model = _model(hidden_size=48)
+    batch = _batch()
+    assert next_token.plain_head(model, batch) is not None  # the once-per-model check (8 tokens' logits) first
+    with Widest():
+        lm.loss(lm.forward(model, batch), batch).backward()
+    assert 0 < Widest.largest <= next_token.CHUNK_LOGITS < batch["input_ids"].numel() * VOCAB
