@@ -746,7 +746,7 @@ def render(
                 title = f"the shared rate {lrs.pop():g} (best mean validation top-1 of {over})"
             out.append(f"**Budget {budget:g}, at {title}** (test top-1 %, mean ± std over seeds {args.seeds})\n")
             out.append(
-                "| method | test top-1 | val top-1 | lr | grid: val top-1 (seed 0) | trainable | s / epoch "
+                "| method | test top-1 | val top-1 | lr | grid: val top-1 (seed 0) | trainable | s / epoch (own process) "
                 "| peak RSS MiB (own process) | train loss, last epoch (change over the last 2) |"
             )
             out.append("|---|---|---|---|---|---|---|---|---|")
@@ -764,7 +764,10 @@ def render(
                 trainable = r["runs"][0]["trainable"]
                 share = f" ({100 * trainable / total:.2f}%)" if total else ""
                 cost = costs.get(r["runs"][0]["key"].rsplit("|", 2)[0])
-                spe = f"{statistics.fmean(x['seconds_per_epoch'] for x in r['runs']):.1f}"
+                if cost and cost.get("seconds_per_epoch"):
+                    spe = f"{cost['seconds_per_epoch']:.1f}"
+                else:  # the runs' own mean, under whatever else the machine ran then
+                    spe = f"{statistics.fmean(x['seconds_per_epoch'] for x in r['runs']):.1f} (runs)"
                 peak = f"{cost['peak_rss_mib']:.0f}" if cost and cost["peak_rss_mib"] else "not measured"
                 last = statistics.fmean(x["train_loss"][-1] for x in r["runs"])
                 drop = statistics.fmean(
