@@ -746,8 +746,9 @@ def render(
                 title = f"the shared rate {lrs.pop():g} (best mean validation top-1 of {over})"
             out.append(f"**Budget {budget:g}, at {title}** (test top-1 %, mean ± std over seeds {args.seeds})\n")
             out.append(
-                "| method | test top-1 | val top-1 | lr | grid: val top-1 (seed 0) | trainable | s / epoch (own process) "
-                "| peak RSS MiB (own process) | train loss, last epoch (change over the last 2) |"
+                "| method | test top-1 | val top-1 | lr | grid: val top-1 (seed 0) | trainable "
+                "| s / epoch (own process) | peak RSS MiB (own process) "
+                "| train loss, last epoch (change over the last 2) |"
             )
             out.append("|---|---|---|---|---|---|---|---|---|")
             for r in chosen:
