@@ -63,9 +63,14 @@ def _provenance_line(prov: dict[str, Any], keys: Sequence[str]) -> str:
 
 
 def _task_lines(prov: dict[str, Any]) -> list[str]:
-    """The task a file was made for and its data options (files from before the task seam have none)."""
-    line = _provenance_line(prov, ("task", "data_options"))
-    return [line] if line.strip() else []
+    """The task a file was made for, its data options, and the data's layout and splits (files from before the task
+    seam or the layouts have none)."""
+    lines = [_provenance_line(prov, keys) for keys in (("task", "data_options"), SPLIT_KEYS)]
+    return [line for line in lines if line.strip()]
+
+
+# What a header records about the data's layout and which split trained, validated and tested (fps_cli.data).
+SPLIT_KEYS = ("layout", "train_split", "val_split", "test_split")
 
 
 # ------------------------------------------------------------------------------------------------ masks
@@ -233,6 +238,7 @@ def render_scores(report: dict[str, Any]) -> str:
     lines = [f"{report['file']}: {report['statistic']} scores of {prov.get('model')}; per layer: {report['shown']}"]
     lines.append(_provenance_line(prov, ("method", "gps_loss", "augment", "pretrained_tag", "num_classes", "img_size")))
     lines.append(_provenance_line(prov, ("data", "num_samples", "classes", "seed")))
+    lines += _task_lines(prov)
     lines.append("")
     cols = ("mean", "min", "q05", "q25", "q50", "q75", "q95", "max")
     lines += table(

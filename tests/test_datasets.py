@@ -357,3 +357,15 @@ def test_train_reads_the_data_the_way_select_was_told_to(tmp_path, monkeypatch):
     trained = fps("train", "--epochs", "1", *FAST)
     assert trained.exit_code == 0, trained.output
     assert "cub layout: train is_train=1 (6 images), val+test is_train=0 (6 images)" in trained.stderr
+
+
+def test_inspect_names_the_layout_and_splits_a_mask_was_selected_on(tmp_path):
+    root = make_cub(tmp_path)
+    mask, scores = tmp_path / "m.safetensors", tmp_path / "s.safetensors"
+    selected = fps("select", *TINY_VIT, "--data", root, "--budget", "0.5", "-o", mask, "--scores", scores, "-q")
+    assert selected.exit_code == 0, selected.output
+    for path in (mask, scores):
+        shown = fps("inspect", path)
+        assert shown.exit_code == 0, shown.output
+        line = "layout cub; train_split is_train=1; val_split is_train=0; test_split is_train=0"
+        assert line in shown.stdout, shown.stdout
