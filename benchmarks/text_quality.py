@@ -150,6 +150,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(PRIORITY), choices=METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--max-extend", type=int, default=2, help="grid extensions past a winning edge, per method")
+    p.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        help="start every method's rate search from these rates instead of its own grid (with --max-extend 0: run "
+        "exactly these)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared machine)")
     p.add_argument(
         "--stage",
@@ -171,6 +178,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.seeds, args.cost_epochs = args.seeds[:2], 1
     # The rates each method's search starts from (smoke: the middle two of each grid).
     args.lr_grid = {m: grid[1:3] if args.smoke else grid for m, grid in LR_GRID.items()}
+    if args.rates:
+        args.lr_grid = {m: tuple(sorted(args.rates)) for m in LR_GRID}
     if min(args.shots, args.val_per_class, args.test_per_class) < 1:
         p.error("--shots, --val-per-class and --test-per-class must be at least 1")
     return args

@@ -215,3 +215,9 @@ def test_first_run_peaks_keep_only_runs_that_started_a_fresh_process():
         "fps|0.01": {"peak_rss_mib": 1900.0, "rss_before_mib": 1000.0},
         "full|-": {"peak_rss_mib": 2200.0, "rss_before_mib": 1010.0},
     }
+
+
+def test_rates_replace_every_methods_grid():
+    args = tq.parse_args(["--rates", "0.01", "0.003", "--max-extend", "0"])
+    assert set(args.lr_grid.values()) == {(0.003, 0.01)}
+    assert tq.parse_args([]).lr_grid["full"] == tq.LR_GRID["full"]
