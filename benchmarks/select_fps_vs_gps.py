@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import procfs  # benchmarks/procfs.py: this script runs from its own folder
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("fps", "gps")
@@ -51,17 +54,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _rss_mib(field: str) -> float:
-    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in MiB; NaN where there is no procfs."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def run_worker(args: argparse.Namespace) -> dict:
     """One method's selection in this process; returns its figures."""
     import resource
@@ -85,8 +77,8 @@ def run_worker(args: argparse.Namespace) -> dict:
             start_memory["peak_before_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             torch.cuda.reset_peak_memory_stats(device)
         else:
-            start_memory["allocated_mib"] = _rss_mib("VmRSS")
-            start_memory["peak_before_mib"] = _rss_mib("VmHWM")
+            start_memory["allocated_mib"] = procfs.status_mib("VmRSS") or math.nan
+            start_memory["peak_before_mib"] = procfs.status_mib("VmHWM") or math.nan
 
     spec = ModelSpec(args.model, pretrained=args.pretrained, img_size=args.img_size)
     augment = not (args.no_augment and args.worker == "gps")  # --no-augment is a GPS option: fps has no views

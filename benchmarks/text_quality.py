@@ -66,6 +66,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # this checkout's fps_cli, also when run as a script
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmarks' shared helpers, also when imported from elsewhere
+import procfs  # noqa: E402
 
 DATA_NOUN = Path("/usr/share/wordnet/data.noun")
 # WordNet's lexicographer files of nouns (lexnames(5WN)): field 2 of a data.noun line.
@@ -480,24 +483,6 @@ def evaluate(model, data: Encoded) -> float:
     return 100.0 * correct / len(data)
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _proc_status_mib(field: str) -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def run_cell(
     cell: Cell,
     data: dict[str, Encoded],
@@ -508,8 +493,8 @@ def run_cell(
     max_length: int,
 ) -> dict[str, Any]:
     """Select (when the method selects), train ``epochs`` epochs, and score the validation and test splits."""
-    reset = _reset_peak_rss()
-    rss_before = _proc_status_mib("VmRSS")
+    reset = procfs.reset_peak()
+    rss_before = procfs.status_mib("VmRSS")
     started = time.perf_counter()
     if cell.method == "lora":
         model, trainable, losses, epoch_seconds, select_seconds = train_lora(
@@ -533,8 +518,8 @@ def run_cell(
         "select_seconds": round(select_seconds, 2),
         "seconds_per_epoch": round(statistics.fmean(epoch_seconds), 3),
         "seconds": round(time.perf_counter() - started, 2),
-        "peak_rss_mib": round(_proc_status_mib("VmHWM"), 1) if reset else None,
-        "rss_before_mib": round(rss_before, 1),
+        "peak_rss_mib": round(procfs.status_mib("VmHWM") or 0.0, 1) if reset else None,
+        "rss_before_mib": round(rss_before, 1) if rss_before is not None else None,
         "load": [round(x, 2) for x in os.getloadavg()],
     }
 

@@ -47,6 +47,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # this checkout's fps_cli, also when run as a script
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmarks' shared helpers, also when imported from elsewhere
+import procfs  # noqa: E402
+
 SPARSE = ("random", "weight", "activation", "fps", "gps")
 METHODS = ("full", "linear", "bias", *SPARSE)
 FAMILY = {"full": "full", "linear": "linear", "bias": "bias", **{m: "sparse" for m in SPARSE}}
@@ -207,25 +211,6 @@ def pretrain_source(source: Path, out: Path, epochs: int, seed: int = 0) -> dict
 # ------------------------------------------------------------------------------------------------ selection
 
 
-def _proc_status_mib(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset the peak resident size (VmHWM) to the current one (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def select_worker(jobs_file: Path) -> None:
     """Run ``fps select`` (in this process, through the CLI) for every job in ``jobs_file``; record time and memory."""
     from typer.testing import CliRunner
@@ -238,12 +223,12 @@ def select_worker(jobs_file: Path) -> None:
     runner.invoke(app, jobs[0]["args"])  # warm-up, not measured: lazy imports and first-call costs
     results = []
     for job in jobs:
-        reset = _reset_peak()
-        before = _proc_status_mib("VmRSS")
+        reset = procfs.reset_peak()
+        before = procfs.status_mib("VmRSS")
         started = time.perf_counter()
         result = runner.invoke(app, job["args"])
         seconds = time.perf_counter() - started
-        peak = _proc_status_mib("VmHWM")
+        peak = procfs.status_mib("VmHWM")
         if result.exit_code != 0:
             raise SystemExit(f"fps {' '.join(job['args'])} failed ({result.exit_code}):\n{result.output}")
         summary = json.loads(result.stdout)

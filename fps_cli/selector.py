@@ -408,6 +408,8 @@ def gather_input_stats(
     ``[batch, seq, ...]`` that lines up with it is reduced to its real tokens, so padding never counts; an input
     that does not (e.g. a pooler's ``[batch, dim]``, one vector per sequence) counts whole.
     """
+    from .tasks import examples_in  # the batch convention (import-light: no task module is loaded)
+
     device = torch.device(device)
     keep: list[Tensor | None] = [None]
 
@@ -424,7 +426,7 @@ def gather_input_stats(
                 keep[0] = real_tokens(batch)
                 forward(model, batch)
                 if on_batch is not None:  # examples (a packed batch records how many it holds), not rows
-                    on_batch(int(batch["examples"]) if "examples" in batch else len(batch["labels"]))
+                    on_batch(examples_in(batch))
     finally:
         model.train(was_training)
     return stats

@@ -607,36 +607,23 @@ def loader(
     samples: list,
     purpose: str,
     *,
-    batch_size: int,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-    shuffle: bool = False,
-    seed: int = 0,
-    drop_last: bool = False,
-    batches: list[list[int]] | None = None,
-    sampler: torch.utils.data.Sampler | None = None,
     data_options: Mapping[str, Any] | None = None,
-    **unused: Any,
+    num_workers: int = 0,
+    img_size: int | None = None,
+    augment: bool = False,
+    **loading: Any,
 ) -> DataLoader:
     """A loader of padded token batches (``input_ids``, ``attention_mask``, ``labels``). With ``packing`` each batch's
     examples are concatenated and cut into rows of ``max_length`` tokens (so a batch holds at most ``batch_size``
-    rows, and the samplers and shards of the other tasks work unchanged)."""
+    rows, and the samplers and shards of the other tasks work unchanged). Tokenized in the main process
+    (``num_workers`` is not needed; ``img_size`` / ``augment`` do not apply); ``loading`` goes to
+    :func:`fps_cli.data.dataset_loader`."""
     options = data_options or {}
     tokenizer = tokenizer_of(model)
     dataset = TokenizedLM(samples, tokenizer, options)
     pack_to = int(options.get("max_length") or DEFAULT_MAX_LENGTH) if options.get("packing") else None
     collate_fn = partial(_collate, pad_id=tokenizer.pad_token_id, pack_to=pack_to)
-    return dataset_loader(
-        dataset,
-        collate_fn,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        drop_last=drop_last,
-        batches=batches,
-        sampler=sampler,
-        pin_memory=pin_memory,
-    )
+    return dataset_loader(dataset, collate_fn, **loading)
 
 
 def stream(loader: DataLoader, skip_bad: bool = False) -> BatchStream:

@@ -23,6 +23,7 @@ they differ, or where the model has no ``get_decoder`` / ``get_output_embeddings
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -83,17 +84,28 @@ def plain_head(model: nn.Module, batch: dict[str, Any]) -> nn.Linear | None:
         model.eval()
         try:
             with torch.no_grad():
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                ours = head(hidden)
+                logits = _call(model, ids, mask).logits
+                ours = head(_call(model.get_decoder(), ids, mask).last_hidden_state)
+        except (TypeError, ValueError, AttributeError, NotImplementedError):
+            head = None  # a decoder that does not take these inputs or return last_hidden_state: the full logits
         finally:
             model.train(was_training)
-        if ours.shape != logits.shape or not torch.allclose(
-            ours.float(), logits.float(), rtol=1e-3, atol=1e-3 * max(1.0, float(logits.abs().max()))
+        if head is not None and (
+            ours.shape != logits.shape
+            or not torch.allclose(
+                ours.float(), logits.float(), rtol=1e-3, atol=1e-3 * max(1.0, float(logits.abs().max()))
+            )
         ):
             head = None
     _CHECKED[model] = head
     return head
+
+
+def _call(module: nn.Module, ids: Tensor, mask: Tensor) -> Any:
+    """``module(input_ids, attention_mask)``, without a KV cache where the forward takes ``use_cache`` (training
+    never reads one back)."""
+    no_cache = {"use_cache": False} if "use_cache" in inspect.signature(module.forward).parameters else {}
+    return module(input_ids=ids, attention_mask=mask, **no_cache)
 
 
 def forward(model: nn.Module, batch: dict[str, Any]) -> HeadInput | Tensor:
@@ -101,10 +113,8 @@ def forward(model: nn.Module, batch: dict[str, Any]) -> HeadInput | Tensor:
     more than that (:func:`plain_head`), its logits."""
     head = plain_head(model, batch)
     if head is None:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    hidden = model.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).last_hidden_state
+        return _call(model, batch["input_ids"], batch["attention_mask"]).logits
+    hidden = _call(model.get_decoder(), batch["input_ids"], batch["attention_mask"]).last_hidden_state
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     return HeadInput(hidden, head, dtype)

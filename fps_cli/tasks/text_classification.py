@@ -188,34 +188,20 @@ def loader(
     samples: list,
     purpose: str,
     *,
-    batch_size: int,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-    shuffle: bool = False,
-    seed: int = 0,
-    drop_last: bool = False,
-    batches: list[list[int]] | None = None,
-    sampler: torch.utils.data.Sampler | None = None,
     data_options: Mapping[str, Any] | None = None,
-    **unused: Any,
+    num_workers: int = 0,
+    img_size: int | None = None,
+    augment: bool = False,
+    **loading: Any,
 ) -> DataLoader:
-    """A loader of padded token batches (tokenized once, in the main process: ``num_workers`` is not needed)."""
+    """A loader of padded token batches (tokenized once, in the main process: ``num_workers`` is not needed; the image
+    task's ``img_size`` / ``augment`` do not apply); ``loading`` goes to :func:`fps_cli.data.dataset_loader`."""
     tokenizer = tokenizer_of(model)
     max_length = max_length_of(model, tokenizer, (data_options or {}).get("max_length"))
     dataset = TokenizedText(samples, tokenizer, max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     collate = pad_collate(pad_id, getattr(tokenizer, "padding_side", "right") != "left")
-    return dataset_loader(
-        dataset,
-        collate,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        drop_last=drop_last,
-        batches=batches,
-        sampler=sampler,
-        pin_memory=pin_memory,
-    )
+    return dataset_loader(dataset, collate, **loading)
 
 
 def stream(loader: DataLoader, skip_bad: bool = False) -> BatchStream:
