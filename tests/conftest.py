@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import subprocess
+import time
 
 # One BLAS / OpenMP thread per process (this one and every fps subprocess a test starts): the models here are tiny,
 # and on a busy 2-core machine threads of several processes spinning against each other made single tests 100x
@@ -133,3 +136,38 @@ class TinyMLP(nn.Module):
 @pytest.fixture
 def tiny_mlp() -> TinyMLP:
     return TinyMLP()
+
+
+# ------------------------------------------------------------------------- OS-level helpers (output-safety tests)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small tmpfs (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs for the full-disk and read-only cases needs root")
+    mounted = []
+
+    def mount(name: str, options: str) -> Path:
+        where = tmp_path / name
+        where.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    gc.collect()  # a file a failed write left open keeps the mount busy
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def wait_stopped(pid: int) -> None:
+    """Wait until process ``pid`` is stopped (SIGSTOP at a test's chosen point: ``/proc/PID/stat`` state ``T``)."""
+    for _ in range(3000):
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split(") ", 1)[1].startswith("T"):
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} never reached its stop point")

@@ -70,30 +70,6 @@ def run(built, tmp_path) -> Path:
     return tmp_path / "b" / "run"
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A small tmpfs (root only), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs for the full-disk and read-only cases needs root")
-    mounted = []
-
-    def mount(name: str, options: str) -> Path:
-        where = tmp_path / name
-        where.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-        mounted.append(where)
-        return where
-
-    yield mount
-    import gc
-
-    gc.collect()
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def test_full_disk_during_a_folder_output_names_the_folder_given(run, tmpfs):
     disk = tmpfs("small", "size=64k")
     r = fps("merge", "-o", f"{disk}/merged/", "-q", cwd=run)

@@ -13,12 +13,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASS_COLORS, REPO, TINY_VIT, tiny_hf_vit, write_images
+from conftest import CLASS_COLORS, REPO, TINY_VIT, tiny_hf_vit, wait_stopped, write_images
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -233,15 +232,6 @@ def test_select_outputs_clash_with_each_other_and_inputs(run):
 # ---------------------------------------------------------------------------------------- 4. two writers race
 
 
-def _wait_stopped(pid: int) -> None:
-    for _ in range(3000):
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().split(") ", 1)[1].startswith("T"):
-                return
-        time.sleep(0.01)
-    raise AssertionError("the first writer never reached its stop point")
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to see a stopped process")
 def test_two_writers_of_the_same_new_path_one_fails(run, built):
     """Writer A stops with its files complete but not renamed; B writes the same new paths; A goes on and loses."""
@@ -250,7 +240,7 @@ def test_two_writers_of_the_same_new_path_one_fails(run, built):
     cmd = [sys.executable, "-m", "fps_cli", *(str(a) for a in [*args, *out])]
     first = subprocess.Popen(cmd, cwd=run, env=_env(FPS_TEST_STOP_AT="written"), stderr=subprocess.PIPE, text=True)
     try:
-        _wait_stopped(first.pid)
+        wait_stopped(first.pid)
         second = fps(*args, *out, cwd=run)
         assert second.exit_code == 0, second.output
         won = snapshot(run)
@@ -534,30 +524,6 @@ def test_writes_are_fsynced_before_the_rename(run, built, monkeypatch):
 
 
 # --------------------------------------------------------------------------- OS errors: full disk, read-only
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A small tmpfs (root only), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs for the full-disk and read-only cases needs root")
-    mounted = []
-
-    def mount(name: str, options: str) -> Path:
-        where = tmp_path / name
-        where.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-        mounted.append(where)
-        return where
-
-    yield mount
-    import gc
-
-    gc.collect()  # a file a failed write left open keeps the mount busy
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def test_full_disk_is_one_line_naming_the_path(run, built, tmpfs):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLASS_COLORS, REPO, TINY_VIT, tiny_hf_vit, write_images
+from conftest import CLASS_COLORS, REPO, TINY_VIT, tiny_hf_vit, wait_stopped, write_images
 from typer.testing import CliRunner
 
 from fps_cli import outputs
@@ -290,15 +290,6 @@ def test_reading_a_local_dir_or_checkpoint_rolls_back_its_killed_group(timm_buil
 # ----------------------------------------------------------------------- a live writer is never judged dead
 
 
-def _wait_stopped(pid: int) -> None:
-    for _ in range(3000):
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().split(") ", 1)[1].startswith("T"):
-                return
-        time.sleep(0.01)
-    raise AssertionError("the writer never reached its stop point")
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to see a stopped process")
 def test_a_reader_waits_for_a_live_writer_then_refuses_and_the_writer_finishes(run, built, monkeypatch):
     """The writer stops with its journal in place (SIGSTOP keeps its lock); a reader elsewhere (another hostname
@@ -307,7 +298,7 @@ def test_a_reader_waits_for_a_live_writer_then_refuses_and_the_writer_finishes(r
     cmd = [sys.executable, "-m", "fps_cli", *(str(a) for a in args), "--force"]
     writer = subprocess.Popen(cmd, cwd=run, env=_env(FPS_TEST_STOP_AT="rename:1"), stderr=subprocess.PIPE, text=True)
     try:
-        _wait_stopped(writer.pid)
+        wait_stopped(writer.pid)
         held = snapshot(run)
         journal = next(n for n in held if n.startswith(".fps-journal-"))
         monkeypatch.setattr(outputs, "LIVE_WAIT_S", 0.2)
