@@ -182,7 +182,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # The rates each method's search starts from (smoke: the middle two of each grid).
     args.lr_grid = {m: grid[1:3] if args.smoke else grid for m, grid in LR_GRID.items()}
     if args.rates:
-        args.lr_grid = {m: tuple(sorted(args.rates)) for m in LR_GRID}
+        if min(args.rates) <= 0:
+            p.error("--rates must be positive")
+        args.lr_grid = {m: tuple(sorted(set(args.rates))) for m in LR_GRID}
     if min(args.shots, args.val_per_class, args.test_per_class) < 1:
         p.error("--shots, --val-per-class and --test-per-class must be at least 1")
     return args

@@ -221,3 +221,6 @@ def test_rates_replace_every_methods_grid():
     args = tq.parse_args(["--rates", "0.01", "0.003", "--max-extend", "0"])
     assert set(args.lr_grid.values()) == {(0.003, 0.01)}
     assert tq.parse_args([]).lr_grid["full"] == tq.LR_GRID["full"]
+    with pytest.raises(SystemExit) as stopped:
+        tq.parse_args(["--rates", "0.01", "0"])
+    assert stopped.value.code == 2
