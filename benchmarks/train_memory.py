@@ -8,6 +8,8 @@ random batch, at the same precision:
   the selected entries) with a neuron-level mask at ``--budget`` (scored by ``|W|``: which entries are chosen does
   not change the cost, only how many per row), head and biases trained in full, as ``fps train`` does.
 - ``sparse_dense``: the same mask on the old dense-gradient path (``attach(..., path="dense")``).
+- ``sparse_torch_kernel``: ``sparse`` with torch's CPU ``sparse_sampled_addmm`` for the delta's gradient instead of
+  fps's kernel (``FPS_SAMPLED_PRODUCT=torch``, fps_cli/sampled_product.py): what the kernel saves, and costs.
 - ``lora``: PEFT LoRA, r = 8 (alpha 8, no dropout) on every block's qkv / proj / fc1 / fc2, head trained in full.
 - ``shira``: PEFT SHiRA (random sparse mask) on the same layers with ``r`` chosen so that its trainable count
   (head included) is closest to fps's, head trained in full.
@@ -47,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from busy import busy, load_average  # noqa: E402
 
-VARIANTS = ("full", "sparse", "sparse_dense", "lora", "shira")
+VARIANTS = ("full", "sparse", "sparse_dense", "sparse_torch_kernel", "lora", "shira")
 # Every transformer block's linear layers (timm ViT names; patch_embed.proj is a convolution).
 PEFT_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 
@@ -115,7 +117,9 @@ def child(args: argparse.Namespace) -> dict:
     config = TrainConfig(precision=args.precision)
     total_params = sum(p.numel() for p in model.parameters())  # before attaching adds the deltas
     context = torch.enable_grad
-    if args.variant in ("sparse", "sparse_dense"):
+    if args.variant == "sparse_torch_kernel":
+        os.environ["FPS_SAMPLED_PRODUCT"] = "torch"
+    if args.variant in ("sparse", "sparse_dense", "sparse_torch_kernel"):
         mask = read_mask(args.mask)
         path = "dense" if args.variant == "sparse_dense" else "sparse"
         trainable = attach(model, mask.indices, mask.fully_trainable, path=path)

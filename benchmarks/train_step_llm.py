@@ -13,6 +13,8 @@ MLP 2048, vocabulary 32000, tied embeddings), fp32, a batch of random token ids 
   :func:`fps_cli.sparse.recompute_sparse_weights`, with the causal-LM task's forward and loss (the logits made a
   chunk of tokens at a time, :mod:`fps_cli.tasks.next_token`): as ``fps train`` runs it.
 - ``sparse_hf_loss``: the same sparse path with transformers' own loss: the sparse path's share of the difference.
+- ``sparse_torch_kernel``: ``sparse`` with torch's CPU ``sparse_sampled_addmm`` for the delta's gradient instead of
+  fps's kernel (``FPS_SAMPLED_PRODUCT=torch``, fps_cli/sampled_product.py): what the kernel saves, and costs.
 
 Each variant runs in a fresh process, the variants alternated over ``--repeats``, so that one's peak RSS cannot
 mask another's; each figure is the minimum over repeats (and over the timed steps within one), the one least
@@ -41,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("full", "sparse", "lora", "sparse_hf_loss")
+VARIANTS = ("full", "sparse", "lora", "sparse_hf_loss", "sparse_torch_kernel")
 LORA_TARGETS = ("q_proj", "v_proj")
 
 
@@ -136,7 +138,9 @@ def child(args: argparse.Namespace) -> dict:
     model = build(args).train()
     config = TrainConfig()
     context = torch.enable_grad
-    if args.variant in ("sparse", "sparse_hf_loss"):
+    if args.variant == "sparse_torch_kernel":
+        os.environ["FPS_SAMPLED_PRODUCT"] = "torch"
+    if args.variant in ("sparse", "sparse_hf_loss", "sparse_torch_kernel"):
         mask = read_mask(args.mask)
         trainable = attach(model, mask.indices, mask.fully_trainable)
         optimizer = make_optimizer(trainable, config)
@@ -161,7 +165,7 @@ def child(args: argparse.Namespace) -> dict:
     for step in range(args.warmup_steps + args.steps):
         start = time.perf_counter()
         with context():
-            if args.variant == "sparse":  # fps train's causal-LM forward and loss
+            if args.variant in ("sparse", "sparse_torch_kernel"):  # fps train's causal-LM forward and loss
                 loss = causal_lm.loss(causal_lm.forward(model, batch), batch)
             else:
                 loss = model(input_ids=ids, labels=ids).loss
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         best["training_bytes"] = min(r["peak_bytes"] - r["rss_before_training"] for r in rs)
         results[variant] = best
     ratios = {}
-    for ours in ("sparse", "sparse_hf_loss"):
+    for ours in ("sparse", "sparse_hf_loss", "sparse_torch_kernel"):
         for other in ("full", "lora"):
             if {ours, other} <= results.keys():
                 ratios[f"{ours}_over_{other}_time"] = results[ours]["step_seconds"] / results[other]["step_seconds"]

@@ -24,9 +24,11 @@ accelerate's hooks do it; ``nn.Module.__call__`` still runs every forward hook a
   those of the dense path. Under autocast the low-precision cast that any Linear makes is built the same way.
 - backward: the input gradient ``dy · (W_base ⊕ delta)``, one dense GEMM (the same in-place overlay); the delta's
   gradient only at the selected entries, a sampled dense-dense product (for entry ``(i, j)`` the sum over tokens
-  of ``dy[:, i] · x[:, j]``): ``torch.sparse.sampled_addmm`` over a CSR pattern built once per layer at attach
-  time (CPU and CUDA's cuSPARSE SDDMM; in fp32 or fp64, over chunks of tokens), or, on other devices, the same
-  sums gathered in chunks of selected entries. Bias gradient ``dy.sum``.
+  of ``dy[:, i] · x[:, j]``) over a CSR pattern built once per layer at attach time, in fp32 or fp64: on the CPU
+  :mod:`fps_cli.sampled_product`'s compiled kernel, which reads ``dy`` and ``x`` row-major as they come (torch's
+  CPU ``sparse_sampled_addmm`` copies both transposed for every layer; it is the fallback without numba); on CUDA
+  ``torch.sparse.sampled_addmm`` (cuSPARSE's SDDMM, over chunks of tokens); on other devices the same sums gathered
+  in chunks of selected entries. Bias gradient ``dy.sum``.
 
 No dense weight-sized tensor is created in an fp32 training step (no effective-weight copy, none saved for
 backward, no dense weight gradient); under bf16 / fp16 autocast only the transient low-precision cast any Linear
@@ -117,6 +119,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.nn.modules import module as _module_hooks
 from torch.nn.utils import parametrize
 
+from . import sampled_product
 from .errors import FileFormatError
 
 PATHS = ("sparse", "dense")
@@ -226,10 +229,12 @@ class SparseAdd(nn.Module):
     def sampled_grad(self, dy: Tensor, x: Tensor, reuse: _SiblingInputs | None = None) -> Tensor:
         """The delta's gradient: for each selected entry ``(i, j)``, ``sum_t dy[t, i] * x[t, j]``, in fp32 or better.
 
-        Taken over chunks of tokens, so that the fp32 copies (and the transposed copies the CPU kernel makes) are
-        bounded, not the size of the layer's input or output. The chunk depends on the larger of the two widths
-        only, so that layers reading one input (q, k and v) chunk it alike and, on the CPU, ``reuse`` (a backward's
-        :class:`_SiblingInputs`) hands each the transposed chunks of ``x`` the first one made.
+        On the CPU, :mod:`fps_cli.sampled_product`'s kernel reads ``dy`` and ``x`` as they are, in one pass (a chunk
+        of tokens at a time when they need a cast to fp32). Otherwise over chunks of tokens, so that the fp32 copies
+        (and the transposed copies torch's CPU kernel makes) are bounded, not the size of the layer's input or
+        output. The chunk depends on the larger of the two widths only, so that layers reading one input (q, k and
+        v) chunk it alike and, with torch's CPU kernel, ``reuse`` (a backward's :class:`_SiblingInputs`) hands each
+        the transposed chunks of ``x`` the first one made.
 
         Args:
             dy: output gradient ``[tokens, out]``.
@@ -238,6 +243,14 @@ class SparseAdd(nn.Module):
         self._current_pattern()
         dtype = torch.promote_types(torch.promote_types(dy.dtype, x.dtype), torch.float32)
         step = max(1, _CHUNK_ELEMENTS // (2 * max(dy.shape[1], x.shape[1])))
+        if dy.device.type == "cpu" and not (is_fake(dy) or is_fake(x)) and sampled_product.enabled():
+            # dy and x read as they are (row-major): no transposed copies. One pass when nothing needs a cast.
+            total = torch.zeros(self.index.numel(), dtype=dtype)
+            step = max(1, dy.shape[0]) if dy.dtype == x.dtype == dtype else step
+            for start in range(0, dy.shape[0], step):
+                part_dy, part_x = dy[start : start + step].to(dtype), x[start : start + step].to(dtype)
+                sampled_product.accumulate(part_dy, part_x, self.crow, self.cols, total)
+            return total
         if reuse is not None and (x.device.type != "cpu" or is_fake(x) or is_fake(dy)):
             reuse = None  # cuSPARSE reads the transposed views without copies; fake tensors run no kernel
         total = None
@@ -551,11 +564,11 @@ def _product_recipe(x: Tensor):
 
 class _SiblingInputs(threading.local):
     """Within one backward, the Linear input last rebuilt from its recipe, and the transposed chunks of the input
-    last read (the CPU's ``sampled_addmm`` reads ``x`` transposed and copies it otherwise), for the next layer that
-    reads the same input: q, k and v read one, gate and up another, and their backwards run one after the other, so
-    one entry of each serves. An entry holds the tensors its key names (no address can be reused while it is
-    cached); keys include version counters (an in-place change is a miss); both are emptied when the backward ends
-    (``queue_callback``), so nothing outlives the step.
+    last read (torch's CPU ``sampled_addmm``, the fallback kernel, reads ``x`` transposed and copies it otherwise),
+    for the next layer that reads the same input: q, k and v read one, gate and up another, and their backwards run
+    one after the other, so one entry of each serves. An entry holds the tensors its key names (no address can be
+    reused while it is cached); keys include version counters (an in-place change is a miss); both are emptied when
+    the backward ends (``queue_callback``), so nothing outlives the step.
     """
 
     def __init__(self) -> None:

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 
 # One BLAS / OpenMP thread per process (this one and every fps subprocess a test starts): the models here are tiny,
 # and on a busy 2-core machine threads of several processes spinning against each other made single tests 100x
 # slower. Set before torch is imported; a value given in the environment wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The CPU sampled-product kernel (fps_cli/sampled_product.py) is built into this session's own cache, not the
+# user's ~/.cache/fps; every fps subprocess a test starts inherits it.
+if "FPS_CACHE_DIR" not in os.environ:
+    os.environ["FPS_CACHE_DIR"] = tempfile.mkdtemp(prefix="fps-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["FPS_CACHE_DIR"], True)
 
 import random
 from collections.abc import Callable
