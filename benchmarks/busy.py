@@ -65,3 +65,14 @@ def busy(n: int, limit: float = 900.0) -> Iterator[list[subprocess.Popen]]:
 def load_average() -> float:
     """The 1-minute load average (what `uptime` shows first)."""
     return os.getloadavg()[0]
+
+
+def child_argv(argv: list[str]) -> list[str]:
+    """A benchmark's own arguments less ``--json`` and ``--busy N``, for the child processes it starts (a child
+    measures one variant under whatever load its parent set up, and answers in JSON anyway)."""
+    kept = []
+    for i, arg in enumerate(argv):
+        if arg == "--json" or arg.startswith("--busy") or (i > 0 and argv[i - 1] == "--busy"):
+            continue
+        kept.append(arg)
+    return kept

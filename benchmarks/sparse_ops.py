@@ -8,7 +8,9 @@ figure least disturbed by other processes), in milliseconds, and as a fraction o
   the sparse path replaces).
 - the delta's gradient at the selected entries: ``torch.sparse.sampled_addmm`` over the CSR pattern (dyᵀ
   contiguous, or a strided view), the same sums as an index-gather product chunked over tokens (an ``einsum``
-  formulation), or a batched matmul over gathered rows, and fps's :meth:`SparseAdd.sampled_grad` as used.
+  formulation), or a batched matmul over gathered rows, fps's CPU kernel (:mod:`fps_cli.sampled_product`: ``dy``
+  and ``x`` read row-major, no transposes), and :meth:`SparseAdd.sampled_grad` as used, with fps's kernel and with
+  torch's (``FPS_SAMPLED_PRODUCT=torch``).
 - the delta's contribution to the forward and the input gradient, were it computed apart from the base
   (``x · Sᵀ``, ``dy · S`` with ``S`` in CSR), against the overlay fps uses instead (write the effective entries
   into the base and restore them: O(selected)).
@@ -19,6 +21,7 @@ figure least disturbed by other processes), in milliseconds, and as a fraction o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
+    from fps_cli import sampled_product
     from fps_cli.sparse import SparseAdd
 
     torch.manual_seed(0)
@@ -80,6 +84,18 @@ def main(argv: list[str] | None = None) -> None:
     def bmm_gather() -> torch.Tensor:
         return torch.bmm(x_t.index_select(0, flat_cols).view(fan_out, k, tokens), dy_t.unsqueeze(-1)).reshape(-1)
 
+    def kernel() -> torch.Tensor:
+        out = torch.zeros(index.numel())
+        sampled_product.accumulate(dy, x, owner.crow, flat_cols, out)
+        return out
+
+    def sampled_grad_torch_kernel() -> torch.Tensor:
+        os.environ["FPS_SAMPLED_PRODUCT"] = "torch"
+        try:
+            return owner.sampled_grad(dy, x)
+        finally:
+            del os.environ["FPS_SAMPLED_PRODUCT"]
+
     def overlay() -> None:
         with owner.effective(weight):
             pass
@@ -88,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         ("gather_chunked", gather_chunked),
         ("bmm_gather", bmm_gather),
         ("sampled_grad", lambda: owner.sampled_grad(dy, x)),
+        ("kernel", kernel),
+        ("sampled_grad_torch_kernel", sampled_grad_torch_kernel),
     ):
         torch.testing.assert_close(fn(), expected, rtol=1e-4, atol=1e-3, msg=name)
 
@@ -100,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         ("dyᵀ contiguous copy", lambda: dy.t().contiguous()),
         ("index-gather einsum, 256 tokens/chunk", gather_chunked),
         ("bmm over gathered rows", bmm_gather),
+        ("fps CPU kernel (dy, x row-major)", kernel),
         ("fps SparseAdd.sampled_grad (as used)", lambda: owner.sampled_grad(dy, x)),
+        ("sampled_grad with torch's kernel", sampled_grad_torch_kernel),
         ("x · Sᵀ as (S @ xᵀ)ᵀ, S in CSR", lambda: (delta_csr @ x.t()).t()),
         ("x · Sᵀ as x @ (Sᵀ in CSR)", lambda: x @ delta_t_csr),
         ("dy · S as (Sᵀ @ dyᵀ)ᵀ, Sᵀ in CSR", lambda: (delta_t_csr @ dy.t()).t()),
@@ -110,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     gemm = results[0][1]
     print(
         f"{tokens} tokens, {fan_in} -> {fan_out}, {k} per row ({index.numel():,} entries), "
-        f"{torch.get_num_threads()} threads, min of {args.repeats}"
+        f"{torch.get_num_threads()} threads, min of {args.repeats}; fps's CPU kernel: "
+        f"{sampled_product.unavailable_reason() or 'in use'}"
     )
     for name, seconds in results:
         print(f"  {name:42s} {seconds * 1000:9.2f} ms  {seconds / gemm:6.3f} of the forward GEMM")

@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from busy import busy, load_average  # noqa: E402
+from busy import busy, child_argv, load_average  # noqa: E402
 
 VARIANTS = ("full", "sparse", "sparse_dense", "sparse_torch_kernel", "lora", "shira")
 # Every transformer block's linear layers (timm ViT names; patch_embed.proj is a convolution).
@@ -257,12 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.variant:
         print(json.dumps(child(args)))
         return
-    given = list(argv if argv is not None else sys.argv[1:])
-    base = []
-    for i, a in enumerate(given):  # the children get neither --json nor --busy
-        if a == "--json" or a.startswith("--busy") or (i > 0 and given[i - 1] == "--busy"):
-            continue
-        base.append(a)
+    base = child_argv(list(argv if argv is not None else sys.argv[1:]))
     conditions = ["idle", "busy"] if args.busy else ["idle"]
     runs: dict[str, dict[str, list[dict]]] = {c: {v: [] for v in args.variants} for c in conditions}
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,6 +13,10 @@ MLP 2048, vocabulary 32000, tied embeddings), fp32, a batch of random token ids 
   :func:`fps_cli.sparse.recompute_sparse_weights`, with the causal-LM task's forward and loss (the logits made a
   chunk of tokens at a time, :mod:`fps_cli.tasks.next_token`): as ``fps train`` runs it.
 - ``sparse_hf_loss``: the same sparse path with transformers' own loss: the sparse path's share of the difference.
+- ``sparse_qv``: ``sparse`` with its entries in q_proj / v_proj only (LoRA's layers, LoRA's count): the cost of
+  the mechanism per layer, apart from how many layers it touches.
+- ``lora_all``: LoRA r=8 on every Linear of the decoder (PEFT's ``"all-linear"``, what QLoRA recipes use; more
+  trainable parameters than the others): LoRA over the layers fps's mask covers.
 - ``sparse_torch_kernel``: ``sparse`` with torch's CPU ``sparse_sampled_addmm`` for the delta's gradient instead of
   fps's kernel (``FPS_SAMPLED_PRODUCT=torch``, fps_cli/sampled_product.py): what the kernel saves, and costs.
 
@@ -24,6 +28,7 @@ anything.
 Targets (ratios to full fine-tuning): sparse step time <= 0.75 and <= LoRA's; sparse peak RSS <= 0.80 and <= LoRA's.
 
     python benchmarks/train_step_llm.py --repeats 2
+    python benchmarks/train_step_llm.py --repeats 2 --busy 2    # the same on a busy machine (benchmarks/busy.py)
     python benchmarks/train_step_llm.py --layers 2 --seq-len 64 --steps 1 --json     # a quick look
 """
 
@@ -42,9 +47,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = ("full", "sparse", "lora", "sparse_hf_loss", "sparse_torch_kernel")
+from busy import busy, child_argv  # noqa: E402
+
+VARIANTS = ("full", "sparse", "lora", "sparse_hf_loss", "sparse_torch_kernel", "sparse_qv", "lora_all")
 LORA_TARGETS = ("q_proj", "v_proj")
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +70,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=1, help="fresh processes per variant (the minimum is reported)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--busy", type=int, default=0, help="run every variant with N competing CPU-bound processes")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--mask", help=argparse.SUPPRESS)
@@ -103,7 +113,8 @@ def lora_count(model, r: int) -> int:
 
 
 def write_mask(args: argparse.Namespace, path: Path) -> dict:
-    """A neuron-level mask of LoRA's trainable count over the decoder's Linear layers, scored by ``|W|``."""
+    """Neuron-level masks of LoRA's trainable count, scored by ``|W|``: over the decoder's Linear layers (``path``)
+    and over q_proj / v_proj only (``path`` with ``_qv`` added, for ``sparse_qv``)."""
     import torch
 
     from fps_cli.formats import Mask, save_mask
@@ -111,12 +122,18 @@ def write_mask(args: argparse.Namespace, path: Path) -> dict:
 
     model = build(args)
     count = lora_count(model, args.lora_r)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     with torch.no_grad():
         scores = {n: m.weight.abs() for n, m in decoder_linears(model).items()}
-        indices = select(scores, count, "neuron")
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    save_mask(path, Mask(indices, [], shapes, {"model": "llama-100m"}))
+        save_mask(path, Mask(select(scores, count, "neuron"), [], shapes, {"model": "llama-100m"}))
+        scores = {n: s for n, s in scores.items() if n.rsplit(".", 2)[-2] in LORA_TARGETS}
+        save_mask(_qv(path), Mask(select(scores, count, "neuron"), [], shapes, {"model": "llama-100m"}))
     return {"trainable": count, "total_params": sum(p.numel() for p in model.parameters())}
+
+
+def _qv(path: Path | str) -> Path:
+    path = Path(path)
+    return path.with_name(f"{path.stem}_qv{path.suffix}")
 
 
 def _current_rss() -> int:
@@ -140,16 +157,17 @@ def child(args: argparse.Namespace) -> dict:
     context = torch.enable_grad
     if args.variant == "sparse_torch_kernel":
         os.environ["FPS_SAMPLED_PRODUCT"] = "torch"
-    if args.variant in ("sparse", "sparse_hf_loss", "sparse_torch_kernel"):
-        mask = read_mask(args.mask)
+    if args.variant in ("sparse", "sparse_hf_loss", "sparse_torch_kernel", "sparse_qv"):
+        mask = read_mask(_qv(args.mask) if args.variant == "sparse_qv" else args.mask)
         trainable = attach(model, mask.indices, mask.fully_trainable)
         optimizer = make_optimizer(trainable, config)
         context = recompute_sparse_weights
         n_trainable = trainable.numel
-    elif args.variant == "lora":
+    elif args.variant in ("lora", "lora_all"):
         import peft
 
-        lora = peft.LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS)
+        targets = LORA_TARGETS if args.variant == "lora" else ALL_LINEAR
+        lora = peft.LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=targets)
         model = peft.get_peft_model(model, lora)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -165,7 +183,7 @@ def child(args: argparse.Namespace) -> dict:
     for step in range(args.warmup_steps + args.steps):
         start = time.perf_counter()
         with context():
-            if args.variant in ("sparse", "sparse_torch_kernel"):  # fps train's causal-LM forward and loss
+            if args.variant in ("sparse", "sparse_torch_kernel", "sparse_qv"):  # fps train's forward and loss
                 loss = causal_lm.loss(causal_lm.forward(model, batch), batch)
             else:
                 loss = model(input_ids=ids, labels=ids).loss
@@ -190,11 +208,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.variant:
         print(json.dumps(child(args)))
         return
-    base = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
+    base = child_argv(list(argv if argv is not None else sys.argv[1:]))
     runs: dict[str, list[dict]] = {v: [] for v in args.variants}
     load_start = os.getloadavg()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, busy(args.busy):
         mask_path = Path(tmp) / "mask.safetensors"
         mask_info = write_mask(args, mask_path)
         for _ in range(args.repeats):
@@ -214,8 +232,8 @@ def main(argv: list[str] | None = None) -> None:
         best["training_bytes"] = min(r["peak_bytes"] - r["rss_before_training"] for r in rs)
         results[variant] = best
     ratios = {}
-    for ours in ("sparse", "sparse_hf_loss", "sparse_torch_kernel"):
-        for other in ("full", "lora"):
+    for ours in ("sparse", "sparse_hf_loss", "sparse_torch_kernel", "sparse_qv"):
+        for other in ("full", "lora", "lora_all"):
             if {ours, other} <= results.keys():
                 ratios[f"{ours}_over_{other}_time"] = results[ours]["step_seconds"] / results[other]["step_seconds"]
                 ratios[f"{ours}_over_{other}_peak"] = results[ours]["peak_bytes"] / results[other]["peak_bytes"]
@@ -230,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "timed_steps": args.steps,
         "repeats": args.repeats,
+        "busy_processes": args.busy,
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),
         "seconds": time.perf_counter() - started,
@@ -242,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"Llama-style {report['params'] / 1e6:.0f} M parameters, fp32, CPU, batch {args.batch_size} x "
         f"{args.seq_len} tokens, {args.steps} timed steps, min of {args.repeats} fresh process(es) per variant; "
+        f"{f'{args.busy} competing processes, ' if args.busy else ''}"
         f"load average {load_start[0]:.1f} -> {report['load_average_end'][0]:.1f}"
     )
     for name, r in results.items():

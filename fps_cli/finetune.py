@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
-from . import records
+from . import records, sampled_product
 from .activations import autocast
 from .data import default_num_workers
 from .distributed import Dist, average_gradients, batch_shard, sum_floats
@@ -642,6 +643,22 @@ def _notes(loader: torch.utils.data.DataLoader) -> list[str]:
     return list(getattr(loader.dataset, "notes", []))
 
 
+def cpu_kernel_missing() -> str | None:
+    """Why the sparse gradients on the CPU will run on torch's kernel, not fps's (:mod:`.sampled_product`), as one
+    message, or ``None``. Builds the kernel now if this process has not yet (a tenth of a second), so that a run
+    says it before its first step; the module's own warning is folded into this message."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        reason = sampled_product.unavailable_reason()
+    if reason is None or reason == "FPS_SAMPLED_PRODUCT=torch":
+        return None
+    return (
+        f"fps's CPU kernel for the sparse gradients is not available ({reason}); using torch's "
+        "sparse_sampled_addmm: the same gradients, slower steps (install a C compiler, or set "
+        "FPS_SAMPLED_PRODUCT=torch to choose torch's kernel without this warning)"
+    )
+
+
 @dataclass
 class TrainState:
     """What one optimizer step changes (:func:`make_train_state`): the trainable values and the optimizer, its
@@ -1062,6 +1079,10 @@ def run_train(
     )
     for note in loaders.notes:  # reported once per run, not per epoch
         emit({"event": "warning", "message": note})
+    if device.type == "cpu" and any(d.sparse_path for d in state.sparse.deltas.values()):
+        missing = cpu_kernel_missing()
+        if missing:
+            emit({"event": "warning", "message": missing})
     started = time.perf_counter()
     first_step = state.step + 1
     save = run.save_checkpoint if run is not None else partial(save_checkpoint, checkpoint_path)

@@ -185,3 +185,24 @@ def test_usage_errors_exit_2(selected):
     assert fps("train", "--optimizer", "lamb").exit_code == 2
     assert fps("train", "--epochs", "0").exit_code == 2
     assert fps("train", "--lr", "0").exit_code == 2
+
+
+def test_without_a_c_compiler_training_says_so_once_and_trains(selected, tmp_path, monkeypatch):
+    """fps's CPU kernel for the sparse gradients cannot be built: one warning line before the first step, torch's
+    kernel trains, stdout stays one JSON object."""
+    from fps_cli import sampled_product
+
+    monkeypatch.setattr(sampled_product, "_functions", None)
+    monkeypatch.setattr(sampled_product, "_failure", None)
+    monkeypatch.setenv("FPS_CACHE_DIR", str(tmp_path / "kernel-cache"))
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    result = fps("train", "--epochs", "1", *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["epochs"] == 1
+    lines = [line for line in result.stderr.splitlines() if "CPU kernel" in line]
+    assert lines == [
+        "warning: fps's CPU kernel for the sparse gradients is not available (/nonexistent/cc could not run: "
+        "[Errno 2] No such file or directory: '/nonexistent/cc'); using torch's sparse_sampled_addmm: the same "
+        "gradients, slower steps (install a C compiler, or set FPS_SAMPLED_PRODUCT=torch to choose torch's kernel "
+        "without this warning)"
+    ]
