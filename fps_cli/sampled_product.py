@@ -191,12 +191,13 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _forget_pool() -> None:
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()  # the parent's threads (and a lock one of them held) are not ours
+def _after_fork_in_child() -> None:
+    global _pool, _pool_lock, _build_lock
+    # The parent's threads do not run here, and a lock one of them held would never be released.
+    _pool, _pool_lock, _build_lock = None, threading.Lock(), threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_pool)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _rows_major(t: Tensor) -> Tensor:
