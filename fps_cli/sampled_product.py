@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ _build_lock = threading.Lock()
 _functions: dict[torch.dtype, object] | None = None
 _failure: str | None = None  # why the kernel is not available, once a build was tried
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _pool_lock = threading.Lock()
 
 
@@ -181,20 +182,24 @@ def _call(function, dy: Tensor, x: Tensor, crow: Tensor, cols: Tensor, out: Tens
     )  # fmt: skip
 
 
-def _executor(workers: int) -> ThreadPoolExecutor:
-    global _pool
+def _submit(workers: int, calls: list[tuple]) -> list[Future]:
+    """Run ``calls`` on the pool, grown to ``workers`` threads if it is smaller. Submitted under the lock, so that
+    no thread submits to a pool another has just replaced (a replaced pool finishes what it was given)."""
+    global _pool, _pool_size
     with _pool_lock:
-        if _pool is None or _pool._max_workers < workers:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
+        if _pool is None or _pool_size < workers:
+            old = _pool
             _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fps-sampled-product")
-        return _pool
+            _pool_size = workers
+            if old is not None:
+                old.shutdown(wait=False)
+        return [_pool.submit(*call) for call in calls]
 
 
 def _after_fork_in_child() -> None:
-    global _pool, _pool_lock, _build_lock
+    global _pool, _pool_size, _pool_lock, _build_lock
     # The parent's threads do not run here, and a lock one of them held would never be released.
-    _pool, _pool_lock, _build_lock = None, threading.Lock(), threading.Lock()
+    _pool, _pool_size, _pool_lock, _build_lock = None, 0, threading.Lock(), threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -238,10 +243,8 @@ def accumulate(dy: Tensor, x: Tensor, crow: Tensor, cols: Tensor, out: Tensor) -
     # Blocks of rows with about equal entries (rows differ in length when the mask is not per neuron).
     targets = torch.arange(1, threads, dtype=torch.int64) * entries // threads
     bounds = [0, *torch.searchsorted(crow, targets).tolist(), rows]
-    pool = _executor(threads - 1)
-    futures = [
-        pool.submit(_call, function, dy, x, crow, cols, out, bounds[b], bounds[b + 1]) for b in range(1, threads)
-    ]
+    calls = [(_call, function, dy, x, crow, cols, out, bounds[b], bounds[b + 1]) for b in range(1, threads)]
+    futures = _submit(threads - 1, calls)
     try:
         _call(function, dy, x, crow, cols, out, bounds[0], bounds[1])
     finally:

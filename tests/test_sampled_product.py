@@ -111,6 +111,19 @@ def test_several_threads_may_call_it_at_once(monkeypatch):
         torch.testing.assert_close(out.double(), _expected(dy, x, crow, cols), rtol=1e-5, atol=1e-5)
 
 
+def test_a_pool_replaced_by_a_larger_one_finishes_what_it_was_given(monkeypatch):
+    """One thread's call still running on the pool while another's needs more threads (torch.set_num_threads
+    raised in between): the new pool takes the new calls, the old one finishes its own."""
+    monkeypatch.setattr(sampled_product, "_pool", None)
+    monkeypatch.setattr(sampled_product, "_pool_size", 0)
+    gate = threading.Event()
+    first = sampled_product._submit(1, [(gate.wait, 10)])
+    second = sampled_product._submit(3, [(int, "7")] * 3)
+    assert [f.result(timeout=10) for f in second] == [7, 7, 7]
+    gate.set()
+    assert first[0].result(timeout=10) is True
+
+
 def _in_child(queue):
     crow, cols = _pattern(8, 8, [2] * 8)
     dy, x = torch.ones(16, 8), torch.ones(16, 8)
