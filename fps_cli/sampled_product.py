@@ -84,7 +84,7 @@ def _loaded() -> dict[torch.dtype, object] | None:
         with _build_lock:
             if _functions is None and _failure is None:
                 try:
-                    _functions = _load(build())
+                    _functions = _load_built()
                 except KernelUnavailable as error:
                     _failure = str(error)
                     warnings.warn(
@@ -144,6 +144,19 @@ def build() -> Path:
     if staging != directory:
         shutil.rmtree(staging, ignore_errors=True)
     return directory / name
+
+
+def _load_built() -> dict[torch.dtype, object]:
+    """The built kernel's functions; a cached library that does not load or fails its check (a damaged file) is
+    built again, once."""
+    path = build()
+    try:
+        return _load(path)
+    except KernelUnavailable:
+        if path.parent != cache_dir():
+            raise  # built just now, for this process: nothing cached to blame
+        path.unlink(missing_ok=True)
+        return _load(build())
 
 
 def _load(path: Path) -> dict[torch.dtype, object]:

@@ -236,6 +236,16 @@ def test_built_once_per_source_and_compiler(unbuilt, monkeypatch):
 
 
 @needs_kernel
+def test_a_damaged_cached_library_is_built_again(unbuilt):
+    cached = sampled_product.build()
+    cached.write_bytes(b"not a shared library")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the kernel is rebuilt and used
+        assert sampled_product.enabled()
+    assert cached.read_bytes().startswith(b"\x7fELF") or cached.stat().st_size > 1000
+
+
+@needs_kernel
 def test_an_unwritable_cache_builds_for_this_process(unbuilt, monkeypatch, tmp_path):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("FPS_CACHE_DIR", str(tmp_path / "file" / "cache"))  # under a file: cannot be created
