@@ -26,9 +26,9 @@ accelerate's hooks do it; ``nn.Module.__call__`` still runs every forward hook a
   gradient only at the selected entries, a sampled dense-dense product (for entry ``(i, j)`` the sum over tokens
   of ``dy[:, i] · x[:, j]``) over a CSR pattern built once per layer at attach time, in fp32 or fp64: on the CPU
   :mod:`fps_cli.sampled_product`'s compiled kernel, which reads ``dy`` and ``x`` row-major as they come (torch's
-  CPU ``sparse_sampled_addmm`` copies both transposed for every layer; it is the fallback without numba); on CUDA
-  ``torch.sparse.sampled_addmm`` (cuSPARSE's SDDMM, over chunks of tokens); on other devices the same sums gathered
-  in chunks of selected entries. Bias gradient ``dy.sum``.
+  CPU ``sparse_sampled_addmm`` copies both transposed for every layer; it is the fallback where no C compiler can
+  build fps's); on CUDA ``torch.sparse.sampled_addmm`` (cuSPARSE's SDDMM, over chunks of tokens); on other devices
+  the same sums gathered in chunks of selected entries. Bias gradient ``dy.sum``.
 
 No dense weight-sized tensor is created in an fp32 training step (no effective-weight copy, none saved for
 backward, no dense weight gradient); under bf16 / fp16 autocast only the transient low-precision cast any Linear
