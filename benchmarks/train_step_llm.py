@@ -17,6 +17,8 @@ MLP 2048, vocabulary 32000, tied embeddings), fp32, a batch of random token ids 
   the mechanism per layer, apart from how many layers it touches.
 - ``lora_all``: LoRA r=8 on every Linear of the decoder (PEFT's ``"all-linear"``, what QLoRA recipes use; more
   trainable parameters than the others): LoRA over the layers fps's mask covers.
+- ``sparse_no_recipes``: ``sparse`` with every masked Linear saving its input instead of rebuilding a norm's or the
+  gated product's output in its backward: the time the rebuilds cost, and the memory they save.
 - ``sparse_torch_kernel``: ``sparse`` with torch's CPU ``sparse_sampled_addmm`` for the delta's gradient instead of
   fps's kernel (``FPS_SAMPLED_PRODUCT=torch``, fps_cli/sampled_product.py): what the kernel saves, and costs.
 
@@ -51,7 +53,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from busy import busy, child_argv  # noqa: E402
 
-VARIANTS = ("full", "sparse", "lora", "sparse_hf_loss", "sparse_torch_kernel", "sparse_qv", "lora_all")
+VARIANTS = (
+    "full",
+    "sparse",
+    "lora",
+    "sparse_hf_loss",
+    "sparse_torch_kernel",
+    "sparse_qv",
+    "lora_all",
+    "sparse_no_recipes",
+)
 LORA_TARGETS = ("q_proj", "v_proj")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -157,7 +168,11 @@ def child(args: argparse.Namespace) -> dict:
     context = torch.enable_grad
     if args.variant == "sparse_torch_kernel":
         os.environ["FPS_SAMPLED_PRODUCT"] = "torch"
-    if args.variant in ("sparse", "sparse_hf_loss", "sparse_torch_kernel", "sparse_qv"):
+    if args.variant == "sparse_no_recipes":
+        from fps_cli import sparse
+
+        sparse._input_recipe = lambda x: None  # every masked Linear saves its input (this child process only)
+    if args.variant in ("sparse", "sparse_hf_loss", "sparse_torch_kernel", "sparse_qv", "sparse_no_recipes"):
         mask = read_mask(_qv(args.mask) if args.variant == "sparse_qv" else args.mask)
         trainable = attach(model, mask.indices, mask.fully_trainable)
         optimizer = make_optimizer(trainable, config)
@@ -183,7 +198,7 @@ def child(args: argparse.Namespace) -> dict:
     for step in range(args.warmup_steps + args.steps):
         start = time.perf_counter()
         with context():
-            if args.variant in ("sparse", "sparse_torch_kernel", "sparse_qv"):  # fps train's forward and loss
+            if args.variant not in ("full", "lora", "lora_all", "sparse_hf_loss"):  # fps train's forward and loss
                 loss = causal_lm.loss(causal_lm.forward(model, batch), batch)
             else:
                 loss = model(input_ids=ids, labels=ids).loss
@@ -231,12 +246,18 @@ def main(argv: list[str] | None = None) -> None:
             best[key] = min(r[key] for r in rs)
         best["training_bytes"] = min(r["peak_bytes"] - r["rss_before_training"] for r in rs)
         results[variant] = best
-    ratios = {}
-    for ours in ("sparse", "sparse_hf_loss", "sparse_torch_kernel", "sparse_qv"):
+    ratios, per_repeat = {}, {}
+    for ours in VARIANTS[1:]:
+        if ours.startswith("lora"):
+            continue
         for other in ("full", "lora", "lora_all"):
             if {ours, other} <= results.keys():
                 ratios[f"{ours}_over_{other}_time"] = results[ours]["step_seconds"] / results[other]["step_seconds"]
                 ratios[f"{ours}_over_{other}_peak"] = results[ours]["peak_bytes"] / results[other]["peak_bytes"]
+                # Each repeat's own ratio too: the variants of one repeat ran back to back, so its spread is the noise.
+                per_repeat[f"{ours}_over_{other}_time"] = [
+                    a["step_seconds"] / b["step_seconds"] for a, b in zip(runs[ours], runs[other], strict=True)
+                ]
     if {"lora", "full"} <= results.keys():
         ratios["lora_over_full_time"] = results["lora"]["step_seconds"] / results["full"]["step_seconds"]
         ratios["lora_over_full_peak"] = results["lora"]["peak_bytes"] / results["full"]["peak_bytes"]
@@ -254,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": time.perf_counter() - started,
         "variants": results,
         "ratios": ratios,
+        "time_ratios_per_repeat": per_repeat,
     }
     if args.json:
         print(json.dumps(report))
@@ -270,7 +292,9 @@ def main(argv: list[str] | None = None) -> None:
             f"trainable {r['trainable']:,}"
         )
     for name, ratio in ratios.items():
-        print(f"  {name:31s} {ratio:6.3f}")
+        repeats = per_repeat.get(name, [])
+        each = f"  per repeat {', '.join(f'{x:.3f}' for x in repeats)}" if len(repeats) > 1 else ""
+        print(f"  {name:31s} {ratio:6.3f}{each}")
     print("targets: sparse time <= 0.75 x full and <= lora's; sparse peak RSS <= 0.80 x full and <= lora's")
 
 
