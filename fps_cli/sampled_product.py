@@ -223,6 +223,20 @@ def _rows_major(t: Tensor) -> Tensor:
     return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
 
+def _check_pattern(crow: Tensor, cols: Tensor, width: int) -> None:
+    """The kernel reads through raw pointers: a pattern that would take it outside ``x`` or ``out`` is refused here
+    (O(rows + entries), a small fraction of the kernel's entries x tokens)."""
+    bad = crow[0] != 0 or crow[-1] != cols.numel() or bool((crow.diff() < 0).any())
+    if not bad and cols.numel():
+        low, high = torch.aminmax(cols)
+        bad = int(low) < 0 or int(high) >= width
+    if bad:
+        raise ValueError(
+            f"the pattern does not fit: crow must rise from 0 to the {cols.numel()} entries, and columns lie in "
+            f"[0, {width})"
+        )
+
+
 def accumulate(dy: Tensor, x: Tensor, crow: Tensor, cols: Tensor, out: Tensor) -> None:
     """Add the sampled product of ``dy [tokens, out]`` and ``x [tokens, in]`` at the pattern's entries to ``out``.
 
@@ -247,6 +261,7 @@ def accumulate(dy: Tensor, x: Tensor, crow: Tensor, cols: Tensor, out: Tensor) -
         raise ValueError(f"shapes do not match: dy {tuple(dy.shape)}, x {tuple(x.shape)}, out {tuple(out.shape)}")
     dy, x = _rows_major(dy), _rows_major(x)
     crow, cols = crow.to(torch.int64).contiguous(), cols.to(torch.int64).contiguous()
+    _check_pattern(crow, cols, x.shape[1])
     function = functions[dy.dtype]
     rows, entries = crow.numel() - 1, cols.numel()
     threads = max(1, min(torch.get_num_threads(), rows, entries * dy.shape[0] // _MIN_WORK_PER_THREAD))

@@ -82,6 +82,13 @@ def test_strided_inputs_and_refused_dtypes():
     torch.testing.assert_close(out.double(), _expected(dy, x, crow, cols), rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="bfloat16"):
         sampled_product.accumulate(dy.bfloat16(), x.bfloat16(), crow, cols, out.bfloat16())
+    # A pattern pointing outside x (or past its own entries) never reaches the kernel's raw pointers.
+    with pytest.raises(ValueError, match="the pattern does not fit"):
+        sampled_product.accumulate(dy, x, crow, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]), out)  # column 6 of 6
+    with pytest.raises(ValueError, match="the pattern does not fit"):
+        sampled_product.accumulate(dy, x, torch.tensor([0, 2, 4, 6, 9]), cols, out)
+    with pytest.raises(ValueError, match="the pattern does not fit"):
+        sampled_product.accumulate(dy, x, torch.tensor([0, 7, 4, 6, 8]), cols, out)  # row 0 would run past out
 
 
 @needs_kernel
