@@ -1032,6 +1032,7 @@ def train_cmd(
         text_field, label_field, text_pair_field, max_length, val_split, dataset_format, packing, train_on_inputs
     )
     with _exits(as_json):
+        from . import sampled_product
         from .distributed import from_env, init
         from .finetune import RunFiles, run_train, spec_from_provenance
         from .formats import read_mask
@@ -1062,6 +1063,7 @@ def train_cmd(
             run_files.check_exists(resume=resume)
         if log_wandb and dist.is_main:
             require_wandb()
+        sampled_product.chosen()  # FPS_SAMPLED_PRODUCT checked before any work
         dev = init(dist, _device(device))
         # The resolved arguments (timm's args.yaml): what was given, with the mask's recorded values filled in.
         arguments.update(

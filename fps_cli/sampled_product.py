@@ -14,7 +14,8 @@ tenth of a second), the way torch.compile's CPU backend builds its kernels, into
 flags, and loaded with ctypes after a check against torch on a small case. Portable flags (``-O2``, no
 ``-march``) and no floating-point contraction: the same bits on every machine. Where no compiler is found, the
 build fails or the check disagrees, fps warns once and uses torch's kernel (slower, same sums up to rounding);
-``FPS_SAMPLED_PRODUCT=torch`` chooses torch's kernel without the warning.
+``FPS_SAMPLED_PRODUCT=torch`` chooses torch's kernel without the warning (``fps``, the default, or ``torch``;
+any other value raises :class:`~fps_cli.errors.OptionsError`).
 
 ctypes releases the GIL during the call, and the work is split into blocks of pattern rows, one per thread of
 ``torch.get_num_threads()`` (the threads the user gave torch, so ``--threads`` / ``torch.set_num_threads`` still
@@ -43,6 +44,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .errors import OptionsError
+
 SOURCE = Path(__file__).resolve().parent / "csrc" / "sampled_product.c"
 FLAGS = ("-O2", "-ffp-contract=off", "-shared", "-fPIC")
 SYMBOLS = {torch.float32: "fps_accumulate_rows_f32", torch.float64: "fps_accumulate_rows_f64"}
@@ -63,16 +66,26 @@ class KernelUnavailable(RuntimeError):
     """The kernel could not be built or loaded here (no compiler, a failed build, a failed check)."""
 
 
+def chosen() -> str:
+    """Which kernel ``FPS_SAMPLED_PRODUCT`` asks for: ``"fps"`` (unset or empty: the default) or ``"torch"``.
+
+    Raises:
+        OptionsError: any other value (a typo would otherwise pick a kernel silently).
+    """
+    value = os.environ.get("FPS_SAMPLED_PRODUCT", "").strip().lower() or "fps"
+    if value not in ("fps", "torch"):
+        raise OptionsError(f"FPS_SAMPLED_PRODUCT={value!r}: expected fps (the default) or torch")
+    return value
+
+
 def enabled() -> bool:
     """Whether this kernel serves the CPU's sampled products (built, and not switched off)."""
-    if os.environ.get("FPS_SAMPLED_PRODUCT", "").lower() == "torch":
-        return False
-    return _loaded() is not None
+    return chosen() == "fps" and _loaded() is not None
 
 
 def unavailable_reason() -> str | None:
     """Why the kernel is not in use, or ``None`` when it is (builds it if no build was tried yet)."""
-    if os.environ.get("FPS_SAMPLED_PRODUCT", "").lower() == "torch":
+    if chosen() == "torch":
         return "FPS_SAMPLED_PRODUCT=torch"
     _loaded()
     return _failure
@@ -132,15 +145,19 @@ def build() -> Path:
         directory = staging = Path(tempfile.mkdtemp(prefix="fps-kernel-"))
     built = staging / name
     try:
-        result = subprocess.run(
-            [*compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True, timeout=300
-        )
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise KernelUnavailable(f"{shlex.join(compiler)} could not run: {error}") from None
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise KernelUnavailable(f"{shlex.join(compiler)} failed (exit {result.returncode}): {last}")
-    os.replace(built, directory / name)  # atomic: a concurrent process (another rank) sees all of it or none
+        try:
+            result = subprocess.run(
+                [*compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True, timeout=300
+            )
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise KernelUnavailable(f"{shlex.join(compiler)} could not run: {error}") from None
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise KernelUnavailable(f"{shlex.join(compiler)} failed (exit {result.returncode}): {last}")
+        os.replace(built, directory / name)  # atomic: a concurrent process (another rank) sees all of it or none
+    except KernelUnavailable:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed build leaves nothing behind
+        raise
     if staging != directory:
         shutil.rmtree(staging, ignore_errors=True)
     return directory / name
@@ -150,11 +167,14 @@ def _load_built() -> dict[torch.dtype, object]:
     """The built kernel's functions; a cached library that does not load or fails its check (a damaged file) is
     built again, once."""
     path = build()
+    if path.parent != cache_dir():  # built for this process only: loaded (the mapping stays valid), then removed
+        try:
+            return _load(path)
+        finally:
+            shutil.rmtree(path.parent, ignore_errors=True)
     try:
         return _load(path)
     except KernelUnavailable:
-        if path.parent != cache_dir():
-            raise  # built just now, for this process: nothing cached to blame
         path.unlink(missing_ok=True)
         return _load(build())
 

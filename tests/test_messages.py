@@ -17,11 +17,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import CLASS_COLORS, REPO, TINY_VIT, tiny_hf_vit, write_images
+from conftest import CLASS_COLORS, REPO, TINY_VIT, tiny_hf_vit, wait_stopped, write_images
 from typer.testing import CliRunner
 
 from fps_cli.cli import app
@@ -91,15 +90,6 @@ def test_a_read_only_output_folder_stops_train_before_any_work(run, tmpfs, monke
     assert r.stderr == f"error: cannot write {ro / 'delta.safetensors'}: Read-only file system\n"
 
 
-def _wait_stopped(pid: int) -> None:
-    for _ in range(3000):
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().split(") ", 1)[1].startswith("T"):
-                return
-        time.sleep(0.01)
-    raise AssertionError("the command never reached its stop point")
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to see a stopped process")
 def test_sigterm_says_interrupted_and_leaves_nothing(run, built):
     before = snapshot(run)
@@ -120,7 +110,7 @@ def test_sigterm_says_interrupted_and_leaves_nothing(run, built):
         cmd, cwd=run, env=_env(FPS_TEST_STOP_AT="written"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        _wait_stopped(proc.pid)  # its files are written, not yet renamed
+        wait_stopped(proc.pid)  # its files are written, not yet renamed
         os.kill(proc.pid, signal.SIGTERM)
         os.kill(proc.pid, signal.SIGCONT)
         out, err = proc.communicate(timeout=120)

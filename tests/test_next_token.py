@@ -121,8 +121,21 @@ class ScaledLogits(nn.Module):
         return out
 
 
-def test_a_model_with_scaled_logits_falls_back_to_the_full_logits():
-    model = ScaledLogits(_model())
+class OddDecoder(ScaledLogits):
+    """A causal LM whose get_decoder() is no transformers decoder (it takes no attention_mask)."""
+
+    def get_decoder(self):
+        return nn.Identity()
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
+@pytest.mark.parametrize("wrapper", [ScaledLogits, OddDecoder], ids=["scaled-logits", "decoder-not-callable-alone"])
+def test_a_model_the_chunked_loss_cannot_reproduce_falls_back_to_the_full_logits(wrapper):
+    """Logits that are more than lm_head on the decoder's output, or a decoder that cannot be called alone: the
+    per-model check sends the model down the full-logits path, with the model's own loss."""
+    model = wrapper(_model())
     batch = _batch()
     out = lm.forward(model, batch)
     assert isinstance(out, torch.Tensor) and out.shape == (3, 11, VOCAB)
@@ -154,22 +167,3 @@ def test_no_tensor_holds_more_than_one_chunk_of_logits():
     with Widest():
         lm.loss(lm.forward(model, batch), batch).backward()
     assert 0 < Widest.largest <= next_token.CHUNK_LOGITS < batch["input_ids"].numel() * VOCAB
-
-
-class OddDecoder(ScaledLogits):
-    """A causal LM whose get_decoder() is no transformers decoder (it takes no attention_mask)."""
-
-    def get_decoder(self):
-        return nn.Identity()
-
-    def forward(self, **kwargs):
-        return self.inner(**kwargs)
-
-
-def test_a_decoder_that_cannot_be_called_alone_falls_back_to_the_full_logits():
-    model = OddDecoder(_model())
-    batch = _batch()
-    out = lm.forward(model, batch)
-    assert isinstance(out, torch.Tensor) and out.shape == (3, 11, VOCAB)
-    nll, tokens, _ = _reference(model, batch)
-    assert torch.allclose(lm.loss(out, batch), nll.float() / tokens)

@@ -2,14 +2,18 @@
 built once per source and compiler; torch's kernel, with one warning, where it cannot be built."""
 
 import multiprocessing
+import shutil
+import tempfile
 import threading
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from fps_cli import sampled_product, sparse
+from fps_cli.errors import OptionsError
 
 
 def _has_compiler() -> bool:
@@ -200,6 +204,7 @@ def test_without_a_compiler_torchs_kernel_trains_after_one_warning(unbuilt, monk
         assert not sampled_product.enabled()
         assert not sampled_product.enabled()  # tried once, warned once
     assert len(caught) == 1 and reason in str(caught[0].message)
+    assert not unbuilt.exists() or not any(unbuilt.iterdir())  # a failed build leaves nothing in the cache
     assert reason in sampled_product.unavailable_reason()
     with pytest.raises(sampled_product.KernelUnavailable, match=reason.split()[0]):
         sampled_product.accumulate(
@@ -228,6 +233,13 @@ def test_torch_chosen_by_name_gives_no_warning(unbuilt, monkeypatch):
         warnings.simplefilter("error")
         assert not sampled_product.enabled()
     assert sampled_product.unavailable_reason() == "FPS_SAMPLED_PRODUCT=torch"
+    monkeypatch.setenv("FPS_SAMPLED_PRODUCT", " Torch ")
+    assert sampled_product.chosen() == "torch"
+    monkeypatch.setenv("FPS_SAMPLED_PRODUCT", "")
+    assert sampled_product.chosen() == "fps"
+    monkeypatch.setenv("FPS_SAMPLED_PRODUCT", "numba")
+    with pytest.raises(OptionsError, match="FPS_SAMPLED_PRODUCT='numba': expected fps"):
+        sampled_product.enabled()
 
 
 @needs_kernel
@@ -258,7 +270,10 @@ def test_an_unwritable_cache_builds_for_this_process(unbuilt, monkeypatch, tmp_p
     monkeypatch.setenv("FPS_CACHE_DIR", str(tmp_path / "file" / "cache"))  # under a file: cannot be created
     built = sampled_product.build()
     assert built.is_file() and "fps-kernel-" in built.parent.name
+    shutil.rmtree(built.parent)
+    before = set(Path(tempfile.gettempdir()).glob("fps-kernel-*"))
     assert sampled_product.enabled()
+    assert set(Path(tempfile.gettempdir()).glob("fps-kernel-*")) == before  # removed once loaded
 
 
 def test_a_library_that_computes_something_else_is_refused(tmp_path):

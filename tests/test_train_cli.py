@@ -206,3 +206,11 @@ def test_without_a_c_compiler_training_says_so_once_and_trains(selected, tmp_pat
         "gradients, slower steps (install a C compiler, or set FPS_SAMPLED_PRODUCT=torch to choose torch's kernel "
         "without this warning)"
     ]
+
+
+def test_an_unknown_kernel_choice_is_a_usage_error_before_any_work(selected, tmp_path, monkeypatch):
+    monkeypatch.setenv("FPS_SAMPLED_PRODUCT", "tourch")
+    result = runner.invoke(app, ["train", "--epochs", "1", *FAST], env={"COLUMNS": "300"})  # the box would wrap
+    assert result.exit_code == 2, result.output
+    assert "FPS_SAMPLED_PRODUCT='tourch': expected fps (the default) or torch" in result.stderr
+    assert _outputs(tmp_path) == []
